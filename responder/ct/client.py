@@ -1,0 +1,236 @@
+"""Async HTTP fetchers for RFC 6962 and Static CT logs (httpx).
+
+Everything here is transport: retries, size bounds, gzip, 404 fallbacks. None
+of it is trusted; the follower verifies what these functions return.
+
+* 429, 500, 502, 503, 504 and transport errors are retried with bounded
+  exponential backoff and full jitter; a ``Retry-After`` header (seconds or
+  HTTP date) raises the delay up to ``RetryPolicy.max_delay``.
+* Bodies are streamed and capped at ``max_body`` bytes, so one tile or one
+  get-entries page is the most memory a fetch can take.
+* Tiles may be gzip-compressed either via ``Content-Encoding: gzip`` (httpx
+  decodes it) or as a raw gzip body, recognised by its magic bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import email.utils
+import json
+import random
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from . import merkle
+from .errors import (
+    FetchError,
+    MalformedResponseError,
+    NotFoundError,
+    ResponseTooLargeError,
+    RetriesExhaustedError,
+)
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+GZIP_MAGIC = b"\x1f\x8b"
+DEFAULT_MAX_BODY = 64 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Bounded exponential backoff with full jitter."""
+
+    attempts: int = 6
+    base_delay: float = 0.5
+    max_delay: float = 30.0
+    timeout: float = 30.0
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        backoff = min(self.max_delay, self.base_delay * (2**attempt))
+        d = random.uniform(backoff / 2, backoff)
+        if retry_after is not None:
+            d = max(d, min(retry_after, self.max_delay))
+        return d
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    value = resp.headers.get("retry-after")
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _gunzip(body: bytes, limit: int) -> bytes:
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise MalformedResponseError(f"bad gzip body: {exc}") from exc
+    if len(out) > limit or d.unconsumed_tail:
+        raise ResponseTooLargeError("gzip body expands beyond the size bound")
+    return out
+
+
+class LogClient:
+    """GETs below a log's base URL with retries and a body size bound."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        http: httpx.AsyncClient | None = None,
+        retry: RetryPolicy | None = None,
+        max_body: int = DEFAULT_MAX_BODY,
+    ) -> None:
+        self.base_url = base_url.rstrip("/") + "/"
+        self.retry = retry or RetryPolicy()
+        self.max_body = max_body
+        self._own_http = http is None
+        self.http = http or httpx.AsyncClient(
+            timeout=self.retry.timeout,
+            headers={"Accept-Encoding": "gzip, identity", "User-Agent": "ocsp-responder-ct/1"},
+        )
+
+    async def aclose(self) -> None:
+        if self._own_http:
+            await self.http.aclose()
+
+    async def _once(
+        self, url: str, params: dict[str, Any] | None
+    ) -> tuple[int, bytes, float | None]:
+        async with self.http.stream("GET", url, params=params) as resp:
+            if resp.status_code != 200:
+                return resp.status_code, b"", _retry_after(resp)
+            chunks: list[bytes] = []
+            total = 0
+            async for chunk in resp.aiter_bytes():
+                total += len(chunk)
+                if total > self.max_body:
+                    raise ResponseTooLargeError(f"{url}: body exceeds {self.max_body} bytes")
+                chunks.append(chunk)
+            return 200, b"".join(chunks), None
+
+    async def get(self, path: str, params: dict[str, Any] | None = None) -> bytes:
+        """GET ``path``; retry transient failures; 404 -> NotFoundError."""
+        url = self.base_url + path
+        last = ""
+        for attempt in range(self.retry.attempts):
+            retry_after: float | None = None
+            try:
+                status, body, retry_after = await self._once(url, params)
+            except httpx.TransportError as exc:
+                status, body, last = -1, b"", f"{type(exc).__name__}: {exc}"
+            except httpx.DecodingError as exc:
+                raise MalformedResponseError(f"{url}: undecodable body: {exc}") from exc
+            if status == 200:
+                return body
+            if status == 404:
+                raise NotFoundError(f"{url}: 404")
+            if status != -1 and status not in RETRY_STATUSES:
+                raise FetchError(f"{url}: HTTP {status}")
+            if status != -1:
+                last = f"HTTP {status}"
+            if attempt + 1 < self.retry.attempts:
+                await asyncio.sleep(self.retry.delay(attempt, retry_after))
+        raise RetriesExhaustedError(
+            f"{url}: giving up after {self.retry.attempts} attempts ({last})"
+        )
+
+    async def get_maybe_gzip(self, path: str, plain_sizes: tuple[int, ...] = ()) -> bytes:
+        """GET a tile; a raw gzip body (magic 1f 8b) is inflated unless its size is plain."""
+        body = await self.get(path)
+        if body[:2] == GZIP_MAGIC and len(body) not in plain_sizes:
+            return _gunzip(body, self.max_body)
+        return body
+
+
+class StaticCTClient(LogClient):
+    """Static CT API (c2sp.org/static-ct-api) read path."""
+
+    async def checkpoint(self) -> bytes:
+        return await self.get("checkpoint")
+
+    async def _tile(
+        self, level: int | str, index: int, width: int, plain: tuple[int, ...] = ()
+    ) -> tuple[bytes, bool]:
+        """Fetch a tile of ``width``; a vanished partial falls back to the full tile.
+
+        Returns (body, is_full). From a full tile stand-in only the first
+        ``width`` entries may be used: the rest is not covered by the checkpoint.
+        """
+        if width == merkle.TILE_WIDTH:
+            return await self.get_maybe_gzip(merkle.tile_path(level, index), plain), True
+        try:
+            return await self.get_maybe_gzip(merkle.tile_path(level, index, width), plain), False
+        except NotFoundError:
+            return await self.get_maybe_gzip(merkle.tile_path(level, index), plain), True
+
+    async def data_tile(self, index: int, width: int) -> tuple[bytes, bool]:
+        """Data tile ``index`` holding at least ``width`` entries; (body, is_full)."""
+        return await self._tile("data", index, width)
+
+    async def hash_tile(self, level: int, index: int, width: int) -> list[bytes]:
+        """The first ``width`` hashes of hash tile (level, index)."""
+        full = merkle.TILE_WIDTH * merkle.HASH_SIZE
+        plain = (width * merkle.HASH_SIZE, full)
+        body, is_full = await self._tile(level, index, width, plain)
+        if len(body) != (full if is_full else width * merkle.HASH_SIZE):
+            raise MalformedResponseError(f"hash tile {level}/{index} has {len(body)} bytes")
+        return merkle.split_hashes(body, width)
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise MalformedResponseError(f"invalid JSON: {exc}") from exc
+
+
+class RFC6962Client(LogClient):
+    """RFC 6962 ``/ct/v1/`` read path."""
+
+    async def get_sth(self) -> bytes:
+        return await self.get("ct/v1/get-sth")
+
+    async def get_entries(self, start: int, end: int) -> list[tuple[bytes, bytes]]:
+        """One get-entries call for [start, end] inclusive; may return fewer entries."""
+        obj = _json(await self.get("ct/v1/get-entries", {"start": start, "end": end}))
+        try:
+            entries = obj["entries"]
+            return [
+                (
+                    base64.b64decode(e["leaf_input"], validate=True),
+                    base64.b64decode(e.get("extra_data", ""), validate=True),
+                )
+                for e in entries
+            ]
+        except (KeyError, TypeError, binascii.Error) as exc:
+            raise MalformedResponseError(f"bad get-entries response: {exc!r}") from exc
+
+    async def get_proof_by_hash(self, leaf_hash: bytes, tree_size: int) -> tuple[int, list[bytes]]:
+        obj = _json(
+            await self.get(
+                "ct/v1/get-proof-by-hash",
+                {"hash": base64.b64encode(leaf_hash).decode(), "tree_size": tree_size},
+            )
+        )
+        try:
+            index = obj["leaf_index"]
+            path = [base64.b64decode(p, validate=True) for p in obj["audit_path"]]
+        except (KeyError, TypeError, binascii.Error) as exc:
+            raise MalformedResponseError(f"bad get-proof-by-hash response: {exc!r}") from exc
+        if not isinstance(index, int):
+            raise MalformedResponseError("leaf_index must be an integer")
+        return index, path

@@ -1,0 +1,138 @@
+"""A minimal, strict DER walker for the few certificate fields the index needs.
+
+``cryptography`` cannot load a bare TBSCertificate (what a precert entry
+carries), and loading every certificate of a busy log would be far too slow, so
+we read the serial number, issuer Name and SubjectPublicKeyInfo by walking the
+TLVs ourselves. The walk is strict: definite, minimal lengths that stay inside
+their parent, single-byte tags, and minimally encoded INTEGER serials. Every
+defect raises :class:`DERError`, never IndexError.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from .errors import DERError
+
+TAG_INTEGER = 0x02
+TAG_SEQUENCE = 0x30
+TAG_VERSION = 0xA0  # [0] EXPLICIT Version in TBSCertificate
+
+
+def read_tlv(buf: bytes, pos: int, end: int) -> tuple[int, int, int]:
+    """Read one TLV at ``pos`` bounded by ``end``; return (tag, content_start, content_end)."""
+    if pos + 2 > end:
+        raise DERError("truncated TLV header")
+    tag = buf[pos]
+    if tag & 0x1F == 0x1F:
+        raise DERError("multi-byte tags are not expected here")
+    first = buf[pos + 1]
+    pos += 2
+    if first < 0x80:
+        length = first
+    else:
+        n = first & 0x7F
+        if n == 0:
+            raise DERError("indefinite length is not DER")
+        if n > 4 or pos + n > end:
+            raise DERError("length field too long or truncated")
+        length = int.from_bytes(buf[pos : pos + n], "big")
+        if buf[pos] == 0 or length < 0x80:
+            raise DERError("non-minimal length encoding")
+        pos += n
+    if pos + length > end:
+        raise DERError("TLV runs past its enclosing element")
+    return tag, pos, pos + length
+
+
+def expect(buf: bytes, pos: int, end: int, tag: int) -> tuple[int, int]:
+    """Read a TLV that must carry ``tag``; return its (content_start, content_end)."""
+    got, start, stop = read_tlv(buf, pos, end)
+    if got != tag:
+        raise DERError(f"expected tag 0x{tag:02x}, found 0x{got:02x}")
+    return start, stop
+
+
+def decode_integer(buf: bytes, start: int, end: int) -> int:
+    """Decode a minimally encoded two's-complement INTEGER content."""
+    if end <= start:
+        raise DERError("empty INTEGER")
+    if end - start > 1:
+        a, b = buf[start], buf[start + 1]
+        if (a == 0 and b < 0x80) or (a == 0xFF and b >= 0x80):
+            raise DERError("non-minimal INTEGER encoding")
+    return int.from_bytes(buf[start:end], "big", signed=True)
+
+
+class TBSFields(NamedTuple):
+    """Offsets (into the buffer walked) of the TBSCertificate fields we use."""
+
+    serial: int
+    issuer: tuple[int, int]  # whole issuer Name TLV [start, end)
+    subject: tuple[int, int]  # whole subject Name TLV
+    spki: tuple[int, int]  # whole SubjectPublicKeyInfo TLV
+
+
+def _serial_and_issuer(buf: bytes, start: int, end: int) -> tuple[int, int, int]:
+    """Inside TBSCertificate content: return (serial, issuer_start, issuer_end)."""
+    pos = start
+    tag, _, stop = read_tlv(buf, pos, end)
+    if tag == TAG_VERSION:
+        pos = stop
+    s0, s1 = expect(buf, pos, end, TAG_INTEGER)
+    serial = decode_integer(buf, s0, s1)
+    _, _, pos = read_tlv(buf, s1, end)  # signature AlgorithmIdentifier
+    _, i1 = expect(buf, pos, end, TAG_SEQUENCE)  # issuer Name
+    return serial, pos, i1
+
+
+def _tbs_fields_in(buf: bytes, start: int, end: int) -> TBSFields:
+    serial, i0, i1 = _serial_and_issuer(buf, start, end)
+    _, v1 = expect(buf, i1, end, TAG_SEQUENCE)  # validity
+    _, sub1 = expect(buf, v1, end, TAG_SEQUENCE)  # subject Name
+    _, k1 = expect(buf, sub1, end, TAG_SEQUENCE)  # subjectPublicKeyInfo
+    return TBSFields(serial, (i0, i1), (v1, sub1), (sub1, k1))
+
+
+def tbs_serial(tbs: bytes, start: int = 0, end: int | None = None) -> int:
+    """Serial number of a DER TBSCertificate occupying exactly ``tbs[start:end]``."""
+    end = len(tbs) if end is None else end
+    c0, c1 = expect(tbs, start, end, TAG_SEQUENCE)
+    if c1 != end:
+        raise DERError("trailing bytes after TBSCertificate")
+    return _serial_and_issuer(tbs, c0, c1)[0]
+
+
+def certificate_serial_and_issuer(
+    cert: bytes, start: int = 0, end: int | None = None
+) -> tuple[int, int, int]:
+    """(serial, issuer_start, issuer_end) of a DER Certificate at ``cert[start:end]``."""
+    t0, t1 = certificate_tbs(cert, start, end)
+    c0, c1 = expect(cert, t0, t1, TAG_SEQUENCE)
+    return _serial_and_issuer(cert, c0, c1)
+
+
+def tbs_fields(tbs: bytes, start: int = 0, end: int | None = None) -> TBSFields:
+    """Walk a DER TBSCertificate occupying exactly ``tbs[start:end]``."""
+    end = len(tbs) if end is None else end
+    c0, c1 = expect(tbs, start, end, TAG_SEQUENCE)
+    if c1 != end:
+        raise DERError("trailing bytes after TBSCertificate")
+    return _tbs_fields_in(tbs, c0, c1)
+
+
+def certificate_tbs(cert: bytes, start: int = 0, end: int | None = None) -> tuple[int, int]:
+    """Return the [start, end) of the TBSCertificate TLV inside a Certificate."""
+    end = len(cert) if end is None else end
+    c0, c1 = expect(cert, start, end, TAG_SEQUENCE)
+    if c1 != end:
+        raise DERError("trailing bytes after Certificate")
+    _, t1 = expect(cert, c0, c1, TAG_SEQUENCE)
+    return c0, t1
+
+
+def certificate_fields(cert: bytes, start: int = 0, end: int | None = None) -> TBSFields:
+    """Walk a DER Certificate occupying exactly ``cert[start:end]``."""
+    t0, t1 = certificate_tbs(cert, start, end)
+    c0, c1 = expect(cert, t0, t1, TAG_SEQUENCE)
+    return _tbs_fields_in(cert, c0, c1)

@@ -1,0 +1,407 @@
+"""Follow one CT log: fetch, verify, filter, and hand out resumable batches.
+
+Trust model: nothing is yielded before it verified against a tree head whose
+signature verified with the configured log key.
+
+* Static CT: per data tile, the leaf hashes we compute from the entries are
+  appended to the stored compact range (which commits to every earlier leaf),
+  the rest of the tree ``[tile_end, tree_size)`` is filled in from the
+  higher-level hash tiles as maximal perfect subtrees, and the resulting root
+  must equal the checkpoint root. That one comparison verifies the entries, the
+  hash tiles used, and that the new tree extends the previously verified one.
+  On a mismatch the level-0 hash tile is fetched to name the bad entry.
+* RFC 6962: entries of a batch are appended to the compact range; if the batch
+  ends at the STH size its root must equal the STH root, otherwise an inclusion
+  proof (``get-proof-by-hash``) of the batch's last leaf must lead to the STH
+  root *and* its left siblings must equal our compact range of everything
+  before that leaf, which pins every leaf of the batch.
+
+The caller stores ``batch.new_state`` in the same transaction as
+``batch.entries``; a follower built from a stored state resumes exactly there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+
+from . import merkle
+from .checkpoint import LogKey, TreeHead, verify_checkpoint, verify_sth
+from .client import DEFAULT_MAX_BODY, RetryPolicy, RFC6962Client, StaticCTClient
+from .errors import (
+    InclusionProofError,
+    LeafIndexMismatchError,
+    LogRollbackError,
+    MalformedEntryError,
+    ResumeStateError,
+    RootMismatchError,
+    ShortResponseError,
+)
+from .leaf import (
+    IndexedEntry,
+    IssuerSet,
+    MalformedEntry,
+    extract,
+    iter_tile_entries,
+    leaf_hash_of,
+    parse_merkle_tree_leaf,
+)
+from .merkle import CompactRange
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+LogKind = Literal["rfc6962", "static"]
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """How to reach and trust one log, and which issuers we index from it."""
+
+    url: str  # monitoring prefix (static) or log URL (RFC 6962)
+    kind: LogKind
+    public_key: str | bytes  # PEM, or base64/DER SubjectPublicKeyInfo
+    issuers: IssuerSet
+    origin: str | None = None  # static checkpoint origin; default: url without scheme
+    batch_size: int = 4096  # max entries scanned per yielded batch
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    max_body: int = DEFAULT_MAX_BODY
+    empty_page_retries: int = 3  # RFC 6962: empty get-entries pages tolerated in a row
+
+    def checkpoint_origin(self) -> str:
+        if self.origin is not None:
+            return self.origin
+        return self.url.split("://", 1)[-1].rstrip("/")
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    """Where a follower stands in a log: opaque to the caller, JSON-serializable.
+
+    ``next_index`` is the first leaf not yet handed out; ``frontier`` is the
+    compact range of ``[0, next_index)``; ``head_*`` is the last verified tree
+    head (refusing to go back below it detects a rolled-back log).
+    """
+
+    log_id: bytes
+    next_index: int
+    frontier: tuple[bytes, ...]
+    head_size: int
+    head_root: bytes
+    head_timestamp_ms: int | None
+
+    @classmethod
+    def initial(cls, log_id: bytes) -> ResumeState:
+        return cls(log_id, 0, (), 0, merkle.EMPTY_ROOT, None)
+
+    def compact_range(self) -> CompactRange:
+        return CompactRange(self.next_index, self.frontier)
+
+    def to_dict(self) -> dict[str, Any]:
+        b64 = base64.b64encode
+        return {
+            "v": STATE_VERSION,
+            "log_id": b64(self.log_id).decode(),
+            "next_index": self.next_index,
+            "frontier": [b64(h).decode() for h in self.frontier],
+            "head": {
+                "size": self.head_size,
+                "root": b64(self.head_root).decode(),
+                "timestamp_ms": self.head_timestamp_ms,
+            },
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, data: str | bytes | Mapping[str, Any]) -> ResumeState:
+        """Parse and validate a stored state (raises ResumeStateError)."""
+        try:
+            obj = json.loads(data) if isinstance(data, (str, bytes)) else data
+            if obj["v"] != STATE_VERSION:
+                raise ResumeStateError(f"unsupported resume state version {obj['v']!r}")
+            b64 = base64.b64decode
+            head = obj["head"]
+            ts = head["timestamp_ms"]
+            st = cls(
+                log_id=b64(obj["log_id"], validate=True),
+                next_index=obj["next_index"],
+                frontier=tuple(b64(h, validate=True) for h in obj["frontier"]),
+                head_size=head["size"],
+                head_root=b64(head["root"], validate=True),
+                head_timestamp_ms=ts,
+            )
+        except ResumeStateError:
+            raise
+        except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+            raise ResumeStateError(f"bad resume state: {exc!r}") from exc
+        ints = (st.next_index, st.head_size)
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ints):
+            raise ResumeStateError("sizes must be non-negative integers")
+        if not (ts is None or isinstance(ts, int)):
+            raise ResumeStateError("bad head timestamp")
+        if len(st.log_id) != 32 or len(st.head_root) != 32 or st.next_index > st.head_size:
+            raise ResumeStateError("inconsistent resume state")
+        st.compact_range()  # validates the frontier shape
+        return st
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Verified entries of leaves ``[start, end)`` plus the state to commit with them."""
+
+    entries: list[IndexedEntry]
+    malformed: list[MalformedEntry]
+    start: int
+    end: int
+    tree_size: int  # size of the verified tree head these leaves were checked against
+    new_state: ResumeState
+
+    @property
+    def scanned(self) -> int:
+        return self.end - self.start
+
+
+class _HashTileCache:
+    """Hash tiles needed for the right border of one tree head (bounded LRU)."""
+
+    def __init__(self, client: StaticCTClient, tree_size: int, capacity: int = 16) -> None:
+        self.client = client
+        self.tree_size = tree_size
+        self.capacity = capacity
+        self.tiles: OrderedDict[tuple[int, int], list[bytes]] = OrderedDict()
+
+    async def get(self, level: int, index: int) -> list[bytes]:
+        key = (level, index)
+        if key in self.tiles:
+            self.tiles.move_to_end(key)
+            return self.tiles[key]
+        width = merkle.tile_width(level, index, self.tree_size)
+        hashes = await self.client.hash_tile(level, index, width)
+        self.tiles[key] = hashes
+        if len(self.tiles) > self.capacity:
+            self.tiles.popitem(last=False)
+        return hashes
+
+    async def subtree(self, level: int, first_leaf: int) -> bytes:
+        tl, ti, off, count = merkle.subtree_location(level, first_leaf)
+        hashes = await self.get(tl, ti)
+        return merkle.root_of(hashes[off : off + count])
+
+
+class LogFollower:
+    """Follows one log from a stored :class:`ResumeState` (None = from leaf 0)."""
+
+    def __init__(
+        self,
+        config: LogConfig,
+        state: ResumeState | str | bytes | Mapping[str, Any] | None = None,
+        *,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.config = config
+        self.key = LogKey(config.public_key)
+        if state is None:
+            state = ResumeState.initial(self.key.log_id)
+        elif not isinstance(state, ResumeState):
+            state = ResumeState.from_json(state)
+        if state.log_id != self.key.log_id:
+            raise ResumeStateError("resume state belongs to another log (log ID differs)")
+        self.state: ResumeState = state
+        client_cls = StaticCTClient if config.kind == "static" else RFC6962Client
+        self.client = client_cls(
+            config.url, http=http, retry=config.retry, max_body=config.max_body
+        )
+        self.last_head: TreeHead | None = None
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def __aenter__(self) -> LogFollower:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def fetch_head(self) -> TreeHead:
+        """Fetch and signature-verify the current tree head; check it against our state."""
+        if isinstance(self.client, StaticCTClient):
+            note = await self.client.checkpoint()
+            head = verify_checkpoint(note, self.key, self.config.checkpoint_origin())
+        else:
+            assert isinstance(self.client, RFC6962Client)
+            head = verify_sth(await self.client.get_sth(), self.key)
+        st = self.state
+        if head.tree_size < st.head_size or head.tree_size < st.next_index:
+            raise LogRollbackError(
+                f"signed tree size {head.tree_size} is below verified size {st.head_size}"
+            )
+        if head.tree_size == st.head_size and head.root_hash != st.head_root:
+            raise LogRollbackError("two different signed roots for the same tree size")
+        if head.tree_size == st.next_index and st.compact_range().root() != head.root_hash:
+            raise RootMismatchError("signed root does not extend the verified tree")
+        self.last_head = head
+        return head
+
+    async def poll_once(self) -> AsyncIterator[Batch]:
+        """Catch up to the current tree head, yielding verified batches, then stop.
+
+        Commit each batch's ``new_state`` with its entries before asking for the
+        next; the follower advances its own ``state`` as it yields.
+        """
+        head = await self.fetch_head()
+        gen = self._static(head) if self.config.kind == "static" else self._rfc6962(head)
+        async for batch in gen:
+            self.state = batch.new_state
+            yield batch
+        if self.state.head_size != head.tree_size:
+            # Nothing new to index but a newer head verified: remember it.
+            self.state = self._state(self.state.compact_range(), head)
+
+    def _state(self, cr: CompactRange, head: TreeHead) -> ResumeState:
+        return ResumeState(
+            self.key.log_id,
+            cr.size,
+            tuple(cr.nodes),
+            head.tree_size,
+            head.root_hash,
+            head.timestamp_ms,
+        )
+
+    # --- Static CT --------------------------------------------------------------
+
+    async def _static(self, head: TreeHead) -> AsyncIterator[Batch]:
+        assert isinstance(self.client, StaticCTClient)
+        n = head.tree_size
+        cr = self.state.compact_range()
+        cache = _HashTileCache(self.client, n)
+        issuers = self.config.issuers
+        while cr.size < n:
+            start = cr.size
+            target = min(n, start + max(1, self.config.batch_size))
+            entries: list[IndexedEntry] = []
+            malformed: list[MalformedEntry] = []
+            while cr.size < target:
+                pos = cr.size
+                k = pos // merkle.TILE_WIDTH
+                base = k * merkle.TILE_WIDTH
+                width = min(merkle.TILE_WIDTH, n - base)
+                data, is_full = await self.client.data_tile(k, width)
+                hashes: list[bytes] = []
+                exact = not is_full or width == merkle.TILE_WIDTH
+                for i, raw in enumerate(iter_tile_entries(data, width, exact=exact)):
+                    idx = base + i
+                    if idx < pos:
+                        continue
+                    if raw.leaf_index != idx:
+                        raise LeafIndexMismatchError(
+                            f"entry {idx} carries leaf_index {raw.leaf_index}"
+                        )
+                    hashes.append(leaf_hash_of(data, raw))
+                    found = extract(data, raw, idx, issuers)
+                    if isinstance(found, IndexedEntry):
+                        entries.append(found)
+                    elif found is not None:
+                        malformed.append(found)
+                del data
+                new = cr.copy()
+                new.extend(hashes)
+                await self._verify_static(new, head, cache, k, pos, hashes)
+                cr = new
+            yield Batch(entries, malformed, start, cr.size, n, self._state(cr, head))
+
+    async def _verify_static(
+        self,
+        cr: CompactRange,
+        head: TreeHead,
+        cache: _HashTileCache,
+        tile: int,
+        first: int,
+        hashes: list[bytes],
+    ) -> None:
+        probe = cr.copy()
+        for level, leaf in merkle.decompose(cr.size, head.tree_size):
+            probe.append_subtree(level, await cache.subtree(level, leaf))
+        if probe.root() == head.root_hash:
+            return
+        # Name the culprit if the log's own leaf hashes disagree with the data.
+        assert isinstance(self.client, StaticCTClient)
+        base = tile * merkle.TILE_WIDTH
+        width = min(merkle.TILE_WIDTH, head.tree_size - base)
+        published = await self.client.hash_tile(0, tile, width)
+        merkle.find_leaf_mismatch(first, hashes, published[first - base :])
+        raise RootMismatchError(
+            f"leaves [{first}, {cr.size}) and the hash tiles do not hash to the checkpoint root"
+        )
+
+    # --- RFC 6962 ------------------------------------------------------------------
+
+    async def _rfc6962(self, head: TreeHead) -> AsyncIterator[Batch]:
+        assert isinstance(self.client, RFC6962Client)
+        n = head.tree_size
+        cr = self.state.compact_range()
+        issuers = self.config.issuers
+        while cr.size < n:
+            start = cr.size
+            target = min(n, start + max(1, self.config.batch_size))
+            entries: list[IndexedEntry] = []
+            malformed: list[MalformedEntry] = []
+            before_last = cr
+            last_hash = b""
+            empty = 0
+            while cr.size < target:
+                page = await self.client.get_entries(cr.size, target - 1)
+                if not page:
+                    empty += 1
+                    if empty > self.config.empty_page_retries:
+                        raise ShortResponseError(f"get-entries from {cr.size} returned nothing")
+                    await asyncio.sleep(self.config.retry.delay(empty, None))
+                    continue
+                empty = 0
+                for leaf_input, _extra in page[: target - cr.size]:
+                    idx = cr.size
+                    last_hash = merkle.leaf_hash(leaf_input)
+                    try:
+                        raw = parse_merkle_tree_leaf(leaf_input)
+                    except MalformedEntryError as exc:
+                        malformed.append(MalformedEntry(idx, f"MerkleTreeLeaf: {exc}", None))
+                    else:
+                        if raw.leaf_index is not None and raw.leaf_index != idx:
+                            raise LeafIndexMismatchError(
+                                f"entry {idx} carries leaf_index {raw.leaf_index}"
+                            )
+                        found = extract(leaf_input, raw, idx, issuers)
+                        if isinstance(found, IndexedEntry):
+                            entries.append(found)
+                        elif found is not None:
+                            malformed.append(found)
+                    if idx == target - 1:
+                        before_last = cr.copy()
+                    cr.append(last_hash)
+            await self._verify_rfc6962(cr, before_last, last_hash, head)
+            yield Batch(entries, malformed, start, cr.size, n, self._state(cr, head))
+
+    async def _verify_rfc6962(
+        self, cr: CompactRange, before_last: CompactRange, last_hash: bytes, head: TreeHead
+    ) -> None:
+        if cr.size == head.tree_size:
+            if cr.root() != head.root_hash:
+                raise RootMismatchError(f"leaves [0, {cr.size}) do not hash to the STH root")
+            return
+        assert isinstance(self.client, RFC6962Client)
+        index, path = await self.client.get_proof_by_hash(last_hash, head.tree_size)
+        if index != cr.size - 1:
+            raise InclusionProofError(f"proof is for leaf {index}, expected {cr.size - 1}")
+        lefts = merkle.verify_inclusion(index, head.tree_size, last_hash, path, head.root_hash)
+        if lefts != before_last.nodes[::-1]:
+            raise InclusionProofError("audit path contradicts the leaves fetched before it")

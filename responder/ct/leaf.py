@@ -1,0 +1,299 @@
+"""Parsing of CT log entries: RFC 6962 MerkleTreeLeaf and Static CT data tiles.
+
+The hot path is written around offsets into the fetched buffer: framing is
+walked once, other CAs' entries are skipped by a byte compare (the 32-byte
+``issuer_key_hash`` of a precert, the issuer Name of an x509 entry), and only
+our own issuers' entries have their serial read by :mod:`.der`.
+
+Issuer identity is the SHA-256 of the issuer's whole SubjectPublicKeyInfo
+(CT's ``issuer_key_hash``):
+
+* precert entries carry it; the log has already rewritten a precertificate
+  signing CA's precert to the real issuing CA, so it is taken as is;
+* x509 entries: the certificate's issuer Name must byte-equal a configured
+  issuer's subject (cheap skip), and then the configured issuer's key must
+  verify the certificate's signature. A Name match alone is not enough: a
+  re-keyed CA or an impostor may share the Name. Cross-signed copies of an
+  issuer share its key, hence its identity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from . import der
+from .errors import DERError, MalformedEntryError, MalformedTileError
+
+log = logging.getLogger(__name__)
+
+EntryKind = Literal["x509", "precert"]
+X509_ENTRY = 0
+PRECERT_ENTRY = 1
+EXT_LEAF_INDEX = 0
+_KINDS: dict[int, EntryKind] = {X509_ENTRY: "x509", PRECERT_ENTRY: "precert"}
+# 0x00 leaf-hash domain separator, MerkleTreeLeaf version v1 (0), leaf_type timestamped_entry (0)
+_LEAF_PREFIX = b"\x00\x00\x00"
+_sha256 = hashlib.sha256
+
+
+@dataclass(frozen=True, slots=True)
+class IndexedEntry:
+    """One of our issuers' certificates or precertificates, as found in a log."""
+
+    leaf_index: int
+    timestamp_ms: int
+    kind: EntryKind
+    serial: int
+    issuer_key_hash: bytes  # SHA-256 of the issuer's DER SubjectPublicKeyInfo
+
+
+@dataclass(frozen=True, slots=True)
+class MalformedEntry:
+    """An entry that could be ours but could not be parsed; reported, never indexed."""
+
+    leaf_index: int
+    reason: str
+    issuer_key_hash: bytes | None  # known for precerts, None if unknown
+
+
+class RawEntry(NamedTuple):
+    """Framing of one TimestampedEntry: offsets into the buffer it was read from."""
+
+    timestamp_ms: int
+    entry_type: int  # 0 x509_entry, 1 precert_entry
+    te_start: int  # TimestampedEntry [te_start, te_end)
+    te_end: int
+    body_start: int  # x509: the certificate; precert: the TBSCertificate
+    body_end: int
+    leaf_index: int | None  # from the static-ct-api leaf_index extension, if present
+
+
+def _u(buf: bytes, pos: int, n: int, end: int) -> int:
+    if pos + n > end:
+        raise MalformedEntryError("truncated length field")
+    return int.from_bytes(buf[pos : pos + n], "big")
+
+
+def parse_timestamped_entry(buf: bytes, pos: int, end: int) -> RawEntry:
+    """Parse the RFC 6962 TimestampedEntry starting at ``pos``; it may end before ``end``."""
+    start = pos
+    if pos + 10 > end:
+        raise MalformedEntryError("truncated TimestampedEntry")
+    ts = int.from_bytes(buf[pos : pos + 8], "big")
+    etype = (buf[pos + 8] << 8) | buf[pos + 9]
+    pos += 10
+    if etype == X509_ENTRY:
+        n = _u(buf, pos, 3, end)
+        b0 = pos + 3
+    elif etype == PRECERT_ENTRY:
+        n = _u(buf, pos + 32, 3, end)
+        b0 = pos + 35
+    else:
+        raise MalformedEntryError(f"unknown entry_type {etype}")
+    b1 = b0 + n
+    if n == 0 or b1 > end:
+        raise MalformedEntryError("signed entry empty or truncated")
+    elen = _u(buf, b1, 2, end)
+    e0 = b1 + 2
+    e1 = e0 + elen
+    if e1 > end:
+        raise MalformedEntryError("extensions truncated")
+    index = _leaf_index_extension(buf, e0, e1) if elen else None
+    return RawEntry(ts, etype, start, e1, b0, b1, index)
+
+
+def _leaf_index_extension(buf: bytes, pos: int, end: int) -> int | None:
+    """Return the leaf_index extension (uint40) from CtExtensions, if present."""
+    index: int | None = None
+    seen: set[int] = set()
+    while pos < end:
+        if pos + 3 > end:
+            raise MalformedEntryError("truncated extension header")
+        etype = buf[pos]
+        n = (buf[pos + 1] << 8) | buf[pos + 2]
+        pos += 3
+        if pos + n > end:
+            raise MalformedEntryError("truncated extension data")
+        if etype in seen:
+            raise MalformedEntryError("duplicate extension")
+        seen.add(etype)
+        if etype == EXT_LEAF_INDEX:
+            if n != 5:
+                raise MalformedEntryError("leaf_index extension must be 5 bytes")
+            index = int.from_bytes(buf[pos : pos + 5], "big")
+        pos += n
+    return index
+
+
+def leaf_hash_of(buf: bytes, raw: RawEntry) -> bytes:
+    """Merkle leaf hash: SHA-256(0x00 || MerkleTreeLeaf(v1, timestamped_entry, TE))."""
+    return _sha256(_LEAF_PREFIX + buf[raw.te_start : raw.te_end]).digest()
+
+
+def iter_tile_entries(tile: bytes, count: int, *, exact: bool) -> Iterator[RawEntry]:
+    """Walk the first ``count`` TileLeaf structures of a Static CT data tile.
+
+    ``exact`` demands the tile hold exactly ``count`` entries (a partial tile of
+    that width); otherwise trailing entries are ignored (a full tile fetched in
+    place of a vanished partial one). Broken framing raises MalformedTileError,
+    since no later entry can be located.
+    """
+    pos = 0
+    end = len(tile)
+    for i in range(count):
+        try:
+            raw = parse_timestamped_entry(tile, pos, end)
+            pos = raw.te_end
+            if raw.entry_type == PRECERT_ENTRY:
+                pos += 3 + _u(tile, pos, 3, end)
+            n = _u(tile, pos, 2, end)
+            pos += 2 + n
+            if pos > end or n % 32:
+                raise MalformedEntryError("bad certificate_chain")
+        except MalformedEntryError as exc:
+            raise MalformedTileError(f"data tile entry {i}: {exc}") from exc
+        yield raw
+    if exact and pos != end:
+        raise MalformedTileError(f"data tile has bytes beyond its {count} entries")
+
+
+def parse_merkle_tree_leaf(leaf_input: bytes) -> RawEntry:
+    """Parse an RFC 6962 ``leaf_input`` (MerkleTreeLeaf); offsets are into leaf_input."""
+    if len(leaf_input) < 2 or leaf_input[0] != 0 or leaf_input[1] != 0:
+        raise MalformedEntryError("not a v1 timestamped_entry MerkleTreeLeaf")
+    raw = parse_timestamped_entry(leaf_input, 2, len(leaf_input))
+    if raw.te_end != len(leaf_input):
+        raise MalformedEntryError("trailing bytes after MerkleTreeLeaf")
+    return raw
+
+
+def parse_asn1_cert_list(buf: bytes, pos: int, end: int) -> list[bytes]:
+    """Parse ``ASN.1Cert list<0..2^24-1>`` (3-byte lengths) that must fill [pos, end)."""
+    n = _u(buf, pos, 3, end)
+    pos += 3
+    if pos + n != end:
+        raise MalformedEntryError("certificate list length mismatch")
+    out: list[bytes] = []
+    while pos < end:
+        c = _u(buf, pos, 3, end)
+        pos += 3
+        if c == 0 or pos + c > end:
+            raise MalformedEntryError("bad ASN.1Cert length")
+        out.append(buf[pos : pos + c])
+        pos += c
+    return out
+
+
+def parse_extra_data(extra_data: bytes, entry_type: int) -> tuple[bytes | None, list[bytes]]:
+    """Parse get-entries ``extra_data``: (pre_certificate or None, issuer chain DERs)."""
+    end = len(extra_data)
+    if entry_type == X509_ENTRY:
+        return None, parse_asn1_cert_list(extra_data, 0, end)
+    n = _u(extra_data, 0, 3, end)
+    if n == 0 or 3 + n > end:
+        raise MalformedEntryError("bad pre_certificate length")
+    return extra_data[3 : 3 + n], parse_asn1_cert_list(extra_data, 3 + n, end)
+
+
+# --- issuers -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Issuer:
+    """A configured issuing CA: what we match entries against."""
+
+    key_hash: bytes  # SHA-256 of DER SubjectPublicKeyInfo == CT issuer_key_hash
+    subject_der: bytes
+    spki_der: bytes
+    certificate: x509.Certificate
+
+    @classmethod
+    def from_certificate(cls, cert: x509.Certificate | bytes) -> Issuer:
+        """Build from a certificate (object, DER or PEM); SPKI/subject bytes as encoded."""
+        if isinstance(cert, bytes):
+            cert = (
+                x509.load_pem_x509_certificate(cert)
+                if cert.lstrip().startswith(b"-----")
+                else x509.load_der_x509_certificate(cert)
+            )
+        raw = cert.public_bytes(Encoding.DER)
+        f = der.certificate_fields(raw)
+        spki = raw[f.spki[0] : f.spki[1]]
+        return cls(
+            key_hash=_sha256(spki).digest(),
+            subject_der=raw[f.subject[0] : f.subject[1]],
+            spki_der=spki,
+            certificate=cert,
+        )
+
+
+class IssuerSet:
+    """Our issuers, indexed for the two cheap pre-filters (key hash, subject Name)."""
+
+    def __init__(self, issuers: Iterable[Issuer | x509.Certificate | bytes]) -> None:
+        self.by_key_hash: dict[bytes, Issuer] = {}
+        self.by_subject: dict[bytes, list[Issuer]] = {}
+        for item in issuers:
+            iss = item if isinstance(item, Issuer) else Issuer.from_certificate(item)
+            # A cross-signed copy has the same key, hence the same identity.
+            self.by_key_hash.setdefault(iss.key_hash, iss)
+            cands = self.by_subject.setdefault(iss.subject_der, [])
+            if all(c.key_hash != iss.key_hash for c in cands):
+                cands.append(iss)
+
+    def __len__(self) -> int:
+        return len(self.by_key_hash)
+
+    def x509_issuer(self, cert_der: bytes, issuer_name: bytes) -> bytes | None:
+        """Key hash of the configured issuer whose key signed ``cert_der``, else None."""
+        cands = self.by_subject.get(issuer_name)
+        if not cands:
+            return None
+        try:
+            cert = x509.load_der_x509_certificate(cert_der)
+        except ValueError as exc:
+            raise MalformedEntryError(f"certificate does not load: {exc}") from exc
+        for iss in cands:
+            try:
+                cert.verify_directly_issued_by(iss.certificate)
+            except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
+                continue
+            return iss.key_hash
+        log.warning("x509 entry names a configured issuer but no configured key signed it")
+        return None
+
+
+def extract(
+    buf: bytes, raw: RawEntry, leaf_index: int, issuers: IssuerSet
+) -> IndexedEntry | MalformedEntry | None:
+    """Our IndexedEntry for ``raw``, None for another CA's entry, or a MalformedEntry.
+
+    Never raises for a bad certificate: a follower must not stop on one entry.
+    """
+    if raw.entry_type == PRECERT_ENTRY:
+        ikh = buf[raw.body_start - 35 : raw.body_start - 3]
+        if ikh not in issuers.by_key_hash:
+            return None
+        try:
+            serial = der.tbs_serial(buf, raw.body_start, raw.body_end)
+        except DERError as exc:
+            return MalformedEntry(leaf_index, f"precert TBSCertificate: {exc}", ikh)
+        return IndexedEntry(leaf_index, raw.timestamp_ms, "precert", serial, ikh)
+    try:
+        serial, i0, i1 = der.certificate_serial_and_issuer(buf, raw.body_start, raw.body_end)
+        if buf[i0:i1] not in issuers.by_subject:
+            return None
+        key_hash = issuers.x509_issuer(buf[raw.body_start : raw.body_end], buf[i0:i1])
+    except (DERError, MalformedEntryError) as exc:
+        return MalformedEntry(leaf_index, f"x509 certificate: {exc}", None)
+    if key_hash is None:
+        return None
+    return IndexedEntry(leaf_index, raw.timestamp_ms, "x509", serial, key_hash)
