@@ -1,0 +1,158 @@
+"""The admin API (FastAPI), served only on the admin listener, never on the OCSP port.
+
+Every route needs ``Authorization: Bearer <admin token>`` (compared in constant time).
+Recording answers only after the commit: 201 when the serial is new, 200 when it was
+already recorded (idempotent), 4xx for bad input, 503 when the write could not be made.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hmac
+import logging
+from typing import Any
+
+import orjson
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from responder.response_cache import ResponseCache
+from responder.store import StoreUnavailable
+from signer.issuers import IssuerRegistry
+from signer.recording import (
+    CertificateRecorder,
+    CertificateRejected,
+    format_serial,
+    load_certificates,
+    parse_serial,
+)
+from signer.response_builder import RevocationReasonError, SigningError, parse_reason
+from signer.revocation import Revoker
+
+log = logging.getLogger(__name__)
+
+MAX_CERTIFICATE_BODY = 64 * 1024
+MAX_JSON_BODY = 16 * 1024
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def json_response(status: int, payload: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        orjson.dumps(payload), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Read at most ``limit`` bytes; refuse larger bodies before reading them whole."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise APIError(400, "bad Content-Length")
+        if int(declared) > limit:
+            raise APIError(413, f"body larger than {limit} bytes")
+    chunks = bytearray()
+    async for chunk in request.stream():
+        chunks += chunk
+        if len(chunks) > limit:
+            raise APIError(413, f"body larger than {limit} bytes")
+    return bytes(chunks)
+
+
+def create_admin_app(
+    *,
+    token: str,
+    registry: IssuerRegistry,
+    recorder: CertificateRecorder,
+    revoker: Revoker,
+    cache: ResponseCache,
+) -> FastAPI:
+    """Build the admin app around the shared recorder/revoker (the CLI uses the same)."""
+    app = FastAPI(title="ocsp-responder admin API", docs_url=None, redoc_url=None)
+    expected = token.encode()
+
+    async def require_token(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            presented.strip().encode(), expected
+        ):
+            raise APIError(401, "missing or wrong bearer token")
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> Response:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return json_response(exc.status, {"error": exc.message}, headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        return json_response(exc.status_code, {"error": str(exc.detail)})
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
+        return json_response(422, {"error": "invalid request", "detail": str(exc)})
+
+    @app.post("/v1/certificates", dependencies=[Depends(require_token)])
+    async def record_certificate(request: Request) -> Response:
+        body = await read_body(request, MAX_CERTIFICATE_BODY)
+        try:
+            certs = load_certificates(body)
+            if len(certs) != 1:
+                raise CertificateRejected(
+                    f"{len(certs)} certificates in one body: send one (or use the batch API)"
+                )
+            outcome = (await recorder.record(certs))[0]
+        except CertificateRejected as exc:
+            return json_response(exc.status, {"error": str(exc)})
+        except StoreUnavailable as exc:
+            return json_response(503, {"error": "not recorded: " + str(exc)})
+        except SigningError as exc:
+            return json_response(503, {"error": "not recorded: " + str(exc)})
+        return json_response(201 if outcome.created else 200, outcome.as_json())
+
+    @app.post("/v1/revocations", dependencies=[Depends(require_token)])
+    async def revoke(request: Request) -> Response:
+        body = await read_body(request, MAX_JSON_BODY)
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            return json_response(400, {"error": f"body is not JSON: {exc}"})
+        if not isinstance(payload, dict):
+            return json_response(400, {"error": "body must be a JSON object"})
+        issuer = registry.by_name(str(payload.get("issuer", "")))
+        if issuer is None:
+            names = ", ".join(i.name for i in registry.issuers)
+            return json_response(422, {"error": f"unknown issuer; configured: {names}"})
+        try:
+            serial = parse_serial(str(payload.get("serial", "")))
+            reason = parse_reason(payload.get("reason", "unspecified"))
+            revoked_at = None
+            if payload.get("revoked_at") is not None:
+                revoked_at = dt.datetime.fromisoformat(str(payload["revoked_at"]))
+                if revoked_at.tzinfo is None:
+                    raise ValueError("revoked_at needs a time zone (e.g. 2026-01-02T03:04:05Z)")
+            outcome = await revoker.revoke(issuer, serial, reason, revoked_at)
+        except (ValueError, RevocationReasonError) as exc:
+            return json_response(400, {"error": str(exc)})
+        except StoreUnavailable as exc:
+            return json_response(503, {"error": "not revoked: " + str(exc)})
+        cache.drop_serial(issuer.db_id, serial)
+        return json_response(
+            201 if outcome.created else 200,
+            {
+                "issuer": issuer.name,
+                "serial": format_serial(serial),
+                "revoked_at": outcome.revocation.revoked_at.isoformat(),
+                "reason": outcome.revocation.reason.name,
+                "created": outcome.created,
+            },
+        )
+
+    return app

@@ -1,0 +1,352 @@
+"""Configuration: one TOML file, every key overridable by an environment variable.
+
+The file comes from ``--config PATH`` or ``OCSP_RESPONDER_CONFIG``. Each top-level key
+``name`` can be set by ``OCSP_RESPONDER_NAME`` (upper case); list-valued keys
+(``issuers``, ``ct_logs``) take JSON in the variable. Relative paths are resolved against
+the config file's directory. Errors name the key and what is wrong (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from signer.issuers import (
+    Issuer,
+    IssuerConfigError,
+    IssuerRegistry,
+    issuer_from_certificate,
+    make_responder,
+)
+from signer.keys import KeyLoadError, load_pem_key
+from signer.response_builder import ValidityPolicy
+
+ENV_PREFIX = "OCSP_RESPONDER_"
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the message names the key."""
+
+
+def parse_duration(value: object, key: str) -> dt.timedelta:
+    """``"4d"``, ``"96h"``, ``"30m"``, ``"45s"``, ``"1h30m"`` or a number of seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a duration like '4d' or '8h', got {value!r}")
+    if isinstance(value, int | float):
+        return dt.timedelta(seconds=value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isdigit():
+            return dt.timedelta(seconds=int(text))
+        parts = re.findall(r"(\d+)([dhms])", text)
+        if parts and "".join(n + u for n, u in parts) == text.replace(" ", ""):
+            units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+            return dt.timedelta(seconds=sum(int(n) * units[u] for n, u in parts))
+    raise ConfigError(f"{key}: expected a duration like '4d' or '8h', got {value!r}")
+
+
+def parse_address(value: str, key: str) -> tuple[str, int]:
+    """``host:port`` (``[::1]:8080`` for IPv6)."""
+    match = re.fullmatch(r"\[?([^\]]*?)\]?:(\d{1,5})", value.strip())
+    if not match or not 0 <= int(match[2]) <= 65535:
+        raise ConfigError(f"{key}: expected host:port, got {value!r}")
+    return match[1], int(match[2])
+
+
+@dataclass(frozen=True)
+class ResponderKeyConfig:
+    certificate: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class IssuerConfig:
+    name: str
+    certificate: Path
+    #: delegated responders (BR 7.1.2.8); several during a key rollover
+    responders: list[ResponderKeyConfig]
+    #: the issuer's own key, when it signs its responses itself
+    key: Path | None
+
+
+@dataclass(frozen=True)
+class CTLogConfig:
+    name: str
+    url: str
+    kind: str  # "rfc6962" | "static"
+    public_key: str  # PEM or base64 DER SubjectPublicKeyInfo
+    poll_interval: dt.timedelta
+
+
+@dataclass
+class Config:
+    database_url: str | None = None
+    data_dir: Path = Path("var")
+    listen: tuple[str, int] = ("127.0.0.1", 8080)
+    admin_listen: tuple[str, int] | None = ("127.0.0.1", 8081)
+    admin_token: str | None = None
+    path_prefix: str = ""
+    policy: ValidityPolicy = field(default_factory=ValidityPolicy)
+    max_age: int = 3600
+    cache_size: int = 1_000_000
+    signing_concurrency: int = 4
+    signing_queue_limit: int = 256
+    log_level: str = "info"
+    issuers: list[IssuerConfig] = field(default_factory=list)
+    ct_logs: list[CTLogConfig] = field(default_factory=list)
+    ct_follow_in_serve: bool = False
+    source: Path | None = None
+
+    def load_issuers(self) -> IssuerRegistry:
+        """Load every issuer's certificate and signing identities, checking each."""
+        if not self.issuers:
+            raise ConfigError("issuers: at least one issuer must be configured")
+        loaded: list[Issuer] = []
+        for ic in self.issuers:
+            try:
+                issuer = issuer_from_certificate(ic.name, _load_cert(ic.certificate, ic.name))
+                for rc in ic.responders:
+                    cert = _load_cert(rc.certificate, ic.name)
+                    issuer.responders.append(
+                        make_responder(issuer, cert, load_pem_key(rc.key), delegated=True)
+                    )
+                if ic.key is not None:
+                    issuer.responders.append(
+                        make_responder(
+                            issuer, issuer.certificate, load_pem_key(ic.key), delegated=False
+                        )
+                    )
+            except (KeyLoadError, IssuerConfigError) as exc:
+                raise ConfigError(str(exc)) from exc
+            loaded.append(issuer)
+        try:
+            return IssuerRegistry(loaded)
+        except IssuerConfigError as exc:
+            raise ConfigError(str(exc)) from exc
+
+
+def _load_cert(path: Path, issuer: str) -> x509.Certificate:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"issuer {issuer}: cannot read {path}: {exc.strerror}") from exc
+    try:
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_certificate(data)
+        return x509.load_der_x509_certificate(data)
+    except ValueError as exc:
+        raise ConfigError(f"issuer {issuer}: {path} is not a certificate: {exc}") from exc
+
+
+def _str(v: object, key: str) -> str:
+    if not isinstance(v, str):
+        raise ConfigError(f"{key}: expected a string, got {v!r}")
+    return v
+
+
+def _int(v: object, key: str) -> int:
+    if isinstance(v, bool):
+        raise ConfigError(f"{key}: expected an integer, got {v!r}")
+    if isinstance(v, int):
+        return v
+    if isinstance(v, str) and re.fullmatch(r"-?\d+", v.strip()):
+        return int(v)
+    raise ConfigError(f"{key}: expected an integer, got {v!r}")
+
+
+def _bool(v: object, key: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return v.lower() in ("1", "true", "yes", "on")
+    raise ConfigError(f"{key}: expected true or false, got {v!r}")
+
+
+def _list(v: object, key: str) -> list[Any]:
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{key}: the environment value must be a JSON array: {exc}") from exc
+    if not isinstance(v, list) or not all(isinstance(item, dict) for item in v):
+        raise ConfigError(f"{key}: expected a list of tables")
+    return v
+
+
+KNOWN_KEYS: dict[str, Callable[[object, str], object]] = {
+    "database_url": _str,
+    "data_dir": _str,
+    "listen": _str,
+    "admin_listen": _str,
+    "admin_token": _str,
+    "admin_token_file": _str,
+    "path_prefix": _str,
+    "response_validity": parse_duration,
+    "refresh_margin": parse_duration,
+    "this_update_backdate": parse_duration,
+    "max_age": parse_duration,
+    "cache_size": _int,
+    "signing_concurrency": _int,
+    "signing_queue_limit": _int,
+    "log_level": _str,
+    "issuers": _list,
+    "ct_logs": _list,
+    "ct_follow_in_serve": _bool,
+}
+
+
+def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the TOML file (if any), apply environment overrides, validate everything."""
+    env = os.environ if environ is None else environ
+    if path is None and env.get(ENV_PREFIX + "CONFIG"):
+        path = Path(env[ENV_PREFIX + "CONFIG"])
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+        base = path.resolve().parent
+    unknown = set(raw) - set(KNOWN_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+    for key in KNOWN_KEYS:
+        value = env.get(ENV_PREFIX + key.upper())
+        if value is not None:
+            raw[key] = value
+    values = {key: KNOWN_KEYS[key](value, key) for key, value in raw.items()}
+    return _build(values, base, path)
+
+
+def _path(base: Path, value: object, key: str) -> Path:
+    p = Path(_str(value, key)).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _build(v: dict[str, Any], base: Path, source: Path | None) -> Config:
+    cfg = Config(source=source)
+    if v.get("database_url"):
+        cfg.database_url = v["database_url"]
+    if "data_dir" in v:
+        cfg.data_dir = _path(base, v["data_dir"], "data_dir")
+    else:
+        cfg.data_dir = base / "var"
+    if "listen" in v:
+        cfg.listen = parse_address(v["listen"], "listen")
+    if "admin_listen" in v:
+        cfg.admin_listen = (
+            parse_address(v["admin_listen"], "admin_listen") if v["admin_listen"] else None
+        )
+    if v.get("admin_token"):
+        cfg.admin_token = v["admin_token"]
+    elif "admin_token_file" in v:
+        token_path = _path(base, v["admin_token_file"], "admin_token_file")
+        try:
+            cfg.admin_token = token_path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"admin_token_file: cannot read {token_path}: {exc.strerror}"
+            ) from exc
+    if cfg.admin_token is not None and len(cfg.admin_token) < 16:
+        raise ConfigError("admin_token: must be at least 16 characters")
+    if "path_prefix" in v:
+        prefix = v["path_prefix"].strip()
+        if prefix and not prefix.startswith("/"):
+            raise ConfigError("path_prefix: must start with '/' (e.g. '/ocsp')")
+        cfg.path_prefix = prefix.rstrip("/")
+    defaults = ValidityPolicy()
+    policy = ValidityPolicy(
+        validity=v.get("response_validity", defaults.validity),
+        refresh_margin=v.get("refresh_margin", defaults.refresh_margin),
+        backdate=v.get("this_update_backdate", defaults.backdate),
+    )
+    try:
+        policy.check()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    cfg.policy = policy
+    if "max_age" in v:
+        cfg.max_age = int(v["max_age"].total_seconds())
+    for key in ("cache_size", "signing_concurrency", "signing_queue_limit"):
+        if key in v:
+            if v[key] < 0 or (key == "signing_concurrency" and v[key] < 1):
+                raise ConfigError(f"{key}: must be positive")
+            setattr(cfg, key, v[key])
+    if "log_level" in v:
+        cfg.log_level = v["log_level"].lower()
+    cfg.issuers = [_issuer(base, item, i) for i, item in enumerate(v.get("issuers", []))]
+    cfg.ct_logs = [_ct_log(item, i) for i, item in enumerate(v.get("ct_logs", []))]
+    if "ct_follow_in_serve" in v:
+        cfg.ct_follow_in_serve = v["ct_follow_in_serve"]
+    return cfg
+
+
+def _issuer(base: Path, item: dict[str, Any], index: int) -> IssuerConfig:
+    where = f"issuers[{index}]"
+    allowed = {"name", "certificate", "responder_certificate", "responder_key", "responders", "key"}
+    unknown = set(item) - allowed
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
+    if "certificate" not in item:
+        raise ConfigError(f"{where}: 'certificate' (the issuer's certificate) is required")
+    name = _str(item.get("name", f"issuer-{index}"), f"{where}.name")
+    responders: list[ResponderKeyConfig] = []
+    if "responder_certificate" in item or "responder_key" in item:
+        if "responder_certificate" not in item or "responder_key" not in item:
+            raise ConfigError(f"{where}: responder_certificate and responder_key go together")
+        responders.append(
+            ResponderKeyConfig(
+                _path(base, item["responder_certificate"], f"{where}.responder_certificate"),
+                _path(base, item["responder_key"], f"{where}.responder_key"),
+            )
+        )
+    for j, r in enumerate(item.get("responders", [])):
+        if not isinstance(r, dict) or set(r) != {"certificate", "key"}:
+            raise ConfigError(f"{where}.responders[{j}]: expected {{certificate, key}}")
+        responders.append(
+            ResponderKeyConfig(
+                _path(base, r["certificate"], f"{where}.responders[{j}].certificate"),
+                _path(base, r["key"], f"{where}.responders[{j}].key"),
+            )
+        )
+    key = _path(base, item["key"], f"{where}.key") if "key" in item else None
+    if not responders and key is None:
+        raise ConfigError(
+            f"{where}: give a delegated responder (responder_certificate + responder_key) "
+            "or the issuer's own key"
+        )
+    return IssuerConfig(
+        name=name,
+        certificate=_path(base, item["certificate"], f"{where}.certificate"),
+        responders=responders,
+        key=key,
+    )
+
+
+def _ct_log(item: dict[str, Any], index: int) -> CTLogConfig:
+    where = f"ct_logs[{index}]"
+    for required in ("url", "kind", "public_key"):
+        if required not in item:
+            raise ConfigError(f"{where}: '{required}' is required")
+    kind = _str(item["kind"], f"{where}.kind")
+    if kind not in ("rfc6962", "static"):
+        raise ConfigError(f"{where}.kind: expected 'rfc6962' or 'static', got {kind!r}")
+    return CTLogConfig(
+        name=_str(item.get("name", item["url"]), f"{where}.name"),
+        url=_str(item["url"], f"{where}.url").rstrip("/"),
+        kind=kind,
+        public_key=_str(item["public_key"], f"{where}.public_key"),
+        poll_interval=parse_duration(item.get("poll_interval", "10s"), f"{where}.poll_interval"),
+    )

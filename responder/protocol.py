@@ -1,0 +1,117 @@
+"""OCSP on the wire: decoding requests (DER and the GET path form) and fixed error answers.
+
+Strict by design: anything that is not exactly one DER OCSPRequest with one CertID is a
+``MalformedRequest``, and the caller answers ``malformedRequest`` (never a 5xx). Parsing
+happens once per request; everything later works on the ``CertIdRequest`` it returns.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.x509 import ocsp
+
+# Unsigned OCSPResponse { responseStatus } for each non-successful status (RFC 6960 4.2.1).
+MALFORMED_REQUEST = b"\x30\x03\x0a\x01\x01"
+INTERNAL_ERROR = b"\x30\x03\x0a\x01\x02"
+TRY_LATER = b"\x30\x03\x0a\x01\x03"
+UNAUTHORIZED = b"\x30\x03\x0a\x01\x06"
+
+#: RFC 9654: a nonce is 1 to 128 octets; a responder rejects others as malformed.
+MAX_NONCE_LENGTH = 128
+#: An OCSPRequest for one CertID with a nonce is ~120 bytes; 10 kB is far beyond any real one.
+MAX_REQUEST_BYTES = 10 * 1024
+
+
+class MalformedRequest(ValueError):
+    """The request is not one well-formed DER OCSPRequest; the message says what is wrong."""
+
+
+class UnsupportedHashAlgorithm(ValueError):
+    """The CertID uses a hash we do not answer for (not SHA-1/256/384/512)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CertIdRequest:
+    """The one CertID of a request, plus its nonce if it sent one."""
+
+    hash_algorithm: str
+    issuer_name_hash: bytes
+    issuer_key_hash: bytes
+    serial: int
+    nonce: bytes | None
+
+
+_SUPPORTED = frozenset({"sha1", "sha256", "sha384", "sha512"})
+
+
+def parse_request(der: bytes) -> CertIdRequest:
+    """Decode a DER OCSPRequest holding exactly one CertID.
+
+    cryptography's parser is strict DER and refuses trailing bytes and requests with zero
+    or several CertIDs; we map all of those to MalformedRequest. Several CertIDs are refused
+    rather than answered for the first one only (RFC 5019: one request per OCSPRequest).
+    """
+    if not der:
+        raise MalformedRequest("empty request")
+    if len(der) > MAX_REQUEST_BYTES:
+        raise MalformedRequest("request too large")
+    try:
+        req = ocsp.load_der_ocsp_request(der)
+    except ValueError as exc:
+        raise MalformedRequest(f"not one DER OCSPRequest with one CertID: {exc}") from exc
+    try:
+        alg = req.hash_algorithm.name
+    except UnsupportedAlgorithm as exc:
+        raise UnsupportedHashAlgorithm(str(exc)) from exc
+    if alg not in _SUPPORTED:
+        raise UnsupportedHashAlgorithm(alg)
+    nonce: bytes | None = None
+    try:
+        extensions = req.extensions
+    except ValueError as exc:
+        raise MalformedRequest(f"bad request extensions: {exc}") from exc
+    if len(extensions):
+        try:
+            ext = extensions.get_extension_for_class(x509.OCSPNonce)
+        except x509.ExtensionNotFound:
+            pass
+        else:
+            nonce = ext.value.nonce
+            if not 1 <= len(nonce) <= MAX_NONCE_LENGTH:
+                raise MalformedRequest(f"nonce of {len(nonce)} octets (RFC 9654: 1 to 128)")
+    return CertIdRequest(
+        hash_algorithm=alg,
+        issuer_name_hash=req.issuer_name_hash,
+        issuer_key_hash=req.issuer_key_hash,
+        serial=req.serial_number,
+        nonce=nonce,
+    )
+
+
+def decode_get_path(encoded: bytes) -> bytes:
+    """Turn the part of a GET path after the prefix into DER request bytes.
+
+    Clients send the base64 URL-encoded or not, so ``+`` arrives as ``+``, ``%2B`` or a
+    space, and ``/`` as ``/`` or ``%2F``. Leading slashes are dropped (an AIA URL ending in
+    ``/`` makes ``//``): base64 of a DER SEQUENCE starts with ``M``, never ``/``. Missing
+    ``=`` padding is restored only where it is unambiguous; other alphabets are refused.
+    """
+    stripped = encoded.lstrip(b"/")
+    if not stripped:
+        raise MalformedRequest("empty GET request")
+    text = unquote_to_bytes(stripped).replace(b" ", b"+")
+    missing = -len(text) % 4
+    if missing and b"=" not in text:
+        if missing == 3:
+            raise MalformedRequest("base64 length is impossible")
+        text += b"=" * missing
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise MalformedRequest(f"bad base64 in GET path: {exc}") from exc

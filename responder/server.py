@@ -1,0 +1,109 @@
+"""Running the responder: the OCSP listener and the admin listener in one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Generator
+
+import uvicorn
+
+from responder.admin_app import create_admin_app
+from responder.config import Config, ConfigError
+from responder.ocsp_app import OCSPApp
+from responder.service import ResponderService
+
+log = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn server whose signals we handle ourselves (two servers share one loop)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def build_ocsp_app(service: ResponderService) -> OCSPApp:
+    async def health(path: bytes) -> tuple[int, bytes]:
+        if path == b"/healthz":
+            return 200, b"ok\n"
+        ok, detail = await service.ready()
+        return (200 if ok else 503), detail.encode() + b"\n"
+
+    return OCSPApp(
+        service.chain,
+        path_prefix=service.config.path_prefix,
+        max_age=service.config.max_age,
+        health=health,
+    )
+
+
+async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
+    """Serve until SIGINT/SIGTERM."""
+    if config.admin_listen is not None and not config.admin_token:
+        raise ConfigError(
+            "admin_listen is set but no admin token is configured: set admin_token_file "
+            '(or OCSP_RESPONDER_ADMIN_TOKEN), or set admin_listen = "" to disable the admin API'
+        )
+    service = ResponderService(config)
+    await service.start()
+    servers: list[_Server] = []
+    host, port = config.listen
+    common = {
+        "lifespan": "off",
+        "access_log": False,
+        "server_header": False,
+        "log_config": None,
+        "http": "httptools",
+        "loop": "uvloop",
+    }
+    servers.append(
+        _Server(uvicorn.Config(build_ocsp_app(service), host=host, port=port, **common))  # type: ignore[arg-type]
+    )
+    if config.admin_listen is not None and config.admin_token:
+        admin = create_admin_app(
+            token=config.admin_token,
+            registry=service.registry,
+            recorder=service.recorder,
+            revoker=service.revoker,
+            cache=service.cache,
+        )
+        ahost, aport = config.admin_listen
+        servers.append(_Server(uvicorn.Config(admin, host=ahost, port=aport, **common)))  # type: ignore[arg-type]
+
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        for server in servers:
+            server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+    try:
+        tasks = [asyncio.create_task(s.serve()) for s in servers]
+        while not all(s.started for s in servers):
+            if any(t.done() for t in tasks):
+                break
+            await asyncio.sleep(0.01)
+        if all(s.started for s in servers):
+            log.info(
+                "serving OCSP on http://%s:%d%s/ (admin API: %s)",
+                host,
+                port,
+                config.path_prefix,
+                f"http://{config.admin_listen[0]}:{config.admin_listen[1]}"
+                if config.admin_listen
+                else "disabled",
+            )
+            if ready is not None:
+                ready.set()
+        await asyncio.gather(*tasks)
+        for server in servers:
+            if not server.started:
+                raise OSError(f"listener {server.config.host}:{server.config.port} failed to start")
+    finally:
+        stop()
+        await service.close()

@@ -1,0 +1,292 @@
+"""The PostgreSQL store: certificate records, pre-signed responses, revocations.
+
+Writes that a CA relies on (recording a certificate, a revocation) commit with
+``synchronous_commit = on`` whatever the server default, and are retried on transient
+errors with bounded backoff; when a write still fails the caller gets ``StoreUnavailable``
+and must tell its client so. Nothing here acknowledges an uncommitted write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import asyncpg
+
+from signer.issuers import Issuer
+from signer.response_builder import (
+    REASON_CODES,
+    REASONS_BY_CODE,
+    CertStatus,
+    Revocation,
+    SignedResponse,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+KIND_PRECERTIFICATE = 1
+KIND_CERTIFICATE = 2
+
+#: Errors after which the same write may succeed if tried again.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.LockNotAvailableError,
+    asyncpg.exceptions.QueryCanceledError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.ConnectionFailureError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+
+class StoreUnavailable(Exception):
+    """The database could not be reached or kept failing; nothing was committed."""
+
+
+def serial_key(serial: int) -> bytes:
+    """The DER INTEGER content of a serial: the one spelling used as a key everywhere."""
+    return serial.to_bytes(serial.bit_length() // 8 + 1, "big", signed=True)
+
+
+def serial_from_key(key: bytes) -> int:
+    return int.from_bytes(key, "big", signed=True)
+
+
+def to_datetime(seconds: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    der: bytes
+    status: CertStatus
+    this_update: int
+    next_update: int
+
+
+@dataclass(frozen=True, slots=True)
+class Knowledge:
+    """What the store knows about a serial: whether it was issued, and if revoked."""
+
+    known: bool
+    revocation: Revocation | None
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateRecord:
+    issuer_id: int
+    serial: int
+    not_after: dt.datetime
+    precertificate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    attempts: int = 6
+    first_delay: float = 0.05
+    max_delay: float = 2.0
+
+
+async def with_retries(
+    operation: Callable[[], Awaitable[T]], what: str, policy: RetryPolicy = RetryPolicy()
+) -> T:
+    """Run ``operation`` (one whole transaction) again after transient failures."""
+    delay = policy.first_delay
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return await operation()
+        except TRANSIENT_ERRORS as exc:
+            if attempt == policy.attempts:
+                raise StoreUnavailable(
+                    f"{what}: database unavailable after {attempt} attempts: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            log.warning("%s: transient %s, retrying (%d)", what, type(exc).__name__, attempt)
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, policy.max_delay)
+    raise AssertionError("unreachable")
+
+
+class PresignedStore:
+    """Reads and writes of the pre-signed response store, over an asyncpg pool."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @classmethod
+    async def connect(cls, dsn: str, *, min_size: int = 2, max_size: int = 10) -> PresignedStore:
+        pool = await asyncpg.create_pool(
+            dsn, min_size=min_size, max_size=max_size, command_timeout=10
+        )
+        assert pool is not None
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def register_issuers(self, issuers: Sequence[Issuer]) -> None:
+        """Give each configured issuer its row id (DML only: serve may do this)."""
+
+        async def op() -> None:
+            async with self.pool.acquire() as conn:
+                for issuer in issuers:
+                    await conn.execute(
+                        "INSERT INTO issuers (spki_sha256, name, subject) VALUES ($1, $2, $3) "
+                        "ON CONFLICT (spki_sha256) DO NOTHING",
+                        issuer.spki_sha256,
+                        issuer.name,
+                        issuer.certificate.subject.rfc4514_string(),
+                    )
+                    issuer.db_id = await conn.fetchval(
+                        "SELECT id FROM issuers WHERE spki_sha256 = $1", issuer.spki_sha256
+                    )
+
+        await with_retries(op, "register issuers")
+
+    async def fetch_response(self, issuer_id: int, serial: int) -> StoredResponse | None:
+        """The pre-signed response row, if any (one primary-key read)."""
+        row = await self.pool.fetchrow(
+            "SELECT der, status, this_update, next_update FROM responses "
+            "WHERE issuer_id = $1 AND serial = $2",
+            issuer_id,
+            serial_key(serial),
+        )
+        if row is None:
+            return None
+        return StoredResponse(
+            der=row["der"],
+            status=CertStatus(row["status"]),
+            this_update=int(row["this_update"].timestamp()),
+            next_update=int(row["next_update"].timestamp()),
+        )
+
+    async def knowledge(self, issuer_id: int, serial: int) -> Knowledge:
+        """Whether the serial was issued (recorded, or seen in CT) and its revocation."""
+        row = await self.pool.fetchrow(
+            "SELECT EXISTS (SELECT 1 FROM certificates WHERE issuer_id = $1 AND serial = $2) "
+            "       AS known, "
+            "       (SELECT revoked_at FROM revocations WHERE issuer_id = $1 AND serial = $2) "
+            "       AS revoked_at, "
+            "       (SELECT reason FROM revocations WHERE issuer_id = $1 AND serial = $2) "
+            "       AS reason",
+            issuer_id,
+            serial_key(serial),
+        )
+        assert row is not None
+        revocation = None
+        if row["revoked_at"] is not None:
+            revocation = Revocation(row["revoked_at"], REASONS_BY_CODE[row["reason"]])
+        return Knowledge(known=bool(row["known"]) or revocation is not None, revocation=revocation)
+
+    async def store_response(self, issuer_id: int, serial: int, signed: SignedResponse) -> None:
+        """Write back a response signed on demand; never replaces a revoked one with good,
+        nor a newer one with an older one."""
+        await self.pool.execute(
+            "INSERT INTO responses (issuer_id, serial, status, this_update, next_update, der) "
+            "VALUES ($1, $2, $3, $4, $5, $6) "
+            "ON CONFLICT (issuer_id, serial) DO UPDATE SET status = EXCLUDED.status, "
+            "  this_update = EXCLUDED.this_update, next_update = EXCLUDED.next_update, "
+            "  der = EXCLUDED.der "
+            "WHERE responses.this_update <= EXCLUDED.this_update "
+            "  AND NOT (responses.status = 1 AND EXCLUDED.status = 0)",
+            issuer_id,
+            serial_key(serial),
+            int(signed.status),
+            to_datetime(signed.this_update),
+            to_datetime(signed.next_update),
+            signed.der,
+        )
+
+    async def record_certificates(
+        self, records: Sequence[tuple[CertificateRecord, SignedResponse]]
+    ) -> list[bool]:
+        """Record certificates and their signed responses in ONE transaction.
+
+        Returns, per record, True when the serial was new. The call returns only after
+        the commit is durable (synchronous_commit forced on): the CA may publish then.
+        """
+
+        async def op() -> list[bool]:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute("SET LOCAL synchronous_commit = on")
+                rows = await conn.fetch(
+                    "INSERT INTO certificates (issuer_id, serial, not_after, kinds) "
+                    "SELECT * FROM unnest($1::smallint[], $2::bytea[], $3::timestamptz[], "
+                    "                     $4::smallint[]) "
+                    "ON CONFLICT (issuer_id, serial) DO UPDATE "
+                    "  SET kinds = certificates.kinds | EXCLUDED.kinds "
+                    "RETURNING issuer_id, serial, (xmax = 0) AS inserted",
+                    [r.issuer_id for r, _ in records],
+                    [serial_key(r.serial) for r, _ in records],
+                    [r.not_after for r, _ in records],
+                    [
+                        KIND_PRECERTIFICATE if r.precertificate else KIND_CERTIFICATE
+                        for r, _ in records
+                    ],
+                )
+                await conn.execute(
+                    "INSERT INTO responses (issuer_id, serial, status, this_update, "
+                    "                       next_update, der) "
+                    "SELECT * FROM unnest($1::smallint[], $2::bytea[], $3::smallint[], "
+                    "                     $4::timestamptz[], $5::timestamptz[], $6::bytea[]) "
+                    "ON CONFLICT (issuer_id, serial) DO NOTHING",
+                    [r.issuer_id for r, _ in records],
+                    [serial_key(r.serial) for r, _ in records],
+                    [int(s.status) for _, s in records],
+                    [to_datetime(s.this_update) for _, s in records],
+                    [to_datetime(s.next_update) for _, s in records],
+                    [s.der for _, s in records],
+                )
+            inserted = {(row["issuer_id"], bytes(row["serial"])): row["inserted"] for row in rows}
+            return [inserted[(r.issuer_id, serial_key(r.serial))] for r, _ in records]
+
+        return await with_retries(op, "record certificates")
+
+    async def record_revocation(
+        self, issuer_id: int, serial: int, revocation: Revocation, signed: SignedResponse
+    ) -> bool:
+        """Store a revocation and its revoked response together; False if already revoked."""
+
+        async def op() -> bool:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute("SET LOCAL synchronous_commit = on")
+                created = await conn.fetchval(
+                    "INSERT INTO revocations (issuer_id, serial, revoked_at, reason) "
+                    "VALUES ($1, $2, $3, $4) ON CONFLICT (issuer_id, serial) DO NOTHING "
+                    "RETURNING true",
+                    issuer_id,
+                    serial_key(serial),
+                    revocation.revoked_at,
+                    REASON_CODES[revocation.reason],
+                )
+                if created:
+                    await conn.execute(
+                        "INSERT INTO responses (issuer_id, serial, status, this_update, "
+                        "next_update, der) VALUES ($1, $2, $3, $4, $5, $6) "
+                        "ON CONFLICT (issuer_id, serial) DO UPDATE SET status = EXCLUDED.status, "
+                        "  this_update = EXCLUDED.this_update, "
+                        "  next_update = EXCLUDED.next_update, der = EXCLUDED.der",
+                        issuer_id,
+                        serial_key(serial),
+                        int(signed.status),
+                        to_datetime(signed.this_update),
+                        to_datetime(signed.next_update),
+                        signed.der,
+                    )
+                return bool(created)
+
+        return await with_retries(op, "record revocation")

@@ -1,0 +1,205 @@
+"""A throwaway CA hierarchy (root -> issuing CA -> delegated OCSP responder, leaves).
+
+For ``ocsp-responder demo`` and for tests: every key is generated on the spot, nothing
+is shipped. The responder certificate follows BR 7.1.2.8 so that the loader's profile
+check accepts it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from signer.keys import SigningKey, write_pem_key
+
+
+def new_key(kind: str = "p256") -> SigningKey:
+    if kind == "p256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if kind == "p384":
+        return ec.generate_private_key(ec.SECP384R1())
+    if kind == "rsa2048":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    raise ValueError(f"unknown key kind {kind!r}")
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.COUNTRY_NAME, "XX"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "ocsp-responder demo"),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
+
+
+def _ski(key: SigningKey) -> x509.SubjectKeyIdentifier:
+    return x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+
+
+def _sign_hash(key: SigningKey) -> hashes.SHA256 | hashes.SHA384:
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 256:
+        return hashes.SHA384()
+    return hashes.SHA256()
+
+
+@dataclass
+class DemoCA:
+    root_cert: x509.Certificate
+    root_key: SigningKey
+    ca_cert: x509.Certificate
+    ca_key: SigningKey
+    responder_cert: x509.Certificate
+    responder_key: SigningKey
+
+    def issue_leaf(
+        self,
+        common_name: str,
+        *,
+        precertificate: bool = False,
+        serial: int | None = None,
+        lifetime: dt.timedelta = dt.timedelta(days=90),
+        issuer_cert: x509.Certificate | None = None,
+        issuer_key: SigningKey | None = None,
+    ) -> x509.Certificate:
+        """A TLS server certificate (or precertificate, with the CT poison extension)."""
+        signer_cert = issuer_cert or self.ca_cert
+        signer_key = issuer_key or self.ca_key
+        now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(signer_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(serial if serial is not None else random_serial())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + lifetime)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(common_name)]), False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(signer_key.public_key()),
+                critical=False,
+            )
+        )
+        if precertificate:
+            builder = builder.add_extension(x509.PrecertPoison(), critical=True)
+        return builder.sign(signer_key, _sign_hash(signer_key))
+
+
+def random_serial() -> int:
+    """A 64+ bit random serial as BR 7.1 asks (here 127 bits, positive)."""
+    return secrets.randbits(127) | (1 << 126)
+
+
+def create_ca(kind: str = "p256", name: str = "Demo") -> DemoCA:
+    """Root, issuing CA and delegated responder, valid for a year."""
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    root_key, ca_key, responder_key = new_key(kind), new_key(kind), new_key(kind)
+    root = (
+        x509.CertificateBuilder()
+        .subject_name(_name(f"{name} Root"))
+        .issuer_name(_name(f"{name} Root"))
+        .public_key(root_key.public_key())
+        .serial_number(random_serial())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
+        )
+        .add_extension(_ski(root_key), critical=False)
+        .sign(root_key, _sign_hash(root_key))
+    )
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(_name(f"{name} Issuing CA"))
+        .issuer_name(root.subject)
+        .public_key(ca_key.public_key())
+        .serial_number(random_serial())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=1825))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, True, True, False, False), True
+        )
+        .add_extension(_ski(ca_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()),
+            critical=False,
+        )
+        .sign(root_key, _sign_hash(root_key))
+    )
+    responder = make_responder_certificate(ca, ca_key, responder_key, name=name)
+    return DemoCA(root, root_key, ca, ca_key, responder, responder_key)
+
+
+def make_responder_certificate(
+    ca_cert: x509.Certificate,
+    ca_key: SigningKey,
+    responder_key: SigningKey,
+    *,
+    name: str = "Demo",
+    not_before: dt.datetime | None = None,
+    lifetime: dt.timedelta = dt.timedelta(days=365),
+) -> x509.Certificate:
+    """A BR 7.1.2.8 delegated OCSP responder certificate."""
+    start = not_before or dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(hours=2)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_name(f"{name} OCSP Responder"))
+        .issuer_name(ca_cert.subject)
+        .public_key(responder_key.public_key())
+        .serial_number(random_serial())
+        .not_valid_before(start)
+        .not_valid_after(start + lifetime)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, False, False, False, False), True
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), False)
+        .add_extension(x509.OCSPNoCheck(), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, _sign_hash(ca_key))
+    )
+
+
+def write_pem_cert(path: Path, *certs: x509.Certificate) -> None:
+    path.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs))
+
+
+@dataclass(frozen=True)
+class DemoFiles:
+    root: Path
+    ca: Path
+    ca_key: Path
+    responder: Path
+    responder_key: Path
+
+
+def write_ca(ca: DemoCA, directory: Path) -> DemoFiles:
+    """Write the hierarchy's certificates (0644) and keys (0600) into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    files = DemoFiles(
+        root=directory / "root.pem",
+        ca=directory / "issuing-ca.pem",
+        ca_key=directory / "issuing-ca.key",
+        responder=directory / "responder.pem",
+        responder_key=directory / "responder.key",
+    )
+    write_pem_cert(files.root, ca.root_cert)
+    write_pem_cert(files.ca, ca.ca_cert)
+    write_pem_cert(files.responder, ca.responder_cert)
+    write_pem_key(files.ca_key, ca.ca_key)
+    write_pem_key(files.responder_key, ca.responder_key)
+    return files

@@ -1,0 +1,191 @@
+"""Building and signing OCSP responses.
+
+Every successful answer this service gives was produced here, so this module owns the
+rules a response must meet: the CertID echoes the request's hash algorithm, times are
+whole seconds, validity stays inside BR 4.9.9 (8 hours to 10 days) and never reaches past
+the signing certificate's notAfter, revocation reasons are BR 7.3 reasons only, and a
+delegated responder signs byKey with its certificate included.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from enum import IntEnum
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509 import ocsp
+
+from signer.issuers import CERT_ID_HASHES, Issuer, signature_hash_for
+
+MIN_VALIDITY = dt.timedelta(hours=8)
+MAX_VALIDITY = dt.timedelta(days=10)
+
+
+class CertStatus(IntEnum):
+    GOOD = 0
+    REVOKED = 1
+
+
+class SigningError(Exception):
+    """A response could not be signed (e.g. the signer certificate expires too soon)."""
+
+
+class RevocationReasonError(ValueError):
+    """A revocation reason that BR 7.3 does not allow for subscriber certificates."""
+
+
+#: BR 7.3 / 7.2.2 reasons for subscriber certificates; "unspecified" is sent without a code.
+ALLOWED_REASONS: dict[str, x509.ReasonFlags] = {
+    "unspecified": x509.ReasonFlags.unspecified,
+    "keyCompromise": x509.ReasonFlags.key_compromise,
+    "affiliationChanged": x509.ReasonFlags.affiliation_changed,
+    "superseded": x509.ReasonFlags.superseded,
+    "cessationOfOperation": x509.ReasonFlags.cessation_of_operation,
+    "privilegeWithdrawn": x509.ReasonFlags.privilege_withdrawn,
+}
+REASON_CODES: dict[x509.ReasonFlags, int] = {
+    x509.ReasonFlags.unspecified: 0,
+    x509.ReasonFlags.key_compromise: 1,
+    x509.ReasonFlags.affiliation_changed: 3,
+    x509.ReasonFlags.superseded: 4,
+    x509.ReasonFlags.cessation_of_operation: 5,
+    x509.ReasonFlags.privilege_withdrawn: 9,
+}
+REASONS_BY_CODE = {code: flag for flag, code in REASON_CODES.items()}
+
+
+def parse_reason(value: str | int) -> x509.ReasonFlags:
+    """A BR-allowed reason by RFC 5280 name or code; certificateHold and CA reasons refused."""
+    if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
+        flag = REASONS_BY_CODE.get(int(value))
+    else:
+        flag = ALLOWED_REASONS.get(value)
+    if flag is None:
+        allowed = ", ".join(f"{name} ({REASON_CODES[f]})" for name, f in ALLOWED_REASONS.items())
+        raise RevocationReasonError(
+            f"revocation reason {value!r} is not allowed for subscriber certificates "
+            f"(BR 7.3; certificateHold is never allowed): use one of {allowed}"
+        )
+    return flag
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    revoked_at: dt.datetime
+    reason: x509.ReasonFlags
+
+
+@dataclass(frozen=True, slots=True)
+class ValidityPolicy:
+    """How long responses are valid, and when they must be renewed (BR 4.9.9)."""
+
+    validity: dt.timedelta = dt.timedelta(days=4)
+    refresh_margin: dt.timedelta = dt.timedelta(days=2)  # renew this long before nextUpdate
+    backdate: dt.timedelta = dt.timedelta(hours=1)  # thisUpdate in the past, for client clock skew
+
+    def check(self) -> None:
+        """Refuse settings that would break BR 4.9.9, naming the rule."""
+        if not MIN_VALIDITY <= self.validity <= MAX_VALIDITY:
+            raise ValueError("response_validity must be between 8h and 10d (BR 4.9.9)")
+        if self.validity >= dt.timedelta(hours=16):
+            if self.refresh_margin < dt.timedelta(hours=8):
+                raise ValueError("refresh_margin must be >= 8h when validity >= 16h (BR 4.9.9)")
+            if self.validity - self.refresh_margin > dt.timedelta(days=4):
+                raise ValueError(
+                    "response_validity - refresh_margin must be <= 4d: a new response is due "
+                    "no later than 4 days after thisUpdate (BR 4.9.9)"
+                )
+        elif self.refresh_margin < self.validity / 2:
+            raise ValueError("refresh_margin must be >= half the validity when validity < 16h")
+        if self.refresh_margin >= self.validity:
+            raise ValueError("refresh_margin must be shorter than response_validity")
+        if self.backdate < dt.timedelta(0) or self.backdate > dt.timedelta(hours=2):
+            raise ValueError("this_update_backdate must be between 0 and 2h")
+
+
+@dataclass(frozen=True, slots=True)
+class SignedResponse:
+    """A signed DER response and the facts about it the serving path needs."""
+
+    der: bytes
+    status: CertStatus
+    this_update: int  # Unix seconds
+    next_update: int
+    hash_algorithm: str = "sha1"
+
+
+def whole_seconds(moment: dt.datetime) -> dt.datetime:
+    return moment.replace(microsecond=0)
+
+
+def sign_response(
+    issuer: Issuer,
+    serial: int,
+    status: CertStatus,
+    policy: ValidityPolicy,
+    *,
+    revocation: Revocation | None = None,
+    hash_algorithm: str = "sha1",
+    nonce: bytes | None = None,
+    now: dt.datetime | None = None,
+) -> SignedResponse:
+    """Sign one response for ``serial`` with the issuer's active responder identity."""
+    moment = whole_seconds(now or dt.datetime.now(dt.UTC))
+    responder = issuer.active_responder(moment)
+    this_update = moment - policy.backdate
+    if revocation is not None:
+        # never claim to have known of a revocation before it happened
+        this_update = max(this_update, min(whole_seconds(revocation.revoked_at), moment))
+    next_update = min(this_update + policy.validity, whole_seconds(responder.not_after))
+    if next_update - this_update < MIN_VALIDITY:
+        raise SigningError(
+            f"issuer {issuer.name}: responder certificate expires "
+            f"{responder.not_after:%Y-%m-%d %H:%M}Z, too soon for a response valid 8h "
+            "(BR 4.9.9): configure a new one"
+        )
+    name_hash, key_hash = issuer.cert_id_hashes[hash_algorithm]
+    builder = ocsp.OCSPResponseBuilder()
+    if status is CertStatus.REVOKED:
+        if revocation is None:
+            raise SigningError("a revoked response needs a revocation time")
+        reason = revocation.reason
+        builder = builder.add_response_by_hash(
+            issuer_name_hash=name_hash,
+            issuer_key_hash=key_hash,
+            serial_number=serial,
+            algorithm=CERT_ID_HASHES[hash_algorithm](),
+            cert_status=ocsp.OCSPCertStatus.REVOKED,
+            this_update=this_update,
+            next_update=next_update,
+            revocation_time=whole_seconds(revocation.revoked_at),
+            revocation_reason=None if reason is x509.ReasonFlags.unspecified else reason,
+        )
+    else:
+        builder = builder.add_response_by_hash(
+            issuer_name_hash=name_hash,
+            issuer_key_hash=key_hash,
+            serial_number=serial,
+            algorithm=CERT_ID_HASHES[hash_algorithm](),
+            cert_status=ocsp.OCSPCertStatus.GOOD,
+            this_update=this_update,
+            next_update=next_update,
+            revocation_time=None,
+            revocation_reason=None,
+        )
+    builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, responder.certificate)
+    if responder.delegated:
+        builder = builder.certificates([responder.certificate])
+    if nonce is not None:
+        builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
+    algorithm: hashes.HashAlgorithm | None = signature_hash_for(responder.key)
+    response = builder.sign(responder.key, algorithm)
+    return SignedResponse(
+        der=response.public_bytes(Encoding.DER),
+        status=status,
+        this_update=int(this_update.timestamp()),
+        next_update=int(next_update.timestamp()),
+        hash_algorithm=hash_algorithm,
+    )
