@@ -1,0 +1,29 @@
+"""Fixtures: a real uvicorn CT log on loopback, reusable by integration tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from .fakelog import FakeLog, FakeLogServer
+from .pki import Pki, make_pki
+
+
+@pytest.fixture(scope="session")
+def fake_server() -> Iterator[FakeLogServer]:
+    """One server for the session; tests install their own FakeLog on it."""
+    with FakeLogServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+def fake_log(fake_server: FakeLogServer) -> FakeLog:
+    """A fresh, empty FakeLog served by ``fake_server`` (``fake_server.url``)."""
+    fake_server.log = FakeLog()
+    return fake_server.log
+
+
+@pytest.fixture(scope="session")
+def pki() -> Pki:
+    return make_pki()

@@ -1,0 +1,402 @@
+"""A test CT log that serves one set of entries as Static CT *and* RFC 6962.
+
+Its Merkle code is a deliberately naive, independent transcription of RFC 6962
+(recursive MTH and PATH) so that it can catch mistakes in
+``responder.ct.merkle``. It signs its own checkpoints/STHs with an ECDSA P-256
+key made at test time, and it has knobs for the faults a follower must survive.
+
+Use from pytest via the ``fake_log``/``fake_server`` fixtures (tests/ct/conftest.py),
+or directly::
+
+    with FakeLogServer() as srv:
+        srv.log = FakeLog()
+        srv.log.add_fixture_tiles(FIXTURES / "navigli2025h2")
+        srv.log.publish()
+        url = srv.url
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import uvicorn
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "ct"
+NAVIGLI = FIXTURES / "navigli2025h2"
+ISSUERS = FIXTURES / "issuers"
+
+
+def sha256(b: bytes) -> bytes:
+    return hashlib.sha256(b).digest()
+
+
+def u(n: int, width: int) -> bytes:
+    return n.to_bytes(width, "big")
+
+
+@dataclass
+class FakeEntry:
+    """One log entry in both encodings."""
+
+    te: bytes  # TimestampedEntry (with leaf_index extension)
+    tail: bytes  # what follows the TE in a TileLeaf (pre_certificate, fingerprints)
+    extra_data: bytes  # RFC 6962 get-entries extra_data
+
+    @property
+    def tile_leaf(self) -> bytes:
+        return self.te + self.tail
+
+    @property
+    def leaf_input(self) -> bytes:
+        return b"\x00\x00" + self.te
+
+
+def _split_fixture_tile(tile: bytes) -> list[tuple[bytes, bytes]]:
+    """Independent minimal TileLeaf splitter: [(te, tail)]."""
+    out = []
+    p = 0
+    while p < len(tile):
+        s = p
+        etype = int.from_bytes(tile[p + 8 : p + 10], "big")
+        p += 10
+        if etype == 1:
+            p += 32
+        p += 3 + int.from_bytes(tile[p : p + 3], "big")
+        p += 2 + int.from_bytes(tile[p : p + 2], "big")
+        te_end = p
+        if etype == 1:
+            p += 3 + int.from_bytes(tile[p : p + 3], "big")
+        p += 2 + int.from_bytes(tile[p : p + 2], "big")
+        out.append((tile[s:te_end], tile[te_end:p]))
+    return out
+
+
+def _asn1_list(items: list[bytes]) -> bytes:
+    body = b"".join(u(len(c), 3) + c for c in items)
+    return u(len(body), 3) + body
+
+
+@dataclass
+class Faults:
+    """Fault injection knobs (mutable while the server runs)."""
+
+    max_page: int = 1000  # get-entries page size cap (short responses)
+    empty_pages: int = 0  # next N get-entries calls return no entries
+    failures: dict[str, list[int]] = field(default_factory=dict)  # path prefix -> statuses
+    retry_after: str | None = "0"
+    drop_partials: bool = True  # 404 a partial tile once the full tile exists
+    gzip: str | None = None  # None | "header" (Content-Encoding) | "raw" (gzip body)
+    bad_signature: bool = False
+    tamper: set[int] = field(default_factory=set)  # entries served != entries hashed
+    on_head: Callable[[], None] | None = None  # called after serving checkpoint/STH
+
+
+class FakeLog:
+    def __init__(self, origin: str = "fake.ct.example/2025", *, rsa: bool = False) -> None:
+        self.origin = origin
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.spki = self.key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        self.public_key_pem = self.key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        self.log_id = sha256(self.spki)
+        self.entries: list[FakeEntry] = []
+        self.leaf_hashes: list[bytes] = []
+        self.published = 0
+        self.faults = Faults()
+        self.requests: list[str] = []
+        self._memo: dict[tuple[int, int], bytes] = {}
+        self._clock = 1_750_000_000_000
+
+    # --- content -------------------------------------------------------------
+
+    def _append(self, te: bytes, tail: bytes, extra: bytes) -> int:
+        self.entries.append(FakeEntry(te, tail, extra))
+        self.leaf_hashes.append(sha256(b"\x00\x00\x00" + te))
+        return len(self.entries) - 1
+
+    def add_fixture_tiles(self, root: Path = NAVIGLI, tiles: int = 4) -> None:
+        """Append the real navigli2025h2 entries (they must land at their own indexes)."""
+        issuers = {sha256(c): c for c in _fixture_issuer_ders()}
+        for k in range(tiles):
+            for te, tail in _split_fixture_tile((root / "tile" / "data" / f"{k:03d}").read_bytes()):
+                assert int.from_bytes(te[-5:], "big") == len(self.entries)
+                pre_len = int.from_bytes(tail[:3], "big")
+                pre = tail[3 : 3 + pre_len]
+                fps = tail[3 + pre_len + 2 :]
+                chain = [issuers.get(fps[i : i + 32], b"") for i in range(0, len(fps), 32)]
+                extra = u(len(pre), 3) + pre + _asn1_list([c for c in chain if c])
+                self._append(te, tail, extra)
+
+    def _te(self, etype: int, signed_entry: bytes, ts: int | None) -> bytes:
+        if ts is None:
+            self._clock += 1000
+            ts = self._clock
+        ext = b"\x00" + u(5, 2) + u(len(self.entries), 5)
+        return u(ts, 8) + u(etype, 2) + signed_entry + u(len(ext), 2) + ext
+
+    def add_x509(self, cert: bytes, chain: list[bytes], ts: int | None = None) -> int:
+        te = self._te(0, u(len(cert), 3) + cert, ts)
+        fps = b"".join(sha256(c) for c in chain)
+        return self._append(te, u(len(fps), 2) + fps, _asn1_list(chain))
+
+    def add_precert(
+        self,
+        issuer_key_hash: bytes,
+        tbs: bytes,
+        precert: bytes,
+        chain: list[bytes],
+        ts: int | None = None,
+    ) -> int:
+        te = self._te(1, issuer_key_hash + u(len(tbs), 3) + tbs, ts)
+        fps = b"".join(sha256(c) for c in chain)
+        tail = u(len(precert), 3) + precert + u(len(fps), 2) + fps
+        return self._append(te, tail, u(len(precert), 3) + precert + _asn1_list(chain))
+
+    def publish(self, size: int | None = None) -> None:
+        self.published = len(self.entries) if size is None else size
+
+    # --- independent RFC 6962 tree ---------------------------------------------
+
+    def mth(self, lo: int, hi: int) -> bytes:
+        n = hi - lo
+        if n == 0:
+            return sha256(b"")
+        if n == 1:
+            return self.leaf_hashes[lo]
+        perfect = n & (n - 1) == 0 and lo % n == 0
+        if perfect and (lo, hi) in self._memo:
+            return self._memo[(lo, hi)]
+        k = 1
+        while k * 2 < n:
+            k *= 2
+        h = sha256(b"\x01" + self.mth(lo, lo + k) + self.mth(lo + k, hi))
+        if perfect:
+            self._memo[(lo, hi)] = h
+        return h
+
+    def path(self, m: int, lo: int, hi: int) -> list[bytes]:
+        n = hi - lo
+        if n <= 1:
+            return []
+        k = 1
+        while k * 2 < n:
+            k *= 2
+        if m < k:
+            return [*self.path(m, lo, lo + k), self.mth(lo + k, hi)]
+        return [*self.path(m - k, lo + k, hi), self.mth(lo, lo + k)]
+
+    def hash_tile(self, level: int, index: int, width: int) -> bytes:
+        span = 256**level
+        return b"".join(
+            self.mth(j * span, (j + 1) * span) for j in range(index * 256, index * 256 + width)
+        )
+
+    # --- signing ----------------------------------------------------------------
+
+    def _digitally_signed(self, ts: int, size: int, root: bytes) -> bytes:
+        msg = b"\x00\x01" + u(ts, 8) + u(size, 8) + root
+        sig = self.key.sign(msg, ec.ECDSA(hashes.SHA256()))
+        if self.faults.bad_signature:
+            sig = self.key.sign(msg + b"x", ec.ECDSA(hashes.SHA256()))
+        return b"\x04\x03" + u(len(sig), 2) + sig
+
+    def checkpoint(self) -> bytes:
+        size = self.published
+        root = self.mth(0, size)
+        ts = int(time.time() * 1000)
+        body = f"{self.origin}\n{size}\n{base64.b64encode(root).decode()}\n"
+        key_id = sha256(self.origin.encode() + b"\n\x05" + self.log_id)[:4]
+        sig = key_id + u(ts, 8) + self._digitally_signed(ts, size, root)
+        witness = b"\x01\x02\x03\x04" + bytes(64)  # an unknown cosigner: must be ignored
+        lines = (
+            f"\u2014 witness.example {base64.b64encode(witness).decode()}\n"
+            f"\u2014 {self.origin} {base64.b64encode(sig).decode()}\n"
+        )
+        return (body + "\n" + lines).encode()
+
+    def sth(self) -> dict[str, Any]:
+        size = self.published
+        root = self.mth(0, size)
+        ts = int(time.time() * 1000)
+        return {
+            "tree_size": size,
+            "timestamp": ts,
+            "sha256_root_hash": base64.b64encode(root).decode(),
+            "tree_head_signature": base64.b64encode(
+                self._digitally_signed(ts, size, root)
+            ).decode(),
+        }
+
+    def served(self, i: int) -> FakeEntry:
+        e = self.entries[i]
+        if i not in self.faults.tamper:
+            return e
+        te = bytearray(e.te)
+        te[60] ^= 0x01  # inside the certificate / TBSCertificate
+        return FakeEntry(bytes(te), e.tail, e.extra_data)
+
+    # --- HTTP ---------------------------------------------------------------------
+
+    def route(self, path: str, query: dict[str, list[str]]) -> tuple[int, bytes, dict[str, str]]:
+        f = self.faults
+        for prefix, statuses in f.failures.items():
+            if path.startswith(prefix) and statuses:
+                status = statuses.pop(0)
+                hdrs = {"retry-after": f.retry_after} if f.retry_after is not None else {}
+                return status, b"busy", hdrs
+        if path == "/checkpoint":
+            body = self.checkpoint()
+            if f.on_head:
+                f.on_head()
+            return 200, body, {}
+        if path == "/ct/v1/get-sth":
+            body = json.dumps(self.sth()).encode()
+            if f.on_head:
+                f.on_head()
+            return 200, body, {}
+        if path == "/ct/v1/get-entries":
+            start, end = int(query["start"][0]), int(query["end"][0])
+            if start > end or start >= len(self.entries):
+                return 400, b"bad range", {}
+            if f.empty_pages:
+                f.empty_pages -= 1
+                return 200, b'{"entries": []}', {}
+            end = min(end, len(self.entries) - 1, start + f.max_page - 1)
+            out = [
+                {
+                    "leaf_input": base64.b64encode(self.served(i).leaf_input).decode(),
+                    "extra_data": base64.b64encode(self.served(i).extra_data).decode(),
+                }
+                for i in range(start, end + 1)
+            ]
+            return 200, json.dumps({"entries": out}).encode(), {}
+        if path == "/ct/v1/get-proof-by-hash":
+            h = base64.b64decode(query["hash"][0])
+            size = int(query["tree_size"][0])
+            try:
+                m = self.leaf_hashes.index(h, 0, size)
+            except ValueError:
+                return 404, b"not found", {}
+            proof = [base64.b64encode(p).decode() for p in self.path(m, 0, size)]
+            return 200, json.dumps({"leaf_index": m, "audit_path": proof}).encode(), {}
+        if path.startswith("/tile/"):
+            return self._tile(path[len("/tile/") :])
+        return 404, b"no such endpoint", {}
+
+    def _tile(self, rest: str) -> tuple[int, bytes, dict[str, str]]:
+        level_s, _, idx_s = rest.partition("/")
+        width = 256
+        if ".p/" in idx_s:
+            idx_s, _, w = idx_s.partition(".p/")
+            width = int(w)
+            if not 1 <= width <= 255:
+                return 400, b"bad width", {}
+        parts = idx_s.split("/")
+        if not all(p.startswith("x") for p in parts[:-1]) or parts[-1].startswith("x"):
+            return 400, b"bad tile index", {}
+        index = int("".join(p.lstrip("x") for p in parts))
+        level = 0 if level_s == "data" else int(level_s)
+        have = min(256, (len(self.entries) >> (8 * level)) - 256 * index)
+        if have < width or have <= 0:
+            return 404, b"tile not available", {}
+        if width < 256 and have == 256 and self.faults.drop_partials:
+            return 404, b"partial tile gone", {}
+        if level_s == "data":
+            body = b"".join(
+                self.served(i).tile_leaf for i in range(256 * index, 256 * index + width)
+            )
+        else:
+            body = self.hash_tile(level, index, width)
+        hdrs: dict[str, str] = {}
+        if self.faults.gzip:
+            body = gzip.compress(body)
+            if self.faults.gzip == "header":
+                hdrs["content-encoding"] = "gzip"
+        return 200, body, hdrs
+
+
+def _fixture_issuer_ders() -> list[bytes]:
+    from cryptography import x509
+
+    return [
+        x509.load_pem_x509_certificate(p.read_bytes()).public_bytes(serialization.Encoding.DER)
+        for p in sorted(ISSUERS.glob("*.pem"))
+    ]
+
+
+class FakeLogServer:
+    """Runs a real uvicorn on 127.0.0.1 (ephemeral port) in a background thread."""
+
+    def __init__(self, log: FakeLog | None = None) -> None:
+        self.log = log or FakeLog()
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        log = self.log
+        path = scope["path"]
+        query = parse_qs(scope.get("query_string", b"").decode())
+        log.requests.append(path)
+        try:
+            status, body, hdrs = log.route(path, query)
+        except Exception as exc:  # a bug in the fake must show, not hang the client
+            status, body, hdrs = 500, repr(exc).encode(), {}
+        headers = [(b"content-length", str(len(body)).encode())]
+        headers += [(k.encode(), v.encode()) for k, v in hdrs.items()]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> FakeLogServer:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.app, interface="asgi3", log_level="warning", lifespan="off", access_log=False
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("fake CT log server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> FakeLogServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

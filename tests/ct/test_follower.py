@@ -1,0 +1,335 @@
+"""The follower over real HTTP (uvicorn on loopback) against the fake log, both API forms."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from responder.ct import Batch, IssuerSet, LogConfig, LogFollower, ResumeState, RetryPolicy
+from responder.ct.errors import (
+    InclusionProofError,
+    LeafHashMismatchError,
+    LogRollbackError,
+    ResumeStateError,
+    RetriesExhaustedError,
+    RootMismatchError,
+    ShortResponseError,
+    SignatureError,
+    VerificationError,
+)
+from responder.ct.leaf import Issuer
+
+from .fakelog import ISSUERS, FakeLog, FakeLogServer
+from .pki import DER, Pki, leaf
+
+KINDS = ["static", "rfc6962"]
+FAST = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05, timeout=10)
+
+
+def staging() -> IssuerSet:
+    return IssuerSet(
+        Issuer.from_certificate((ISSUERS / f).read_bytes())
+        for f in ("e5-cross.pem", "e6-cross.pem", "r10.pem", "r11.pem")
+    )
+
+
+def config(srv: FakeLogServer, kind: str, issuers: IssuerSet, **kw: object) -> LogConfig:
+    return LogConfig(
+        url=srv.url,
+        kind=kind,  # type: ignore[arg-type]
+        public_key=srv.log.public_key_pem.decode(),
+        issuers=issuers,
+        origin=srv.log.origin,
+        retry=kw.pop("retry", FAST),  # type: ignore[arg-type]
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def follow(cfg: LogConfig, state: object = None) -> tuple[list[Batch], LogFollower]:
+    f = LogFollower(cfg, state)  # type: ignore[arg-type]
+    try:
+        batches = [b async for b in f.poll_once()]
+    finally:
+        await f.aclose()
+    return batches, f
+
+
+def serials(batches: Sequence[Batch]) -> list[tuple[bytes, int]]:
+    return [(e.issuer_key_hash, e.serial) for b in batches for e in b.entries]
+
+
+def check_contiguous(batches: Sequence[Batch], start: int = 0) -> None:
+    for b in batches:
+        assert b.start == start and b.end > b.start
+        assert b.new_state.next_index == b.end
+        start = b.end
+
+
+@pytest.fixture
+def fixture_log(fake_log: FakeLog) -> FakeLog:
+    fake_log.add_fixture_tiles()
+    fake_log.publish()
+    return fake_log
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_fixture_log_yields_each_of_1024_serials_once(
+    fake_server: FakeLogServer, fixture_log: FakeLog, kind: str
+) -> None:
+    fixture_log.faults.max_page = 100  # RFC 6962: forces several short pages per batch
+    batches, f = await follow(config(fake_server, kind, staging(), batch_size=300))
+    got = serials(batches)
+    assert len(got) == 1024 and len(set(got)) == 1024
+    check_contiguous(batches)
+    assert batches[-1].end == 1024 and all(b.tree_size == 1024 for b in batches)
+    assert sorted(e.leaf_index for b in batches for e in b.entries) == list(range(1024))
+    assert f.state.next_index == 1024 and f.state.head_size == 1024
+    # A second poll finds nothing new and yields nothing.
+    again, _ = await follow(config(fake_server, kind, staging()), f.state.to_json())
+    assert again == []
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_resume_after_crash_has_no_gap_and_no_duplicate(
+    fake_server: FakeLogServer, fixture_log: FakeLog, kind: str
+) -> None:
+    cfg = config(fake_server, kind, staging(), batch_size=200)
+    committed: list[tuple[bytes, int]] = []
+    stored: str | None = None
+    f = LogFollower(cfg, stored)
+    async for b in f.poll_once():
+        committed += serials([b])
+        stored = b.new_state.to_json()  # "commit" entries + state together
+        if b.end >= 400:
+            break  # crash before the next batch
+    await f.aclose()
+    # Also resume from a state in the middle of a tile (static: 600 % 256 != 0).
+    rest, f2 = await follow(cfg, stored)
+    committed += serials(rest)
+    assert rest[0].start == ResumeState.from_json(stored).next_index
+    assert len(committed) == 1024 and len(set(committed)) == 1024
+    assert f2.state.next_index == 1024
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_generated_log_x509_precert_and_precert_signing_ca(
+    fake_server: FakeLogServer, fake_log: FakeLog, pki: Pki, kind: str
+) -> None:
+    log = fake_log
+    want: set[tuple[str, int]] = set()
+    for s in range(1, 301):
+        which = s % 5
+        if which == 0:  # our x509
+            log.add_x509(leaf(pki.ca, s).public_bytes(DER), [pki.ca.der])
+            want.add(("x509", s))
+        elif which == 1:  # our precert, issued directly
+            pre = leaf(pki.ca, s, precert=True)
+            tbs = leaf(pki.ca, s).tbs_certificate_bytes
+            log.add_precert(pki.ca.key_hash, tbs, pre.public_bytes(DER), [pki.ca.der])
+            want.add(("precert", s))
+        elif which == 2:  # via a precertificate signing CA: the log rewrote TBS and key hash
+            pre = leaf(pki.precert_ca, s, precert=True)
+            tbs = leaf(pki.ca, s).tbs_certificate_bytes
+            log.add_precert(
+                pki.ca.key_hash, tbs, pre.public_bytes(DER), [pki.precert_ca.der, pki.ca.der]
+            )
+            want.add(("precert", s))
+        elif which == 3:  # someone else's
+            log.add_x509(leaf(pki.other, s).public_bytes(DER), [pki.other.der])
+            pre = leaf(pki.other, s + 10000, precert=True)
+            log.add_precert(
+                pki.other.key_hash,
+                leaf(pki.other, s + 10000).tbs_certificate_bytes,
+                pre.public_bytes(DER),
+                [],
+            )
+        else:  # an impostor with our CA's Name but not its key
+            log.add_x509(leaf(pki.impostor, s).public_bytes(DER), [pki.impostor.der])
+    log.publish()
+    issuers = IssuerSet([pki.ca.cert, pki.ca_cross.cert])
+    batches, _ = await follow(config(fake_server, kind, issuers, batch_size=100))
+    got = [(e.kind, e.serial) for b in batches for e in b.entries]
+    assert len(got) == len(set(got)) and set(got) == want
+    assert all(e.issuer_key_hash == pki.ca.key_hash for b in batches for e in b.entries)
+    assert batches[-1].end == len(log.entries) and not any(b.malformed for b in batches)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_log_growing_while_followed(
+    fake_server: FakeLogServer, fake_log: FakeLog, pki: Pki, kind: str
+) -> None:
+    log = fake_log
+    serial = iter(range(1, 10_000))
+
+    def grow(n: int) -> None:
+        for _ in range(n):
+            s = next(serial)
+            log.add_x509(leaf(pki.ca, s).public_bytes(DER), [pki.ca.der])
+
+    grow(10)
+    log.publish()
+    cfg = config(fake_server, kind, IssuerSet([pki.ca.cert]), batch_size=64)
+    b1, f = await follow(cfg)
+    assert b1[-1].end == 10
+    # The log has sequenced far more than it signed: tile 001 is already full, so
+    # its partial forms (data and level 0, width 14) are gone and the follower
+    # must fall back to the full tiles, using only their first 14 entries.
+    grow(550)
+    log.publish(270)
+
+    def on_head() -> None:  # ...and it keeps growing while we follow it
+        grow(5)
+        log.publish()
+
+    log.faults.on_head = on_head
+    b2, f = await follow(cfg, f.state.to_json())
+    assert b2[0].start == 10 and b2[-1].end == 270 and b2[-1].tree_size == 270
+    if kind == "static":
+        for path in ("/tile/data/001.p/14", "/tile/data/001", "/tile/0/001.p/14", "/tile/0/001"):
+            assert path in log.requests
+    log.faults.on_head = None
+    b3, f = await follow(cfg, f.state.to_json())
+    assert b3[0].start == 270 and b3[-1].end == 565
+    got = serials(b1 + b2 + b3)
+    assert len(got) == 565 and len(set(got)) == 565
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_bad_signature_is_refused(
+    fake_server: FakeLogServer, fixture_log: FakeLog, kind: str
+) -> None:
+    fixture_log.faults.bad_signature = True
+    with pytest.raises(SignatureError):
+        await follow(config(fake_server, kind, staging()))
+
+
+async def test_wrong_key_or_origin_is_refused(
+    fake_server: FakeLogServer, fixture_log: FakeLog
+) -> None:
+    other = FakeLog()
+    cfg = config(fake_server, "static", staging())
+    with pytest.raises(SignatureError):
+        await follow(LogConfig(**{**cfg.__dict__, "public_key": other.public_key_pem}))
+    with pytest.raises(SignatureError):
+        await follow(LogConfig(**{**cfg.__dict__, "origin": "evil.example/log"}))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_tampered_entry_is_never_indexed(
+    fake_server: FakeLogServer, fixture_log: FakeLog, kind: str
+) -> None:
+    fixture_log.faults.tamper = {700}
+    cfg = config(fake_server, kind, staging(), batch_size=256)
+    f = LogFollower(cfg)
+    got: list[Batch] = []
+    with pytest.raises(VerificationError) as exc:
+        async for b in f.poll_once():
+            got.append(b)
+    await f.aclose()
+    if kind == "static":
+        assert isinstance(exc.value, LeafHashMismatchError) and exc.value.leaf_index == 700
+    else:
+        assert isinstance(exc.value, (InclusionProofError, RootMismatchError))
+    # Everything before the bad tile/batch was yielded; nothing at or after it.
+    assert got and got[-1].end <= 700
+    assert all(e.leaf_index < 700 for b in got for e in b.entries)
+    assert f.state.next_index == got[-1].end
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_rate_limits_and_server_errors_are_retried(
+    fake_server: FakeLogServer, fixture_log: FakeLog, kind: str
+) -> None:
+    fixture_log.faults.failures = {
+        "/checkpoint": [503, 429],
+        "/ct/v1/get-sth": [503, 429],
+        "/tile/data/001": [429, 503],
+        "/tile/1/": [500],
+        "/ct/v1/get-entries": [429, 503, 502],
+    }
+    batches, _ = await follow(config(fake_server, kind, staging(), batch_size=512))
+    assert len(serials(batches)) == 1024
+    used = (
+        ["/checkpoint", "/tile/data/001", "/tile/1/"]
+        if kind == "static"
+        else [
+            "/ct/v1/get-sth",
+            "/ct/v1/get-entries",
+        ]
+    )
+    assert all(fixture_log.faults.failures[p] == [] for p in used)  # every fault was hit
+
+
+async def test_retry_after_is_respected(fake_server: FakeLogServer, fixture_log: FakeLog) -> None:
+    fixture_log.faults.failures = {"/checkpoint": [429]}
+    fixture_log.faults.retry_after = "1"
+    t0 = time.monotonic()
+    slow = RetryPolicy(attempts=3, base_delay=0.01, max_delay=5, timeout=10)
+    batches, _ = await follow(config(fake_server, "static", staging(), retry=slow))
+    assert time.monotonic() - t0 >= 0.95
+    assert batches[-1].end == 1024
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_persistent_errors_exhaust_retries(
+    fake_server: FakeLogServer, fixture_log: FakeLog, kind: str
+) -> None:
+    fixture_log.faults.failures = {"/": [503] * 10}
+    with pytest.raises(RetriesExhaustedError):
+        await follow(config(fake_server, kind, staging()))
+
+
+async def test_empty_get_entries_pages(fake_server: FakeLogServer, fixture_log: FakeLog) -> None:
+    fixture_log.faults.empty_pages = 2
+    batches, _ = await follow(config(fake_server, "rfc6962", staging()))
+    assert len(serials(batches)) == 1024
+    fixture_log.faults.empty_pages = 100
+    with pytest.raises(ShortResponseError):
+        await follow(config(fake_server, "rfc6962", staging()))
+
+
+@pytest.mark.parametrize("mode", ["header", "raw"])
+async def test_gzip_tiles(fake_server: FakeLogServer, fixture_log: FakeLog, mode: str) -> None:
+    fixture_log.faults.gzip = mode
+    fixture_log.publish(1000)  # partial tiles (003.p/232, 0/003.p/232) gzip too
+    fixture_log.faults.drop_partials = False
+    batches, _ = await follow(config(fake_server, "static", staging()))
+    assert len(serials(batches)) == 1000
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_rollback_and_foreign_state_are_refused(
+    fake_server: FakeLogServer, fixture_log: FakeLog, kind: str
+) -> None:
+    cfg = config(fake_server, kind, staging())
+    _, f = await follow(cfg)
+    fixture_log.publish(900)  # the log now signs a smaller tree
+    with pytest.raises(LogRollbackError):
+        await follow(cfg, f.state.to_json())
+    other = FakeLog()
+    with pytest.raises(ResumeStateError):
+        LogFollower(LogConfig(**{**cfg.__dict__, "public_key": other.public_key_pem}), f.state)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_forked_log_is_detected(
+    fake_server: FakeLogServer, fixture_log: FakeLog, pki: Pki, kind: str
+) -> None:
+    """A state from one history does not verify against another history's head."""
+    cfg = config(fake_server, kind, staging())
+    fixture_log.publish(600)
+    _, f = await follow(cfg)
+    # Same key, different entries after 500: a split view.
+    fork = FakeLog()
+    fork.key, fork.spki, fork.log_id = fixture_log.key, fixture_log.spki, fixture_log.log_id
+    fork.public_key_pem = fixture_log.public_key_pem
+    fork.add_fixture_tiles(tiles=2)
+    fork.entries, fork.leaf_hashes = fork.entries[:500], fork.leaf_hashes[:500]
+    for s in range(300):
+        fork.add_x509(leaf(pki.other, s + 1).public_bytes(DER), [])
+    fork.publish()
+    fake_server.log = fork
+    with pytest.raises(VerificationError):
+        await follow(cfg, f.state.to_json())
