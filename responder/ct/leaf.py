@@ -27,6 +27,8 @@ from typing import Literal, NamedTuple
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.padding import PSS, PKCS1v15
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from . import der
@@ -262,13 +264,34 @@ class IssuerSet:
         except ValueError as exc:
             raise MalformedEntryError(f"certificate does not load: {exc}") from exc
         for iss in cands:
-            try:
-                cert.verify_directly_issued_by(iss.certificate)
-            except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
-                continue
-            return iss.key_hash
+            if _signed_by(cert, iss.certificate.public_key()):
+                return iss.key_hash
         log.warning("x509 entry names a configured issuer but no configured key signed it")
         return None
+
+
+def _signed_by(cert: x509.Certificate, pub: object) -> bool:
+    """True iff ``pub`` verifies ``cert``'s signature (any hash, SHA-1 included).
+
+    Not a validity check: it only establishes which key issued the certificate,
+    so legacy SHA-1 certificates of our own CA are still recognised.
+    """
+    sig, tbs = cert.signature, cert.tbs_certificate_bytes
+    try:
+        params = cert.signature_algorithm_parameters
+        algo = cert.signature_hash_algorithm
+        if isinstance(pub, rsa.RSAPublicKey) and isinstance(params, (PKCS1v15, PSS)):
+            assert algo is not None
+            pub.verify(sig, tbs, params, algo)
+        elif isinstance(pub, ec.EllipticCurvePublicKey) and isinstance(params, ec.ECDSA):
+            pub.verify(sig, tbs, params)
+        elif isinstance(pub, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+            pub.verify(sig, tbs)
+        else:
+            return False
+    except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError, AssertionError):
+        return False
+    return True
 
 
 def extract(
