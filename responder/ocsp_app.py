@@ -9,6 +9,7 @@ unsigned OCSP error with ``Cache-Control: no-cache`` so that no cache holds it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -74,6 +75,16 @@ class OCSPApp:
             if scope["type"] == "lifespan":
                 await _lifespan(receive, send)
             return
+        try:
+            await self._dispatch(scope, receive, send)
+        except Exception:
+            # Last line of defence: a bug must not become a 500 with a traceback page.
+            log.exception("unhandled error serving %s", scope.get("method"))
+            # if the response had already started, this fails and the connection closes
+            with contextlib.suppress(Exception):
+                await self._error(send, INTERNAL_ERROR, False)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         method = scope["method"]
         path: bytes = scope.get("raw_path") or scope["path"].encode()
         if method == "GET" or method == "HEAD":

@@ -63,7 +63,7 @@ def parse_request(der: bytes) -> CertIdRequest:
         raise MalformedRequest("request too large")
     try:
         req = ocsp.load_der_ocsp_request(der)
-    except ValueError as exc:
+    except (ValueError, NotImplementedError) as exc:  # several CertIDs: NotImplementedError
         raise MalformedRequest(f"not one DER OCSPRequest with one CertID: {exc}") from exc
     try:
         alg = req.hash_algorithm.name

@@ -56,6 +56,7 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
         "lifespan": "off",
         "access_log": False,
         "server_header": False,
+        "proxy_headers": False,
         "log_config": None,
         "http": "httptools",
         "loop": "uvloop",

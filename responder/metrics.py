@@ -1,0 +1,93 @@
+"""Prometheus metrics: every metric this service exports is declared here, once.
+
+Names say what they count; labels are small closed sets (never serials). With several
+worker processes, set PROMETHEUS_MULTIPROC_DIR (``serve --workers`` does) and
+``/metrics`` aggregates all workers through prometheus-client's multiprocess collector.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as _multiprocess
+
+#: OCSP answers by method (GET/POST/HEAD), result (good, revoked, unauthorized,
+#: malformed, try_later, internal_error, not_modified) and source (cache, store, live, none).
+ocsp_requests_total = Counter(
+    "ocsp_requests_total", "OCSP requests answered", ["method", "result", "source"]
+)
+ocsp_request_seconds = Histogram(
+    "ocsp_request_seconds",
+    "Time to answer an OCSP request",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
+)
+signing_seconds = Histogram(
+    "ocsp_signing_seconds",
+    "Time to sign one OCSP response",
+    ["issuer"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25),
+)
+signing_queue_depth = Gauge(
+    "ocsp_signing_queue_depth", "On-demand signatures waiting or running", multiprocess_mode="sum"
+)
+recordings_total = Counter("ocsp_recordings_total", "Certificates recorded", ["issuer", "result"])
+recording_failures_total = Counter(
+    "ocsp_recording_failures_total", "Recordings that were refused or failed", ["reason"]
+)
+revocations_total = Counter("ocsp_revocations_total", "Revocations recorded", ["issuer"])
+coverage_gaps_total = Counter(
+    "coverage_gaps_total",
+    "Serials known (e.g. from CT) that had no stored response when first needed",
+    ["issuer"],
+)
+ct_entries_indexed_total = Counter(
+    "ct_entries_indexed_total", "CT entries of our issuers indexed", ["log"]
+)
+ct_lag_seconds = Gauge(
+    "ct_lag_seconds",
+    "Seconds from the newest indexed entry's log timestamp to its authoritative answer",
+    ["log"],
+    multiprocess_mode="max",
+)
+ct_log_position = Gauge(
+    "ct_log_position", "Next leaf index to read per log", ["log"], multiprocess_mode="max"
+)
+response_age_seconds = Histogram(
+    "ocsp_response_age_seconds",
+    "Age (now - thisUpdate) of served responses",
+    buckets=(3600, 6 * 3600, 12 * 3600, 86400, 2 * 86400, 3 * 86400, 3.5 * 86400, 4 * 86400),
+)
+responses_past_refresh_deadline = Gauge(
+    "ocsp_responses_past_refresh_deadline",
+    "Stored responses past their BR refresh deadline (must stay 0)",
+    multiprocess_mode="max",
+)
+refresher_backlog = Gauge(
+    "ocsp_refresher_backlog", "Responses due for re-signing", multiprocess_mode="max"
+)
+cache_invalidations_total = Counter(
+    "ocsp_cache_invalidations_total", "Cached responses dropped on notification"
+)
+db_pool_connections = Gauge(
+    "ocsp_db_pool_connections",
+    "Database pool connections",
+    ["pool", "state"],
+    multiprocess_mode="sum",
+)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text: aggregated across workers in multiprocess mode."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST

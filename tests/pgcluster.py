@@ -1,0 +1,139 @@
+"""Throwaway PostgreSQL clusters for tests: real servers, started and stopped here.
+
+Uses the PostgreSQL binaries found on the machine (``$PG_BINDIR``, Debian's
+/usr/lib/postgresql/<v>/bin, or the ones the pgserver wheel ships). As root, the server
+runs as an unprivileged system user (PostgreSQL refuses to run as root).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+def find_bindir() -> Path:
+    if os.environ.get("PG_BINDIR"):
+        return Path(os.environ["PG_BINDIR"])
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(p.split("/")[4])
+    )
+    if found:
+        return Path(found[-1]).parent
+    import pgserver
+
+    return Path(pgserver.__file__).parent / "pginstall" / "bin"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _run_as_user() -> str | None:
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "pgserver"):
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            continue
+    subprocess.run(["useradd", "--system", "--no-create-home", "pgtest"], check=True)
+    return "pgtest"
+
+
+class PgCluster:
+    """One PostgreSQL server on 127.0.0.1:<port>, superuser ``postgres`` (trust auth)."""
+
+    def __init__(self, settings: dict[str, str] | None = None, base: Path | None = None) -> None:
+        self.bindir = find_bindir()
+        self.user = _run_as_user()
+        self.root = Path(tempfile.mkdtemp(prefix="ocsp-pg-", dir=base))
+        self.datadir = self.root / "data"
+        self.port = free_port()
+        self.settings = {
+            "max_connections": "300",
+            "shared_buffers": "128MB",
+            "fsync": "off",
+            "full_page_writes": "off",
+            "unix_socket_directories": str(self.root),
+            "listen_addresses": "127.0.0.1",
+            **(settings or {}),
+        }
+        if self.user:
+            info = pwd.getpwnam(self.user)
+            os.chown(self.root, info.pw_uid, info.pw_gid)
+            os.chmod(self.root, 0o755)
+
+    def _cmd(self, *args: str, check: bool = True, timeout: float = 120) -> str:
+        cmd = [str(self.bindir / args[0]), *args[1:]]
+        if self.user:
+            cmd = ["runuser", "-u", self.user, "--", *cmd]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"{args[0]} failed: {result.stdout}\n{result.stderr}")
+        return result.stdout
+
+    def init(self) -> PgCluster:
+        self._cmd("initdb", "-D", str(self.datadir), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        with open(self.datadir / "postgresql.conf", "a") as conf:
+            conf.write(f"port = {self.port}\n")
+            for key, value in self.settings.items():
+                conf.write(f"{key} = '{value}'\n")
+        return self
+
+    def start(self) -> PgCluster:
+        self._cmd("pg_ctl", "-D", str(self.datadir), "-l", str(self.root / "log"), "-w", "start")
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        self._cmd("pg_ctl", "-D", str(self.datadir), "-m", mode, "-w", "stop", check=False)
+
+    def restart(self, mode: str = "fast") -> None:
+        self.stop(mode)
+        self.start()
+
+    def destroy(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def dsn(self, database: str = "postgres", user: str = "postgres") -> str:
+        return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
+
+    def psql(self, sql: str, database: str = "postgres") -> str:
+        return self._cmd(
+            "psql",
+            "-X",
+            "-q",
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-U",
+            "postgres",
+            "-d",
+            database,
+            "-c",
+            sql,
+        )
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.psql("SELECT 1")
+                return
+            except RuntimeError:
+                time.sleep(0.2)
+        raise TimeoutError("PostgreSQL did not become ready")

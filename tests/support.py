@@ -1,0 +1,357 @@
+"""Shared test machinery: databases, responder processes, OCSP requests and checks.
+
+Everything here is real: a PostgreSQL server, `ocsp-responder serve` as a subprocess on
+loopback, and responses checked by cryptography and by `openssl ocsp` independently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import asyncpg
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.x509 import ocsp
+
+from responder.schema import migrate
+from signer.demo_ca import DemoCA, write_ca, write_pem_cert
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+HASHES = {
+    "sha1": hashes.SHA1,
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
+}
+
+
+def run_async(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def create_database(admin_dsn: str, *, migrated: bool = True) -> str:
+    """A fresh database on the test server, migrated unless asked otherwise."""
+    name = "t_" + secrets.token_hex(6)
+
+    async def go() -> str:
+        conn = await asyncpg.connect(admin_dsn)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+        base, _, _ = admin_dsn.rpartition("/")
+        dsn = f"{base}/{name}"
+        if migrated:
+            await migrate(dsn)
+        return dsn
+
+    return run_async(go())
+
+
+async def sql(dsn: str, query: str, *args: object) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetch(query, *args)
+    finally:
+        await conn.close()
+
+
+def sql_sync(dsn: str, query: str, *args: object) -> list[asyncpg.Record]:
+    return run_async(sql(dsn, query, *args))
+
+
+@dataclass
+class IssuerFiles:
+    name: str
+    ca: DemoCA
+    directory: Path
+    delegated: bool = True
+
+    @property
+    def ca_pem(self) -> Path:
+        return self.directory / "issuing-ca.pem"
+
+    @property
+    def root_pem(self) -> Path:
+        return self.directory / "root.pem"
+
+    @property
+    def chain_pem(self) -> Path:
+        return self.directory / "chain.pem"
+
+    def config_table(self) -> str:
+        lines = ["[[issuers]]", f'name = "{self.name}"', f'certificate = "{self.ca_pem}"']
+        if self.delegated:
+            lines += [
+                f'responder_certificate = "{self.directory / "responder.pem"}"',
+                f'responder_key = "{self.directory / "responder.key"}"',
+            ]
+        else:
+            lines.append(f'key = "{self.directory / "issuing-ca.key"}"')
+        return "\n".join(lines) + "\n"
+
+
+def issuer_files(name: str, ca: DemoCA, base: Path, *, delegated: bool = True) -> IssuerFiles:
+    directory = base / name
+    write_ca(ca, directory)
+    write_pem_cert(directory / "chain.pem", ca.ca_cert, ca.root_cert)
+    return IssuerFiles(name, ca, directory, delegated)
+
+
+@dataclass
+class ResponderProcess:
+    """`ocsp-responder serve` in a subprocess, on free loopback ports."""
+
+    config_path: Path
+    port: int
+    admin_port: int
+    token: str
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def start(self, timeout: float = 30) -> ResponderProcess:
+        self.log_path = self.config_path.with_suffix(f".{self.port}.log")
+        log = open(self.log_path, "ab")
+        env = {**os.environ, **self.env}
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "ocsp-responder"), "serve", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"responder exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"responder did not start:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def record(self, cert: x509.Certificate, *, der: bool = False) -> httpx.Response:
+        body = cert.public_bytes(serialization.Encoding.DER if der else serialization.Encoding.PEM)
+        return httpx.post(
+            self.admin_url + "/v1/certificates",
+            content=body,
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=30,
+        )
+
+    def revoke(
+        self, issuer: str, serial: int, reason: str = "keyCompromise", **extra: object
+    ) -> httpx.Response:
+        return httpx.post(
+            self.admin_url + "/v1/revocations",
+            json={"issuer": issuer, "serial": format(serial, "x"), "reason": reason, **extra},
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=30,
+        )
+
+
+def free_port() -> int:
+    from tests.pgcluster import free_port as fp
+
+    return fp()
+
+
+def write_config(
+    directory: Path,
+    dsn: str,
+    issuers: list[IssuerFiles],
+    *,
+    extra: str = "",
+    port: int | None = None,
+    admin_port: int | None = None,
+) -> ResponderProcess:
+    token = secrets.token_urlsafe(24)
+    port = port or free_port()
+    admin_port = admin_port or free_port()
+    directory.mkdir(parents=True, exist_ok=True)
+    token_file = directory / f"token-{port}"
+    token_file.write_text(token)
+    config = directory / f"responder-{port}.toml"
+    config.write_text(
+        f'database_url = "{dsn}"\n'
+        f'data_dir = "{directory}"\n'
+        f'listen = "127.0.0.1:{port}"\n'
+        f'admin_listen = "127.0.0.1:{admin_port}"\n'
+        f'admin_token_file = "{token_file}"\n'
+        f"{extra}\n" + "".join(i.config_table() for i in issuers)
+    )
+    return ResponderProcess(config, port, admin_port, token)
+
+
+# --- OCSP requests and independent checks -------------------------------------------------
+
+
+def build_request(
+    cert: x509.Certificate | None,
+    issuer: x509.Certificate,
+    *,
+    alg: str = "sha1",
+    serial: int | None = None,
+    nonce: bytes | None = None,
+) -> bytes:
+    builder = ocsp.OCSPRequestBuilder()
+    if cert is not None and serial is None:
+        builder = builder.add_certificate(cert, issuer, HASHES[alg]())
+    else:
+        from signer.issuers import issuer_from_certificate
+
+        info = issuer_from_certificate("x", issuer)
+        name_hash, key_hash = info.cert_id_hashes[alg]
+        assert serial is not None
+        builder = builder.add_certificate_by_hash(name_hash, key_hash, serial, HASHES[alg]())
+    if nonce is not None:
+        builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
+    return builder.build().public_bytes(serialization.Encoding.DER)
+
+
+def get_url(base: str, der: bytes, *, prefix: str = "", style: str = "quoted") -> str:
+    b64 = base64.b64encode(der).decode()
+    if style == "quoted":
+        path = quote(b64, safe="")
+    elif style == "raw":
+        path = b64
+    elif style == "space":
+        path = b64.replace("+", "%20")
+    else:
+        raise ValueError(style)
+    return f"{base}{prefix}/{path}"
+
+
+@dataclass
+class Checked:
+    response: ocsp.OCSPResponse
+    status: ocsp.OCSPCertStatus
+    openssl_text: str
+
+
+def check_response(
+    der: bytes,
+    *,
+    issuer: IssuerFiles,
+    serial: int,
+    alg: str = "sha1",
+    expect: str = "good",
+    nonce: bytes | None = None,
+) -> Checked:
+    """Independent checks of a successful response: cryptography and `openssl ocsp`."""
+    resp = ocsp.load_der_ocsp_response(der)
+    assert resp.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL
+    single = resp
+    assert single.serial_number == serial
+    assert single.hash_algorithm.name == alg
+    from signer.issuers import issuer_from_certificate
+
+    info = issuer_from_certificate("x", issuer.ca.ca_cert)
+    assert (single.issuer_name_hash, single.issuer_key_hash) == info.cert_id_hashes[alg]
+    this_update, next_update = single.this_update_utc, single.next_update_utc
+    assert next_update is not None
+    assert this_update.microsecond == 0 and next_update.microsecond == 0
+    assert dt.timedelta(hours=8) <= next_update - this_update <= dt.timedelta(days=10)
+    now = dt.datetime.now(dt.UTC)
+    assert this_update <= now < next_update
+    signer_cert = issuer.ca.responder_cert if issuer.delegated else issuer.ca.ca_cert
+    assert next_update <= signer_cert.not_valid_after_utc
+    # responderID byKey: SHA-1 of the signer's public key bits
+    assert (
+        resp.responder_key_hash
+        == x509.SubjectKeyIdentifier.from_public_key(
+            signer_cert.public_key()  # type: ignore[arg-type]
+        ).digest
+    )
+    if issuer.delegated:
+        assert [c.fingerprint(hashes.SHA256()) for c in resp.certificates] == [
+            signer_cert.fingerprint(hashes.SHA256())
+        ]
+    _verify_signature(resp, signer_cert)
+    status_name = {"good": ocsp.OCSPCertStatus.GOOD, "revoked": ocsp.OCSPCertStatus.REVOKED}
+    assert single.certificate_status == status_name[expect], single.certificate_status
+    got_nonce = None
+    for ext in resp.extensions:
+        if isinstance(ext.value, x509.OCSPNonce):
+            got_nonce = ext.value.nonce
+    assert got_nonce == nonce
+    text = openssl_verify(der, issuer)
+    return Checked(resp, single.certificate_status, text)
+
+
+def _verify_signature(resp: ocsp.OCSPResponse, cert: x509.Certificate) -> None:
+    key = cert.public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        assert resp.signature_hash_algorithm is not None
+        key.verify(resp.signature, resp.tbs_response_bytes, ec.ECDSA(resp.signature_hash_algorithm))
+    elif isinstance(key, rsa.RSAPublicKey):
+        assert resp.signature_hash_algorithm is not None
+        key.verify(
+            resp.signature,
+            resp.tbs_response_bytes,
+            padding.PKCS1v15(),
+            resp.signature_hash_algorithm,
+        )
+    else:
+        raise AssertionError(f"unexpected key {type(key)}")
+
+
+def openssl_verify(der: bytes, issuer: IssuerFiles) -> str:
+    """`openssl ocsp -respin` must say 'Response verify OK' (signature and signer chain)."""
+    with tempfile.NamedTemporaryFile(suffix=".der") as f:
+        f.write(der)
+        f.flush()
+        cmd = [
+            "openssl",
+            "ocsp",
+            "-respin",
+            f.name,
+            "-issuer",
+            str(issuer.ca_pem),
+            "-CAfile",
+            str(issuer.chain_pem),
+            "-resp_text",
+        ]
+        if not issuer.delegated:
+            cmd += ["-VAfile", str(issuer.ca_pem)]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    output = result.stdout + result.stderr
+    assert "Response verify OK" in output, output
+    return output

@@ -1,0 +1,134 @@
+"""Configuration: TOML + environment overrides, durations, and clear errors."""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from responder.config import ConfigError, load_config, parse_duration
+from tests.support import VENV_BIN
+
+
+def test_durations() -> None:
+    assert parse_duration("4d", "k") == dt.timedelta(days=4)
+    assert parse_duration("1h30m", "k") == dt.timedelta(minutes=90)
+    assert parse_duration(3600, "k") == dt.timedelta(hours=1)
+    assert parse_duration("45", "k") == dt.timedelta(seconds=45)
+    for bad in ("4x", "", "d4", True):
+        with pytest.raises(ConfigError):
+            parse_duration(bad, "k")
+
+
+def test_env_overrides_toml(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('listen = "127.0.0.1:1234"\nresponse_validity = "4d"\ndata_dir = "d"\n')
+    cfg = load_config(path, {})
+    assert cfg.listen == ("127.0.0.1", 1234)
+    assert cfg.data_dir == tmp_path / "d"
+    env = {
+        "OCSP_RESPONDER_LISTEN": "[::1]:9999",
+        "OCSP_RESPONDER_RESPONSE_VALIDITY": "3d",
+        "OCSP_RESPONDER_REFRESH_MARGIN": "36h",
+        "OCSP_RESPONDER_DATABASE_URL": "postgresql://x/y",
+        "OCSP_RESPONDER_ADMIN_TOKEN": "0123456789abcdef0123",
+        "OCSP_RESPONDER_ISSUERS": '[{"name": "a", "certificate": "a.pem", "key": "a.key"}]',
+    }
+    cfg = load_config(path, env)
+    assert cfg.listen == ("::1", 9999)
+    assert cfg.policy.validity == dt.timedelta(days=3)
+    assert cfg.policy.refresh_margin == dt.timedelta(hours=36)
+    assert cfg.database_url == "postgresql://x/y"
+    assert cfg.admin_token == "0123456789abcdef0123"
+    assert cfg.issuers[0].name == "a" and cfg.issuers[0].key == tmp_path / "a.key"
+    cfg = load_config(None, {"OCSP_RESPONDER_CONFIG": str(path)})
+    assert cfg.listen == ("127.0.0.1", 1234)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("nope = 1\n", "unknown configuration keys: nope"),
+        ('response_validity = "11d"\n', "between 8h and 10d"),
+        ('response_validity = "4d"\nrefresh_margin = "4h"\n', ">= 8h"),
+        ('response_validity = "10d"\nrefresh_margin = "2d"\n', "4 days after thisUpdate"),
+        ('listen = "nowhere"\n', "listen: expected host:port"),
+        ('path_prefix = "ocsp"\n', "must start with '/'"),
+        ("[[issuers]]\nname = 'x'\n", "'certificate'"),
+        ("[[issuers]]\ncertificate = 'x.pem'\n", "delegated responder"),
+        ("listen = [\n", "invalid TOML"),
+    ],
+)
+def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(path, {})
+    assert message in str(info.value)
+
+
+def test_key_file_mode_refused(tmp_path: Path, demo_ca) -> None:  # type: ignore[no-untyped-def]
+    from tests.support import issuer_files
+
+    files = issuer_files("m", demo_ca, tmp_path)
+    (files.directory / "responder.key").chmod(0o644)
+    path = tmp_path / "c.toml"
+    path.write_text(files.config_table())
+    with pytest.raises(ConfigError, match="must not be readable by group or others"):
+        load_config(path, {}).load_issuers()
+
+
+def test_delegated_profile_enforced(tmp_path: Path, demo_ca) -> None:  # type: ignore[no-untyped-def]
+    """A responder certificate without id-kp-OCSPSigning and nocheck is refused at start."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    from tests.support import issuer_files
+
+    files = issuer_files("p", demo_ca, tmp_path)
+    now = dt.datetime.now(dt.UTC)
+    bad = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bad responder")]))
+        .issuer_name(demo_ca.ca_cert.subject)
+        .public_key(demo_ca.responder_key.public_key())
+        .serial_number(12345)
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("x.test")]), False)
+        .sign(demo_ca.ca_key, hashes.SHA256())
+    )
+    (files.directory / "responder.pem").write_bytes(bad.public_bytes(serialization.Encoding.PEM))
+    path = tmp_path / "c.toml"
+    path.write_text(files.config_table())
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {}).load_issuers()
+    message = str(info.value)
+    assert "BR 7.1.2.8" in message
+    for problem in (
+        "id-kp-OCSPSigning",
+        "nocheck",
+        "keyUsage",
+        "authorityKeyIdentifier",
+        "SubjectAlternativeName",
+    ):
+        assert problem in message, problem
+
+
+def test_cli_reports_config_errors_cleanly(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('response_validity = "30d"\n')
+    result = subprocess.run(
+        [str(VENV_BIN / "ocsp-responder"), "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("ocsp-responder: error: response_validity")
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,80 @@
+"""Request decoding: the GET path forms and strict DER, tried on many inputs."""
+
+from __future__ import annotations
+
+import base64
+from urllib.parse import quote
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from responder.protocol import MalformedRequest, decode_get_path, parse_request
+from tests.support import build_request
+
+
+@pytest.fixture(scope="module")
+def request_der(demo_ca):  # type: ignore[no-untyped-def]
+    return build_request(demo_ca.issue_leaf("p.test"), demo_ca.ca_cert)
+
+
+def test_path_forms_decode_identically(request_der: bytes) -> None:
+    b64 = base64.b64encode(request_der).decode()
+    forms = [
+        b64,
+        quote(b64, safe=""),
+        b64.replace("+", " "),
+        b64.replace("+", "%20"),
+        "/" + b64,
+        "//" + b64,
+        b64.rstrip("="),
+    ]
+    for form in forms:
+        assert decode_get_path(form.encode()) == request_der, form
+
+
+def test_parse_request_fields(demo_ca) -> None:  # type: ignore[no-untyped-def]
+    cert = demo_ca.issue_leaf("fields.test")
+    parsed = parse_request(build_request(cert, demo_ca.ca_cert, alg="sha256", nonce=b"n" * 16))
+    assert parsed.serial == cert.serial_number
+    assert parsed.hash_algorithm == "sha256"
+    assert parsed.nonce == b"n" * 16
+
+
+@pytest.mark.parametrize("bad", [b"", b"=", b"A", b"!!!!", b"%ZZ", b"M" * 5])
+def test_bad_paths(bad: bytes) -> None:
+    with pytest.raises(MalformedRequest):
+        parse_request(decode_get_path(bad))
+
+
+def test_nonce_length_limits(demo_ca) -> None:  # type: ignore[no-untyped-def]
+    cert = demo_ca.issue_leaf("nonce.test")
+    assert parse_request(build_request(cert, demo_ca.ca_cert, nonce=b"x" * 128)).nonce == b"x" * 128
+    for bad in (b"", b"x" * 129):
+        with pytest.raises(MalformedRequest):
+            parse_request(build_request(cert, demo_ca.ca_cert, nonce=bad))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_never_crash(data: bytes) -> None:
+    """Any input either parses or raises MalformedRequest (or the unsupported-hash error)."""
+    try:
+        parse_request(data)
+    except ValueError:
+        pass
+    try:
+        parse_request(decode_get_path(data))
+    except ValueError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=0, max_value=2000), st.binary(min_size=1, max_size=3))
+def test_mutated_requests_never_crash(request_der: bytes, position: int, junk: bytes) -> None:
+    pos = position % (len(request_der) + 1)
+    mutated = request_der[:pos] + junk + request_der[pos + len(junk) :]
+    try:
+        parse_request(mutated)
+    except ValueError:
+        pass

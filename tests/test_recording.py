@@ -1,0 +1,145 @@
+"""Recording issuance through the admin API and the CLI: one code path, durable, idempotent."""
+
+from __future__ import annotations
+
+import subprocess
+
+import httpx
+from cryptography.hazmat.primitives import serialization
+
+from responder.store import serial_key
+from signer.demo_ca import create_ca, write_pem_cert
+from tests.support import VENV_BIN, build_request, check_response, get_url, sql_sync
+
+
+def test_record_then_idempotent(responder, p256_issuer, module_database):  # type: ignore[no-untyped-def]
+    cert = p256_issuer.ca.issue_leaf("rec.test")
+    first = responder.record(cert)
+    assert first.status_code == 201, first.text
+    body = first.json()
+    assert body["serial"] == format(cert.serial_number, "x").zfill(len(body["serial"]))
+    assert int(body["serial"], 16) == cert.serial_number
+    assert body["created"] is True and body["precertificate"] is False
+    rows = sql_sync(
+        module_database,
+        "SELECT c.kinds, r.der FROM certificates c JOIN responses r USING (issuer_id, serial) "
+        "WHERE serial = $1",
+        serial_key(cert.serial_number),
+    )
+    assert len(rows) == 1
+    check_response(rows[0]["der"], issuer=p256_issuer, serial=cert.serial_number)
+    again = responder.record(cert, der=True)
+    assert again.status_code == 200 and again.json()["created"] is False
+    # the stored response was not replaced by the idempotent call
+    rows2 = sql_sync(
+        module_database,
+        "SELECT der FROM responses WHERE serial = $1",
+        serial_key(cert.serial_number),
+    )
+    assert rows2[0]["der"] == rows[0]["der"]
+
+
+def test_precertificate_recognised(responder, p256_issuer, module_database):  # type: ignore[no-untyped-def]
+    pre = p256_issuer.ca.issue_leaf("pre.test", precertificate=True)
+    resp = responder.record(pre)
+    assert resp.status_code == 201 and resp.json()["precertificate"] is True
+    # the final certificate shares issuer and serial: already recorded
+    final = p256_issuer.ca.issue_leaf("pre.test", serial=pre.serial_number)
+    assert responder.record(final).status_code == 200
+    kinds = sql_sync(
+        module_database,
+        "SELECT kinds FROM certificates WHERE serial = $1",
+        serial_key(pre.serial_number),
+    )
+    assert kinds[0]["kinds"] == 3  # precertificate and certificate both seen
+    der = build_request(pre, p256_issuer.ca.ca_cert)
+    check_response(
+        httpx.get(get_url(responder.url, der)).content, issuer=p256_issuer, serial=pre.serial_number
+    )
+
+
+def test_unconfigured_issuer_refused(responder):  # type: ignore[no-untyped-def]
+    other = create_ca("p256", "Other")
+    resp = responder.record(other.issue_leaf("other.test"))
+    assert resp.status_code == 422
+    assert "not configured" in resp.json()["error"]
+
+
+def test_bad_bodies(responder, p256_issuer):  # type: ignore[no-untyped-def]
+    url = responder.admin_url + "/v1/certificates"
+    auth = {"Authorization": f"Bearer {responder.token}"}
+    assert httpx.post(url, content=b"not a cert", headers=auth).status_code == 400
+    assert httpx.post(url, content=b"", headers=auth).status_code == 400
+    two = b"".join(
+        p256_issuer.ca.issue_leaf(n).public_bytes(serialization.Encoding.PEM)
+        for n in ("a.t", "b.t")
+    )
+    assert httpx.post(url, content=two, headers=auth).status_code == 400
+    assert httpx.post(url, content=b"x" * 100_000, headers=auth).status_code == 413
+
+
+def test_admin_auth(responder, p256_issuer, module_database):  # type: ignore[no-untyped-def]
+    cert = p256_issuer.ca.issue_leaf("auth.test")
+    body = cert.public_bytes(serialization.Encoding.PEM)
+    url = responder.admin_url + "/v1/certificates"
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong-token-wrong-token"},
+        {"Authorization": responder.token},
+    ):
+        resp = httpx.post(url, content=body, headers=headers)
+        assert resp.status_code == 401
+        assert resp.headers["www-authenticate"] == "Bearer"
+    rows = sql_sync(
+        module_database,
+        "SELECT 1 FROM certificates WHERE serial = $1",
+        serial_key(cert.serial_number),
+    )
+    assert rows == []  # nothing changed
+
+
+def test_cli_issue_same_path(responder, p256_issuer, module_database, tmp_path):  # type: ignore[no-untyped-def]
+    certs = [p256_issuer.ca.issue_leaf(f"cli{i}.test") for i in range(3)]
+    pem = tmp_path / "bundle.pem"
+    write_pem_cert(pem, *certs[:2])
+    der = tmp_path / "one.der"
+    der.write_bytes(certs[2].public_bytes(serialization.Encoding.DER))
+    cmd = [str(VENV_BIN / "ocsp-responder"), "issue", "--config", str(responder.config_path)]
+    result = subprocess.run([*cmd, str(pem), str(der)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(": recorded") == 3
+    for cert in certs:
+        resp = httpx.get(get_url(responder.url, build_request(cert, p256_issuer.ca.ca_cert)))
+        check_response(resp.content, issuer=p256_issuer, serial=cert.serial_number)
+    again = subprocess.run([*cmd, str(der)], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "already recorded" in again.stdout
+    # refusals: unreadable file, not a certificate, foreign issuer -> non-zero exit, clear message
+    junk = tmp_path / "junk.pem"
+    junk.write_text("hello")
+    foreign = tmp_path / "foreign.pem"
+    write_pem_cert(foreign, create_ca("p256", "Foreign").issue_leaf("f.test"))
+    bad = subprocess.run(
+        [*cmd, str(junk), str(foreign), str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 1
+    assert "junk.pem: refused: not a PEM or DER certificate" in bad.stderr
+    assert "foreign.pem: refused: issuer" in bad.stderr and "not configured" in bad.stderr
+    assert "missing: cannot read" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_revocation_api_rules(responder, p256_issuer):  # type: ignore[no-untyped-def]
+    cert = p256_issuer.ca.issue_leaf("rules.test")
+    assert responder.record(cert).status_code == 201
+    hold = responder.revoke("p256", cert.serial_number, "certificateHold")
+    assert hold.status_code == 400 and "certificateHold" in hold.json()["error"]
+    assert responder.revoke("nope", cert.serial_number).status_code == 422
+    ok = responder.revoke(
+        "p256", cert.serial_number, "superseded", revoked_at="2026-01-02T03:04:05Z"
+    )
+    assert ok.status_code == 201, ok.text
+    assert ok.json()["revoked_at"].startswith("2026-01-02T03:04:05")
+    assert responder.revoke("p256", cert.serial_number, "superseded").status_code == 200
