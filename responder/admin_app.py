@@ -152,6 +152,7 @@ def create_admin_app(
                 "revoked_at": outcome.revocation.revoked_at.isoformat(),
                 "reason": outcome.revocation.reason.name,
                 "created": outcome.created,
+                "cdn_purge": outcome.cdn_purge,
             },
         )
 
