@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from responder import metrics
 from responder.response_cache import ResponseCache
 from responder.store import StoreUnavailable
 from signer.issuers import IssuerRegistry
@@ -98,6 +99,12 @@ def create_admin_app(
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> Response:
         return json_response(422, {"error": "invalid request", "detail": str(exc)})
+
+    @app.get("/metrics", dependencies=[Depends(require_token)])
+    async def prometheus_metrics() -> Response:
+        """Prometheus exposition (scrape with the admin bearer token)."""
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.post("/v1/certificates", dependencies=[Depends(require_token)])
     async def record_certificate(request: Request) -> Response:
