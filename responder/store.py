@@ -228,9 +228,13 @@ class PresignedStore:
         )
 
     async def certificate_not_after(self, issuer_id: int, serial: int) -> dt.datetime | None:
-        """The recorded notAfter of a serial (None if not recorded): for the retention rule."""
+        """The serial's notAfter for the retention rule: recorded, else (revoked without a
+        record) revocation time + 398 days, the longest BR lifetime; None if unknown."""
         value: dt.datetime | None = await self.pool.fetchval(
-            "SELECT not_after FROM certificates WHERE issuer_id = $1 AND serial = $2",
+            "SELECT coalesce("
+            "  (SELECT not_after FROM certificates WHERE issuer_id = $1 AND serial = $2), "
+            "  (SELECT revoked_at + interval '398 days' FROM revocations "
+            "   WHERE issuer_id = $1 AND serial = $2))",
             issuer_id,
             serial_key(serial),
         )
