@@ -26,6 +26,9 @@ from responder.store import INVALIDATION_CHANNEL, parse_invalidation_payload
 
 log = logging.getLogger(__name__)
 
+#: the listening session's application_name (visible in pg_stat_activity)
+APPLICATION_NAME = "ocsp-responder invalidation listener"
+
 
 class InvalidationListener:
     def __init__(
@@ -59,7 +62,9 @@ class InvalidationListener:
         while True:
             conn: asyncpg.Connection | None = None
             try:
-                conn = await asyncpg.connect(self.dsn, timeout=10)
+                conn = await asyncpg.connect(
+                    self.dsn, timeout=10, server_settings={"application_name": APPLICATION_NAME}
+                )
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(INVALIDATION_CHANNEL, self._on_notification)
