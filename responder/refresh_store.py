@@ -112,7 +112,7 @@ _COUNT_PAST_DEADLINE = _numbered(
 _AGE_QUANTILES = _numbered(
     "SELECT percentile_disc(ARRAY[0.5, 0.9, 0.99, 1.0]::float8[]) "
     "       WITHIN GROUP (ORDER BY extract(epoch FROM :now::timestamptz - r.this_update)) "
-    "FROM responses r TABLESAMPLE BERNOULLI (:percent::float8) "
+    "FROM responses r TABLESAMPLE SYSTEM (:percent::float8) "
     "LEFT JOIN certificates c ON c.issuer_id = r.issuer_id AND c.serial = r.serial "
     "LEFT JOIN revocations v ON v.issuer_id = r.issuer_id AND v.serial = r.serial "
     f"WHERE {_IN_CYCLE}",
