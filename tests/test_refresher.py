@@ -213,25 +213,26 @@ def test_retired_certificate_answers(recorder, seasoned_issuer, database):  # ty
     (a revoked one stays revoked), then `unauthorized`; never signed again."""
     registry = registry_for(recorder, database, seasoned_issuer.name)
     issuer = registry.issuers[0]
-    gone, revoked = record(recorder, seasoned_issuer, 2)
+    gone, fading, revoked = record(recorder, seasoned_issuer, 3)
     sql_sync(database, "UPDATE certificates SET not_after = now() - interval '30 days'")
     now = dt.datetime.now(dt.UTC)
-    put_row(
-        database,
-        issuer,
-        gone.serial_number,
-        sign_at(issuer, gone.serial_number, now - dt.timedelta(days=5)),
-    )
+    expired = sign_at(issuer, gone.serial_number, now - dt.timedelta(days=5))
+    put_row(database, issuer, gone.serial_number, expired)
+    due = sign_at(issuer, fading.serial_number, now - dt.timedelta(days=3))  # valid, due
+    put_row(database, issuer, fading.serial_number, due)
     assert recorder.revoke(seasoned_issuer.name, revoked.serial_number).status_code == 201
-    for cert in (gone, revoked):
+
+    def answer(cert: x509.Certificate) -> bytes:
         url = get_url(recorder.url, build_request(cert, seasoned_issuer.ca.ca_cert))
-        body = httpx.get(url, timeout=10).content
-        if cert is gone:
-            assert body == UNAUTHORIZED
-        else:
-            check_response(
-                body, issuer=seasoned_issuer, serial=cert.serial_number, expect="revoked"
-            )
+        return httpx.get(url, timeout=10).content
+
+    assert answer(gone) == UNAUTHORIZED
+    assert answer(fading) == due.der  # not re-signed, but still valid: served as is
+    check_response(
+        answer(revoked), issuer=seasoned_issuer, serial=revoked.serial_number, expect="revoked"
+    )
+    settings = RefresherSettings()
+    assert asyncio.run(run_refreshers(database, registry, 1, settings))[0].total == 0
 
 
 def test_cli_refresh_runs_one_pass(recorder, seasoned_issuer, database):  # type: ignore[no-untyped-def]
