@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from responder import metrics
 from responder.response_cache import ResponseCache
 from responder.store import StoreUnavailable
 from signer.issuers import IssuerRegistry
@@ -99,6 +100,12 @@ def create_admin_app(
     async def validation_error(_: Request, exc: RequestValidationError) -> Response:
         return json_response(422, {"error": "invalid request", "detail": str(exc)})
 
+    @app.get("/metrics", dependencies=[Depends(require_token)])
+    async def prometheus_metrics() -> Response:
+        """Prometheus exposition (scrape with the admin bearer token)."""
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
     @app.post("/v1/certificates", dependencies=[Depends(require_token)])
     async def record_certificate(request: Request) -> Response:
         body = await read_body(request, MAX_CERTIFICATE_BODY)
@@ -152,6 +159,7 @@ def create_admin_app(
                 "revoked_at": outcome.revocation.revoked_at.isoformat(),
                 "reason": outcome.revocation.reason.name,
                 "created": outcome.created,
+                "cdn_purge": outcome.cdn_purge,
             },
         )
 

@@ -124,7 +124,8 @@ def cmd_revoke(args: argparse.Namespace) -> None:
             if issuer is None:
                 names = ", ".join(i.name for i in service.registry.issuers)
                 raise CommandError(f"unknown issuer {args.issuer!r}; configured: {names}")
-            outcome = await service.revoker.revoke(issuer, serial, reason, when)
+            outcome = await service.revoker.revoke(issuer, serial, reason, when, wait_for_cdn=True)
+            await service.purger.drain()
         finally:
             await service.close()
         state = "revoked" if outcome.created else "was already revoked"
@@ -132,6 +133,32 @@ def cmd_revoke(args: argparse.Namespace) -> None:
             f"{format_serial(serial)} ({args.issuer}): {state} at "
             f"{outcome.revocation.revoked_at.isoformat()} ({outcome.revocation.reason.name})"
         )
+
+    asyncio.run(run())
+
+
+def cmd_refresh(args: argparse.Namespace) -> None:
+    from responder.background import build_refresher
+
+    config = _config(args)
+    _setup_logging(config.log_level)
+
+    async def run() -> None:
+        service = await _with_service(config)
+        try:
+            refresher = build_refresher(service)
+            report = await refresher.run_pass()
+            fresh = await refresher.sample()
+        finally:
+            await service.close()
+        print(
+            f"re-signed {report.total} ({', '.join(f'{k}: {v}' for k, v in report.resigned.items()) or 'nothing due'}); "
+            f"still due: {fresh.backlog}; past BR deadline: {fresh.past_deadline}"
+        )
+        for issuer, problem in report.failures.items():
+            print(f"issuer {issuer}: FAILED: {problem}", file=sys.stderr)
+        if report.failures:
+            raise SystemExit(2)
 
     asyncio.run(run())
 
@@ -170,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", default="unspecified", help="BR 7.3 reason name or code")
     p.add_argument("--time", help="revocation time, ISO 8601 with zone (default: now)")
     p.set_defaults(func=cmd_revoke)
+    p = with_config(sub.add_parser("refresh", help="one refresher pass: re-sign what is due"))
+    p.set_defaults(func=cmd_refresh)
     p = sub.add_parser("demo", help="demo CA + embedded PostgreSQL + responder, ready for openssl")
     p.add_argument("--data-dir", default="var/demo", help="where the demo keeps its files")
     p.add_argument("--listen", default="127.0.0.1:8080")

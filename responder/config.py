@@ -87,6 +87,14 @@ class CTLogConfig:
     poll_interval: dt.timedelta
 
 
+@dataclass(frozen=True)
+class CdnPurgeConfig:
+    #: template with {get_path}, {get_path_raw}, {post_key}, {serial}, {issuer}
+    url: str
+    method: str = "GET"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
 @dataclass
 class Config:
     database_url: str | None = None
@@ -104,6 +112,18 @@ class Config:
     issuers: list[IssuerConfig] = field(default_factory=list)
     ct_logs: list[CTLogConfig] = field(default_factory=list)
     ct_follow_in_serve: bool = False
+    #: background re-signing inside `serve` (signer/refresher.py); `refresh` runs one pass
+    refresher: bool = True
+    refresher_interval: dt.timedelta = dt.timedelta(seconds=60)
+    refresher_batch_size: int = 200
+    refresher_concurrency: int = 2
+    refresher_spread: dt.timedelta = dt.timedelta(hours=1)
+    #: how long after notAfter a certificate's response is still refreshed (BR 4.10.1)
+    expired_retention: dt.timedelta = dt.timedelta(days=7)
+    #: CDN purge hook called after a revocation commits (responder/cdn_purge.py)
+    cdn_purge: list[CdnPurgeConfig] = field(default_factory=list)
+    cdn_purge_attempts: int = 3
+    cdn_purge_timeout: dt.timedelta = dt.timedelta(seconds=2)
     source: Path | None = None
 
     def load_issuers(self) -> IssuerRegistry:
@@ -201,6 +221,15 @@ KNOWN_KEYS: dict[str, Callable[[object, str], object]] = {
     "issuers": _list,
     "ct_logs": _list,
     "ct_follow_in_serve": _bool,
+    "refresher": _bool,
+    "refresher_interval": parse_duration,
+    "refresher_batch_size": _int,
+    "refresher_concurrency": _int,
+    "refresher_spread": parse_duration,
+    "expired_retention": parse_duration,
+    "cdn_purge": _list,
+    "cdn_purge_attempts": _int,
+    "cdn_purge_timeout": parse_duration,
 }
 
 
@@ -290,7 +319,55 @@ def _build(v: dict[str, Any], base: Path, source: Path | None) -> Config:
     cfg.ct_logs = [_ct_log(item, i) for i, item in enumerate(v.get("ct_logs", []))]
     if "ct_follow_in_serve" in v:
         cfg.ct_follow_in_serve = v["ct_follow_in_serve"]
+    _refresh_settings(cfg, v)
     return cfg
+
+
+def _refresh_settings(cfg: Config, v: dict[str, Any]) -> None:
+    """Refresher, retention and CDN purge keys (docs/deploy.md)."""
+    if "refresher" in v:
+        cfg.refresher = v["refresher"]
+    for key in ("refresher_batch_size", "refresher_concurrency", "cdn_purge_attempts"):
+        if key in v:
+            if v[key] < 1:
+                raise ConfigError(f"{key}: must be at least 1")
+            setattr(cfg, key, v[key])
+    for key in ("refresher_interval", "refresher_spread", "expired_retention", "cdn_purge_timeout"):
+        if key in v:
+            setattr(cfg, key, v[key])
+    if cfg.refresher_interval < dt.timedelta(seconds=1):
+        raise ConfigError("refresher_interval: must be at least 1s")
+    if cfg.refresher_spread >= cfg.policy.refresh_margin:
+        raise ConfigError("refresher_spread: must be shorter than refresh_margin")
+    if cfg.expired_retention < dt.timedelta(0):
+        raise ConfigError("expired_retention: must not be negative")
+    cfg.cdn_purge = [_cdn_purge(item, i) for i, item in enumerate(v.get("cdn_purge", []))]
+
+
+def _cdn_purge(item: dict[str, Any], index: int) -> CdnPurgeConfig:
+    where = f"cdn_purge[{index}]"
+    unknown = set(item) - {"url", "method", "headers"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
+    if "url" not in item:
+        raise ConfigError(f"{where}: 'url' (a template) is required")
+    url = _str(item["url"], f"{where}.url")
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}.url: must be an http:// or https:// URL template")
+    try:
+        url.format(get_path="", get_path_raw="", post_key="", serial="", issuer="")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(
+            f"{where}.url: bad template ({exc}); placeholders are {{get_path}}, "
+            "{get_path_raw}, {post_key}, {serial}, {issuer}"
+        ) from exc
+    headers = item.get("headers", {})
+    if not isinstance(headers, dict) or not all(
+        isinstance(k, str) and isinstance(h, str) for k, h in headers.items()
+    ):
+        raise ConfigError(f"{where}.headers: expected a table of strings")
+    method = _str(item.get("method", "GET"), f"{where}.method").upper()
+    return CdnPurgeConfig(url=url, method=method, headers=dict(headers))
 
 
 def _issuer(base: Path, item: dict[str, Any], index: int) -> IssuerConfig:

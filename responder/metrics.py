@@ -73,6 +73,26 @@ responses_past_refresh_deadline = Gauge(
 refresher_backlog = Gauge(
     "ocsp_refresher_backlog", "Responses due for re-signing", multiprocess_mode="max"
 )
+stored_response_age_seconds = Gauge(
+    "ocsp_stored_response_age_seconds",
+    "Age (now - thisUpdate) of the stored responses in the refresh cycle, sampled from the "
+    "database by the refresher (quantile 1 = oldest of the sample)",
+    ["quantile"],
+    multiprocess_mode="max",
+)
+refresher_resigned_total = Counter(
+    "ocsp_refresher_resigned_total", "Responses re-signed by the refresher", ["issuer", "reason"]
+)
+refresher_failures_total = Counter(
+    "ocsp_refresher_failures_total",
+    "Refresher batches that failed (signing refused, database error)",
+    ["issuer", "error"],
+)
+invalidation_listener_reconnects_total = Counter(
+    "ocsp_invalidation_listener_reconnects_total",
+    "Times the LISTEN connection was (re)established after a loss (the cache is cleared)",
+)
+cdn_purges_total = Counter("ocsp_cdn_purges_total", "CDN purge calls after revocations", ["result"])
 cache_invalidations_total = Counter(
     "ocsp_cache_invalidations_total", "Cached responses dropped on notification"
 )

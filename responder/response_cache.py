@@ -51,6 +51,9 @@ class ResponseCache:
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
         self._entries: dict[CacheKey, ServedResponse] = {}
+        #: bumped by every invalidation: a lookup that started before one must not put
+        #: what it found (it may be the "good" a revocation just replaced)
+        self.generation = 0
 
     def get(self, key: CacheKey) -> ServedResponse | None:
         return self._entries.get(key)
@@ -65,6 +68,7 @@ class ResponseCache:
 
     def drop_serial(self, issuer_id: int, serial: int) -> int:
         """Forget every hash-algorithm variant of one serial (after a revocation)."""
+        self.generation += 1
         dropped = 0
         for alg in ("sha1", "sha256", "sha384", "sha512"):
             if self._entries.pop((issuer_id, serial, alg), None) is not None:
@@ -72,6 +76,7 @@ class ResponseCache:
         return dropped
 
     def clear(self) -> None:
+        self.generation += 1
         self._entries.clear()
 
     def __len__(self) -> int:

@@ -82,7 +82,11 @@ async def migrate(dsn: str, *, attempts: int = 30) -> list[int]:
     applied: list[int] = []
     try:
         await conn.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
-        await conn.execute("SELECT pg_advisory_lock($1)", ADVISORY_LOCK_KEY)
+        # poll rather than block in pg_advisory_lock: a session blocked in a statement
+        # holds a snapshot, and CREATE INDEX CONCURRENTLY in the migrator holding the lock
+        # would wait for that snapshot while it waits for the lock (a deadlock)
+        while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", ADVISORY_LOCK_KEY):
+            await asyncio.sleep(0.1)
         try:
             await conn.execute(
                 """CREATE TABLE IF NOT EXISTS schema_migrations (

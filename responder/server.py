@@ -11,6 +11,7 @@ from collections.abc import Generator
 import uvicorn
 
 from responder.admin_app import create_admin_app
+from responder.background import BackgroundTasks
 from responder.config import Config, ConfigError
 from responder.ocsp_app import OCSPApp
 from responder.service import ResponderService
@@ -50,6 +51,8 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
         )
     service = ResponderService(config)
     await service.start()
+    background = BackgroundTasks(service)
+    await background.start()
     servers: list[_Server] = []
     host, port = config.listen
     common = {
@@ -107,4 +110,5 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
                 raise OSError(f"listener {server.config.host}:{server.config.port} failed to start")
     finally:
         stop()
+        await background.stop()
         await service.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from responder.cdn_purge import CdnPurger
 from responder.config import Config
 from responder.embedded_db import start_embedded_postgres
 from responder.response_cache import ResponseCache
@@ -42,6 +43,8 @@ class ResponderService:
     live: LiveSigningSource
     recorder: CertificateRecorder
     revoker: Revoker
+    purger: CdnPurger
+    dsn: str
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -67,9 +70,16 @@ class ResponderService:
             policy,
             signing_concurrency=self.config.signing_concurrency,
             signing_queue_limit=self.config.signing_queue_limit,
+            expired_retention=self.config.expired_retention,
         )
         self.recorder = CertificateRecorder(self.registry, self.store, policy)
-        self.revoker = Revoker(self.store, policy)
+        self.purger = CdnPurger(
+            self.config.cdn_purge,
+            attempts=self.config.cdn_purge_attempts,
+            timeout=self.config.cdn_purge_timeout.total_seconds(),
+        )
+        self.revoker = Revoker(self.store, policy, cache=self.cache, purger=self.purger)
+        self.dsn = dsn
 
     async def ready(self) -> tuple[bool, str]:
         """Readiness: the database answers within a second."""

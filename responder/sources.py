@@ -15,6 +15,7 @@ it ``unauthorized`` (see README: "Unassigned serials").
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import time
 from dataclasses import dataclass
@@ -24,7 +25,13 @@ from responder.protocol import CertIdRequest
 from responder.response_cache import ResponseCache, ServedResponse
 from responder.store import PresignedStore
 from signer.issuers import Issuer, IssuerRegistry
-from signer.response_builder import CertStatus, SignedResponse, ValidityPolicy, sign_response
+from signer.response_builder import (
+    CertStatus,
+    SignedResponse,
+    ValidityPolicy,
+    renewal_point,
+    sign_response,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +46,11 @@ class UnknownIssuer(LookupError_):
 
 class SerialNotFound(LookupError_):
     """No record of this serial anywhere: never answered 'good'."""
+
+
+class Retired(SerialNotFound):
+    """The certificate expired longer ago than ``expired_retention``: it left the refresh
+    cycle, and once its last response passes nextUpdate it is answered ``unauthorized``."""
 
 
 class Overloaded(LookupError_):
@@ -99,8 +111,9 @@ class CacheSource:
         entry = self.cache.get(key)
         if entry is not None and time.time() < entry.renew_at:
             return Answer(entry, "cache")
+        generation = self.cache.generation
         answer = await self.next.response(query)
-        if answer.cacheable is not None:
+        if answer.cacheable is not None and self.cache.generation == generation:
             self.cache.put(key, answer.cacheable)
         return answer
 
@@ -110,24 +123,34 @@ class StoreSource:
 
     def __init__(self, store: PresignedStore, policy: ValidityPolicy, next_source: Source) -> None:
         self.store = store
-        self.margin = int(policy.refresh_margin.total_seconds())
+        self.policy = policy
         self.next = next_source
 
     async def response(self, query: Query) -> Answer:
         req = query.request
-        if req.hash_algorithm == "sha1":
-            try:
-                row = await self.store.fetch_response(query.issuer.db_id, req.serial)
-            except Exception as exc:
-                raise Unavailable(f"store read failed: {type(exc).__name__}") from exc
-            if row is not None:
-                renew_at = row.next_update - self.margin
-                if time.time() < renew_at:
-                    served = ServedResponse.build(
-                        row.der, row.status, row.this_update, row.next_update, renew_at
-                    )
-                    return Answer(served, "store", served)
-        return await self.next.response(query)
+        if req.hash_algorithm != "sha1":
+            return await self.next.response(query)
+        try:
+            row = await self.store.fetch_response(query.issuer.db_id, req.serial)
+        except Exception as exc:
+            raise Unavailable(f"store read failed: {type(exc).__name__}") from exc
+        if row is None:
+            return await self.next.response(query)
+        renew_at = renewal_point(row.this_update, row.next_update, self.policy)
+        served = ServedResponse.build(
+            row.der, row.status, row.this_update, row.next_update, renew_at
+        )
+        if time.time() < renew_at:
+            return Answer(served, "store", served)
+        try:
+            return await self.next.response(query)
+        except (Unavailable, Overloaded, Retired):
+            # Due for renewal but re-signing failed (or is not wanted): the stored bytes
+            # are still valid until nextUpdate, so they are better than tryLater. Past
+            # nextUpdate they are never served (the caller answers tryLater/unauthorized).
+            if time.time() < row.next_update:
+                return Answer(served, "store")
+            raise
 
 
 class LiveSigningSource:
@@ -140,10 +163,11 @@ class LiveSigningSource:
         *,
         concurrency: int = 4,
         queue_limit: int = 256,
+        expired_retention: dt.timedelta | None = None,
     ) -> None:
         self.store = store
         self.policy = policy
-        self.margin = int(policy.refresh_margin.total_seconds())
+        self.expired_retention = expired_retention
         self._semaphore = asyncio.Semaphore(concurrency)
         self._queue_limit = queue_limit
         self._waiting = 0
@@ -170,6 +194,7 @@ class LiveSigningSource:
             raise Unavailable(f"store read failed: {type(exc).__name__}") from exc
         if not knowledge.known:
             raise SerialNotFound(req.serial)
+        await self._check_retention(issuer, req.serial)
         status = CertStatus.REVOKED if knowledge.revocation else CertStatus.GOOD
         try:
             signed = sign_response(
@@ -199,13 +224,24 @@ class LiveSigningSource:
             return Answer(self._served(echo), "live", served)
         return Answer(served, "live", served)
 
+    async def _check_retention(self, issuer: Issuer, serial: int) -> None:
+        """Refuse to sign for a certificate expired beyond the retention (docs/deploy.md)."""
+        if self.expired_retention is None:
+            return
+        try:
+            not_after = await self.store.certificate_not_after(issuer.db_id, serial)
+        except Exception as exc:
+            raise Unavailable(f"store read failed: {type(exc).__name__}") from exc
+        if not_after is not None and not_after + self.expired_retention < dt.datetime.now(dt.UTC):
+            raise Retired(serial)
+
     def _served(self, signed: SignedResponse) -> ServedResponse:
         return ServedResponse.build(
             signed.der,
             signed.status,
             signed.this_update,
             signed.next_update,
-            signed.next_update - self.margin,
+            renewal_point(signed.this_update, signed.next_update, self.policy),
         )
 
     async def _write_back(self, issuer: Issuer, serial: int, signed: SignedResponse) -> None:
@@ -224,10 +260,15 @@ def build_chain(
     *,
     signing_concurrency: int,
     signing_queue_limit: int,
+    expired_retention: dt.timedelta | None = None,
 ) -> tuple[IssuerFilter, LiveSigningSource]:
     """Compose the standard chain; the live source is returned too, for its queue depth."""
     live = LiveSigningSource(
-        store, policy, concurrency=signing_concurrency, queue_limit=signing_queue_limit
+        store,
+        policy,
+        concurrency=signing_concurrency,
+        queue_limit=signing_queue_limit,
+        expired_retention=expired_retention,
     )
     chain = IssuerFilter(registry, CacheSource(cache, StoreSource(store, policy, live)))
     return chain, live

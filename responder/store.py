@@ -53,6 +53,20 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+#: PostgreSQL NOTIFY channel on which revocations tell every responder to drop a serial.
+INVALIDATION_CHANNEL = "ocsp_invalidations"
+
+
+def invalidation_payload(issuer_id: int, serial: int) -> str:
+    """``<issuer id>:<serial hex>``: small, well under NOTIFY's 8000-byte payload limit."""
+    return f"{issuer_id}:{serial:x}"
+
+
+def parse_invalidation_payload(payload: str) -> tuple[int, int]:
+    issuer, _, serial = payload.partition(":")
+    return int(issuer), int(serial, 16)
+
+
 class StoreUnavailable(Exception):
     """The database could not be reached or kept failing; nothing was committed."""
 
@@ -196,11 +210,12 @@ class PresignedStore:
         """Write back a response signed on demand; never replaces a revoked one with good,
         nor a newer one with an older one."""
         await self.pool.execute(
-            "INSERT INTO responses (issuer_id, serial, status, this_update, next_update, der) "
-            "VALUES ($1, $2, $3, $4, $5, $6) "
+            "INSERT INTO responses (issuer_id, serial, status, this_update, next_update, der, "
+            "                       signer) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7) "
             "ON CONFLICT (issuer_id, serial) DO UPDATE SET status = EXCLUDED.status, "
             "  this_update = EXCLUDED.this_update, next_update = EXCLUDED.next_update, "
-            "  der = EXCLUDED.der "
+            "  der = EXCLUDED.der, signer = EXCLUDED.signer "
             "WHERE responses.this_update <= EXCLUDED.this_update "
             "  AND NOT (responses.status = 1 AND EXCLUDED.status = 0)",
             issuer_id,
@@ -209,7 +224,21 @@ class PresignedStore:
             to_datetime(signed.this_update),
             to_datetime(signed.next_update),
             signed.der,
+            signed.signer or None,
         )
+
+    async def certificate_not_after(self, issuer_id: int, serial: int) -> dt.datetime | None:
+        """The serial's notAfter for the retention rule: recorded, else (revoked without a
+        record) revocation time + 398 days, the longest BR lifetime; None if unknown."""
+        value: dt.datetime | None = await self.pool.fetchval(
+            "SELECT coalesce("
+            "  (SELECT not_after FROM certificates WHERE issuer_id = $1 AND serial = $2), "
+            "  (SELECT revoked_at + interval '398 days' FROM revocations "
+            "   WHERE issuer_id = $1 AND serial = $2))",
+            issuer_id,
+            serial_key(serial),
+        )
+        return value
 
     async def record_certificates(
         self, records: Sequence[tuple[CertificateRecord, SignedResponse]]
@@ -240,9 +269,10 @@ class PresignedStore:
                 )
                 await conn.execute(
                     "INSERT INTO responses (issuer_id, serial, status, this_update, "
-                    "                       next_update, der) "
+                    "                       next_update, der, signer) "
                     "SELECT * FROM unnest($1::smallint[], $2::bytea[], $3::smallint[], "
-                    "                     $4::timestamptz[], $5::timestamptz[], $6::bytea[]) "
+                    "                     $4::timestamptz[], $5::timestamptz[], $6::bytea[], "
+                    "                     $7::bigint[]) "
                     "ON CONFLICT (issuer_id, serial) DO NOTHING",
                     [r.issuer_id for r, _ in records],
                     [serial_key(r.serial) for r, _ in records],
@@ -250,6 +280,7 @@ class PresignedStore:
                     [to_datetime(s.this_update) for _, s in records],
                     [to_datetime(s.next_update) for _, s in records],
                     [s.der for _, s in records],
+                    [s.signer or None for _, s in records],
                 )
             inserted = {(row["issuer_id"], bytes(row["serial"])): row["inserted"] for row in rows}
             return [inserted[(r.issuer_id, serial_key(r.serial))] for r, _ in records]
@@ -276,17 +307,25 @@ class PresignedStore:
                 if created:
                     await conn.execute(
                         "INSERT INTO responses (issuer_id, serial, status, this_update, "
-                        "next_update, der) VALUES ($1, $2, $3, $4, $5, $6) "
+                        "next_update, der, signer) VALUES ($1, $2, $3, $4, $5, $6, $7) "
                         "ON CONFLICT (issuer_id, serial) DO UPDATE SET status = EXCLUDED.status, "
                         "  this_update = EXCLUDED.this_update, "
-                        "  next_update = EXCLUDED.next_update, der = EXCLUDED.der",
+                        "  next_update = EXCLUDED.next_update, der = EXCLUDED.der, "
+                        "  signer = EXCLUDED.signer",
                         issuer_id,
                         serial_key(serial),
                         int(signed.status),
                         to_datetime(signed.this_update),
                         to_datetime(signed.next_update),
                         signed.der,
+                        signed.signer or None,
                     )
+                # delivered to every responder's listener at commit (responder/invalidation.py)
+                await conn.execute(
+                    "SELECT pg_notify($1, $2)",
+                    INVALIDATION_CHANNEL,
+                    invalidation_payload(issuer_id, serial),
+                )
                 return bool(created)
 
         return await with_retries(op, "record revocation")

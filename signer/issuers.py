@@ -65,6 +65,13 @@ class ResponderIdentity:
     def certificate_sha256(self) -> bytes:
         return self.certificate.fingerprint(hashes.SHA256())
 
+    @property
+    def fingerprint64(self) -> int:
+        """First 8 bytes of the certificate's SHA-256 as a signed 64-bit integer: stored
+        with each response (``responses.signer``) so that the refresher can find, through
+        an index, every response a no-longer-active responder signed (key rollover)."""
+        return int.from_bytes(self.certificate_sha256[:8], "big", signed=True)
+
 
 @dataclass(eq=False, slots=True)
 class Issuer:

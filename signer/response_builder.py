@@ -106,6 +106,40 @@ class ValidityPolicy:
             raise ValueError("this_update_backdate must be between 0 and 2h")
 
 
+#: BR 4.9.9 for validity >= 16 h: a new response at least this long before nextUpdate ...
+BR_MIN_LEAD = dt.timedelta(hours=8)
+#: ... and no later than this long after thisUpdate.
+BR_MAX_AGE = dt.timedelta(days=4)
+#: Validity from which the two rules above apply; below it, renew before half has passed.
+BR_LONG_VALIDITY = dt.timedelta(hours=16)
+
+
+def br_refresh_deadline(this_update: int, next_update: int) -> int:
+    """The latest moment (Unix seconds) BR 4.9.9 allows a new response for this one."""
+    validity = next_update - this_update
+    if validity >= BR_LONG_VALIDITY.total_seconds():
+        return int(
+            min(
+                next_update - BR_MIN_LEAD.total_seconds(),
+                this_update + BR_MAX_AGE.total_seconds(),
+            )
+        )
+    return this_update + validity // 2
+
+
+def renewal_point(this_update: int, next_update: int, policy: ValidityPolicy) -> int:
+    """When a response stops being served as-is and is re-signed (Unix seconds).
+
+    A response with the configured validity renews ``refresh_margin`` before nextUpdate
+    (``ValidityPolicy.check`` proves that is within BR 4.9.9). A response whose nextUpdate
+    was capped by an expiring signer certificate is shorter: ``next_update - margin``
+    could lie before its thisUpdate and make it due forever, so it renews at its own
+    BR deadline instead."""
+    if next_update - this_update >= policy.validity.total_seconds():
+        return next_update - int(policy.refresh_margin.total_seconds())
+    return br_refresh_deadline(this_update, next_update)
+
+
 @dataclass(frozen=True, slots=True)
 class SignedResponse:
     """A signed DER response and the facts about it the serving path needs."""
@@ -115,6 +149,8 @@ class SignedResponse:
     this_update: int  # Unix seconds
     next_update: int
     hash_algorithm: str = "sha1"
+    #: ResponderIdentity.fingerprint64 of the certificate that signed it (0: unknown)
+    signer: int = 0
 
 
 def whole_seconds(moment: dt.datetime) -> dt.datetime:
@@ -188,4 +224,5 @@ def sign_response(
         this_update=int(this_update.timestamp()),
         next_update=int(next_update.timestamp()),
         hash_algorithm=hash_algorithm,
+        signer=responder.fingerprint64,
     )

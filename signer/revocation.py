@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
+from responder.cdn_purge import CdnPurger
+from responder.response_cache import ResponseCache
 from responder.store import PresignedStore
 from signer.issuers import Issuer
 from signer.response_builder import (
@@ -27,12 +29,27 @@ class RevocationOutcome:
     created: bool
     signed: SignedResponse
     revocation: Revocation
+    #: CDN purge hook result: "purged", "pending", "failed" or "none" (no hook configured)
+    cdn_purge: str = "none"
 
 
 class Revoker:
-    def __init__(self, store: PresignedStore, policy: ValidityPolicy) -> None:
+    """Revoke, then make every copy of the old answer go: this process's cache at once,
+    other processes' through the NOTIFY sent in the revocation transaction, the CDN's
+    through the purge hook (after the commit, bounded in time)."""
+
+    def __init__(
+        self,
+        store: PresignedStore,
+        policy: ValidityPolicy,
+        *,
+        cache: ResponseCache | None = None,
+        purger: CdnPurger | None = None,
+    ) -> None:
         self.store = store
         self.policy = policy
+        self.cache = cache
+        self.purger = purger
 
     async def revoke(
         self,
@@ -40,6 +57,8 @@ class Revoker:
         serial: int,
         reason: x509.ReasonFlags,
         revoked_at: dt.datetime | None = None,
+        *,
+        wait_for_cdn: bool = False,
     ) -> RevocationOutcome:
         """Store the revocation with its revoked response in one transaction.
 
@@ -63,4 +82,11 @@ class Revoker:
             issuer, serial, CertStatus.REVOKED, self.policy, revocation=revocation
         )
         created = await self.store.record_revocation(issuer.db_id, serial, revocation, signed)
-        return RevocationOutcome(created=created, signed=signed, revocation=revocation)
+        if self.cache is not None:
+            self.cache.drop_serial(issuer.db_id, serial)
+        purge = "none"
+        if self.purger is not None:
+            purge = await self.purger.purge(issuer, serial, wait_settle=wait_for_cdn)
+        return RevocationOutcome(
+            created=created, signed=signed, revocation=revocation, cdn_purge=purge
+        )

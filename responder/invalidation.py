@@ -1,0 +1,95 @@
+"""Cross-instance cache invalidation: PostgreSQL LISTEN/NOTIFY.
+
+A revocation commits its row, its revoked response and a ``NOTIFY ocsp_invalidations,
+'<issuer id>:<serial hex>'`` in one transaction (``store.record_revocation``); PostgreSQL
+delivers the notification to every listening session at commit. Each responder process
+keeps one dedicated connection (outside the pool) that LISTENs and drops the serial from
+its in-process cache, so every instance stops serving the old answer within
+milliseconds of the commit (the requirement is 1 s).
+
+Notifications sent while a listener is disconnected are lost, so after any loss the
+listener reconnects (with backoff) and clears its whole cache before listening again:
+the next requests re-read the store. A silent network loss is found by a periodic
+``SELECT 1`` on the listening connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+
+from responder import metrics
+from responder.response_cache import ResponseCache
+from responder.store import INVALIDATION_CHANNEL, parse_invalidation_payload
+
+log = logging.getLogger(__name__)
+
+#: the listening session's application_name (visible in pg_stat_activity)
+APPLICATION_NAME = "ocsp-responder invalidation listener"
+
+
+class InvalidationListener:
+    def __init__(
+        self,
+        dsn: str,
+        cache: ResponseCache,
+        *,
+        probe_interval: float = 5.0,
+        max_backoff: float = 5.0,
+    ) -> None:
+        self.dsn = dsn
+        self.cache = cache
+        self.probe_interval = probe_interval
+        self.max_backoff = max_backoff
+        #: set while a LISTEN is in place (tests and readiness may wait for it)
+        self.listening = asyncio.Event()
+
+    def _on_notification(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        try:
+            issuer_id, serial = parse_invalidation_payload(str(payload))
+        except ValueError:
+            log.warning("invalidation: ignoring malformed payload %r", payload)
+            return
+        dropped = self.cache.drop_serial(issuer_id, serial)
+        metrics.cache_invalidations_total.inc(dropped)
+
+    async def run(self) -> None:
+        """Listen forever; reconnect after any loss and clear the cache then."""
+        backoff = 0.1
+        first = True
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(
+                    self.dsn, timeout=10, server_settings={"application_name": APPLICATION_NAME}
+                )
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await conn.add_listener(INVALIDATION_CHANNEL, self._on_notification)
+                if not first:
+                    # notifications may have been missed while we were away
+                    self.cache.clear()
+                    metrics.invalidation_listener_reconnects_total.inc()
+                    log.warning("invalidation: listener reconnected; cache cleared")
+                first = False
+                backoff = 0.1
+                self.listening.set()
+                while not lost.is_set():
+                    try:
+                        await asyncio.wait_for(lost.wait(), timeout=self.probe_interval)
+                    except TimeoutError:
+                        await asyncio.wait_for(conn.fetchval("SELECT 1"), timeout=5)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("invalidation: listener connection lost: %r", exc)
+            finally:
+                self.listening.clear()
+                if conn is not None and not conn.is_closed():
+                    conn.terminate()
+            # a loss with the cache intact would serve stale entries: clear now too
+            self.cache.clear()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.max_backoff)
