@@ -1,6 +1,10 @@
 """The admin API (FastAPI), served only on the admin listener, never on the OCSP port.
 
-Every route needs ``Authorization: Bearer <admin token>`` (compared in constant time).
+Every route needs ``Authorization: Bearer <admin token>`` (compared in constant time),
+checked by a middleware before routing: any request without it, to any path and with any
+method, gets 401 and reaches no handler. The exceptions are the read-only operational
+endpoints ``GET /healthz``, ``/readyz`` and ``/metrics`` (for probes and Prometheus; they
+change nothing). With ``admin_client_ca`` set, TLS also requires a client certificate.
 Recording answers only after the commit: 201 when the serial is new, 200 when it was
 already recorded (idempotent), 4xx for bad input, 503 when the write could not be made.
 """
@@ -10,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import hmac
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -18,6 +23,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from responder import metrics
+from responder.health import Readiness
 from responder.response_cache import ResponseCache
 from responder.store import StoreUnavailable
 from signer.issuers import IssuerRegistry
@@ -35,6 +42,8 @@ log = logging.getLogger(__name__)
 
 MAX_CERTIFICATE_BODY = 64 * 1024
 MAX_JSON_BODY = 16 * 1024
+#: Read-only endpoints that need no token (GET/HEAD only).
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 class APIError(Exception):
@@ -73,18 +82,51 @@ def create_admin_app(
     recorder: CertificateRecorder,
     revoker: Revoker,
     cache: ResponseCache,
+    readiness: Callable[[], Awaitable[Readiness]] | None = None,
 ) -> FastAPI:
     """Build the admin app around the shared recorder/revoker (the CLI uses the same)."""
-    app = FastAPI(title="ocsp-responder admin API", docs_url=None, redoc_url=None)
+    app = FastAPI(title="ocsp-responder admin API", docs_url=None, redoc_url=None, openapi_url=None)
     expected = token.encode()
 
-    async def require_token(request: Request) -> None:
+    def token_ok(request: Request) -> bool:
         header = request.headers.get("authorization", "")
         scheme, _, presented = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            presented.strip().encode(), expected
-        ):
+        # compare_digest also runs for a wrong scheme, so timing tells nothing either way
+        matches = hmac.compare_digest(presented.strip().encode(), expected)
+        return scheme.lower() == "bearer" and matches
+
+    async def require_token(request: Request) -> None:
+        if not token_ok(request):
             raise APIError(401, "missing or wrong bearer token")
+
+    @app.middleware("http")
+    async def authenticate(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        open_path = request.method in ("GET", "HEAD") and request.url.path in OPEN_PATHS
+        if not open_path and not token_ok(request):
+            return json_response(
+                401, {"error": "missing or wrong bearer token"}, {"WWW-Authenticate": "Bearer"}
+            )
+        return await call_next(request)
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return json_response(200, {"alive": True})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        if readiness is None:
+            return json_response(200, {"ready": True, "checks": {}})
+        result = await readiness()
+        return json_response(
+            200 if result.ready else 503, {"ready": result.ready, "checks": result.checks}
+        )
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> Response:
@@ -94,6 +136,12 @@ def create_admin_app(
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
         return json_response(exc.status_code, {"error": str(exc.detail)})
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(_: Request, exc: Exception) -> Response:
+        # fail closed with JSON, never a traceback page; nothing was acknowledged
+        log.error("admin API error: %s: %s", type(exc).__name__, exc)
+        return json_response(500, {"error": f"internal error ({type(exc).__name__})"})
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> Response:

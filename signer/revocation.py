@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
-from responder.store import PresignedStore
+from responder.metrics import revocations_total
+from responder.store import PresignedStore, with_retries
 from signer.issuers import Issuer
 from signer.response_builder import (
     CertStatus,
@@ -50,7 +51,9 @@ class Revoker:
         when = whole_seconds(revoked_at) if revoked_at is not None else now
         if when > now + dt.timedelta(minutes=5):
             raise ValueError("revocation time is in the future")
-        knowledge = await self.store.knowledge(issuer.db_id, serial)
+        knowledge = await with_retries(
+            lambda: self.store.knowledge(issuer.db_id, serial), "revocation lookup"
+        )
         if knowledge.revocation is not None:
             revocation = knowledge.revocation
         else:
@@ -63,4 +66,6 @@ class Revoker:
             issuer, serial, CertStatus.REVOKED, self.policy, revocation=revocation
         )
         created = await self.store.record_revocation(issuer.db_id, serial, revocation, signed)
+        if created:
+            revocations_total.labels(issuer.name).inc()
         return RevocationOutcome(created=created, signed=signed, revocation=revocation)
