@@ -12,7 +12,8 @@ Readiness (``/readyz``) is true when all three hold:
   had ``refresh_deadline_slack`` more (default: 6h, at most a quarter of the margin; it
   must be shorter than the margin, so this fires while responses are still valid). The
   count is a cheap indexed query (``responses_next_update``) run every
-  ``health_check_interval`` and exported as ``ocsp_responses_past_refresh_deadline``.
+  ``health_check_interval`` and exported as ``ocsp_responses_overdue_refresh`` (the
+  refresher exports its own BR-deadline count as ``ocsp_responses_past_refresh_deadline``).
   With ``readiness_requires_fresh_responses = false`` it is exported but does not affect
   readiness (every instance shares the database, so they would all go not-ready at once).
 
@@ -131,7 +132,7 @@ class HealthMonitor:
             self.past_deadline_error = f"check failed: {type(exc).__name__}"
             return
         self.past_deadline = int(count)
-        metrics.responses_past_refresh_deadline.set(self.past_deadline)
+        metrics.responses_overdue_refresh.set(self.past_deadline)
         if self.past_deadline:
             log.error("%d stored responses are past their refresh deadline", self.past_deadline)
 
@@ -179,4 +180,6 @@ class HealthMonitor:
         if not self.require_fresh_responses:
             fresh = {**fresh, "ok": True, "enforced": False}
         checks["responses"] = fresh
-        return Readiness(all(c["ok"] for c in checks.values()), checks)
+        ready = all(c["ok"] for c in checks.values())
+        metrics.readiness_ready.set(1 if ready else 0)
+        return Readiness(ready, checks)
