@@ -51,6 +51,21 @@ def signature_hash_for(key: AnySigningKey) -> hashes.HashAlgorithm | None:
     return hashes.SHA256()
 
 
+def sign_bytes(key: AnySigningKey, data: bytes) -> bytes:
+    """The signature over ``data`` that a response signed by ``key`` carries (the algorithm
+    ``signature_hash_for`` names): for code that assembles response DER itself."""
+    alg = signature_hash_for(key)
+    if isinstance(key, Pkcs11Key):
+        assert alg is not None
+        return key.sign(data, alg)
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key.sign(data)
+    assert alg is not None
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.sign(data, ec.ECDSA(alg))
+    return key.sign(data, padding.PKCS1v15(), alg)
+
+
 def public_keys_match(key: SigningKey, cert: x509.Certificate) -> bool:
     fmt = serialization.PublicFormat.SubjectPublicKeyInfo
     enc = serialization.Encoding.DER

@@ -140,11 +140,28 @@ def _spec(
     )
 
 
+#: One logged-in session per (module, token): PKCS#11 logs in per application and token,
+#: so a second key in the same token shares the session (and its lock).
+_sessions: dict[tuple[str, str], tuple[Any, threading.Lock]] = {}
+_sessions_lock = threading.Lock()
+
+
+def _session(spec: Pkcs11KeySpec) -> tuple[Any, threading.Lock]:
+    import pkcs11
+
+    key = (str(spec.module), spec.token)
+    with _sessions_lock:
+        if key not in _sessions:
+            token = pkcs11.lib(str(spec.module)).get_token(token_label=spec.token)
+            _sessions[key] = (token.open(user_pin=spec.read_pin()), threading.Lock())
+        return _sessions[key]
+
+
 class Pkcs11Key:
     """A private key inside a token: signs digests, never leaves the token.
 
-    One logged-in session per key, used under a lock (PKCS#11 sessions are not meant for
-    concurrent operations).
+    Operations on a token's session run under its lock (PKCS#11 sessions are not meant
+    for concurrent operations).
     """
 
     def __init__(self, spec: Pkcs11KeySpec) -> None:
@@ -159,17 +176,15 @@ class Pkcs11Key:
 
         self.spec = spec
         try:
-            lib = pkcs11.lib(str(spec.module))
-            token = lib.get_token(token_label=spec.token)
-            self._session = token.open(user_pin=spec.read_pin())
-            self._key: Any = self._session.get_key(
-                object_class=ObjectClass.PRIVATE_KEY, label=spec.label
-            )
+            session, self._lock = _session(spec)
+            with self._lock:
+                self._key: Any = session.get_key(
+                    object_class=ObjectClass.PRIVATE_KEY, label=spec.label
+                )
         except KeyLoadError:
             raise
         except (pkcs11.PKCS11Error, RuntimeError, OSError) as exc:
             raise KeyLoadError(f"{spec.describe()}: {type(exc).__name__}: {exc}") from exc
-        self._lock = threading.Lock()
         self._mechanism = pkcs11.Mechanism
         key_type = self._key.key_type
         if key_type == KeyType.EC:
