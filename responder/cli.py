@@ -33,12 +33,14 @@ def _config(args: argparse.Namespace) -> Config:
 def _setup_logging(level: str, log_format: str = "text", sample_every: int | None = None) -> None:
     """Log to stderr as text or JSON lines (``log_format``); see responder/log_format.py."""
     from responder import request_log
-    from responder.log_format import make_formatter
+    from responder.log_format import QUIET_TRACEBACK_LOGGERS, ExpectedFailureFilter, make_formatter
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(make_formatter(log_format))
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
     logging.getLogger("pgserver").setLevel(logging.WARNING)
+    for name in QUIET_TRACEBACK_LOGGERS:
+        logging.getLogger(name).addFilter(ExpectedFailureFilter())
     if sample_every is not None:
         request_log.SUCCESS_SAMPLE_EVERY = sample_every
 

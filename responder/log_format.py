@@ -73,6 +73,25 @@ class TextFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
+class ExpectedFailureFilter(logging.Filter):
+    """For loggers whose failures are expected during an outage (asyncpg's pool retrying
+    its connections while PostgreSQL is down): keep the line, drop the traceback, name
+    the exception in the message instead. An operator reads "database down", not a trace."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {exc}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+#: Libraries whose retry warnings carry tracebacks of expected connection failures.
+QUIET_TRACEBACK_LOGGERS = ("asyncpg.pool",)
+
+
 def make_formatter(log_format: str) -> logging.Formatter:
     """The formatter for the ``log_format`` configuration key."""
     if log_format == "json":
