@@ -105,6 +105,14 @@ def create_admin_app(
     ) -> Response:
         open_path = request.method in ("GET", "HEAD") and request.url.path in OPEN_PATHS
         if not open_path and not token_ok(request):
+            client = request.client.host if request.client else "?"
+            log.warning(
+                "admin API: refused %s %s from %s (no valid bearer token)",
+                request.method,
+                request.url.path,
+                client,
+                extra={"client": client, "status": 401},
+            )
             return json_response(
                 401, {"error": "missing or wrong bearer token"}, {"WWW-Authenticate": "Bearer"}
             )
