@@ -153,8 +153,10 @@ def test_response_past_refresh_deadline_makes_not_ready(  # type: ignore[no-unty
     )
     try:
         body = wait_for(
-            lambda: (r := httpx.get(ops_responder.admin_url + "/readyz")).status_code == 503
-            and r.json()
+            lambda: (
+                (r := httpx.get(ops_responder.admin_url + "/readyz")).status_code == 503
+                and r.json()
+            )
         )
         assert body["checks"]["responses"] == {
             "ok": False,
@@ -213,9 +215,7 @@ def test_admin_api_needs_the_token_and_changes_nothing_without_it(  # type: igno
             ("POST", "/metrics", {}),
             ("GET", "/nope", {}),
         ):
-            resp = httpx.request(
-                method, ops_responder.admin_url + path, headers=headers, **kwargs
-            )
+            resp = httpx.request(method, ops_responder.admin_url + path, headers=headers, **kwargs)
             assert resp.status_code == 401, (method, path, headers, resp.status_code)
             assert resp.headers["www-authenticate"] == "Bearer"
             assert resp.json() == {"error": "missing or wrong bearer token"}
