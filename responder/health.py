@@ -104,10 +104,13 @@ class HealthMonitor:
         next_check = time.monotonic() + self.check_interval
         while True:
             await asyncio.sleep(min(SAMPLE_INTERVAL, self.check_interval))
-            self.sample()
-            if time.monotonic() >= next_check:
-                await self.check_responses()
-                next_check = time.monotonic() + self.check_interval
+            try:
+                self.sample()
+                if time.monotonic() >= next_check:
+                    await self.check_responses()
+                    next_check = time.monotonic() + self.check_interval
+            except Exception:  # a monitoring bug must not stop monitoring for good
+                log.exception("health monitor iteration failed")
 
     def sample(self) -> None:
         """Pool and queue gauges: cheap in-process reads."""
