@@ -7,6 +7,9 @@ for a GET request whatever the hot path's routing order.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -268,3 +271,24 @@ def test_admin_body_limits(ops_responder, module_database):  # type: ignore[no-u
     )
     assert resp.status_code == 413
     assert count_rows(module_database) == before
+
+
+def test_metrics_render_in_multiprocess_mode(tmp_path: Path) -> None:
+    """With PROMETHEUS_MULTIPROC_DIR (serve --workers), two processes' samples aggregate."""
+    script = (
+        "from responder import metrics\n"
+        "metrics.db_pool_connections.labels('main', 'open').set(3)\n"
+        "metrics.readiness_ready.set(1)\n"
+        "metrics.responses_overdue_refresh.set(2)\n"
+        "metrics.signing_seconds.labels('r1').observe(0.001)\n"
+        "import sys; sys.stdout.write(metrics.render()[0].decode())\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    for _ in range(2):
+        out = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+        ).stdout
+    assert metric(out, "ocsp_db_pool_connections", pool="main", state="open") == 6  # sum
+    assert metric(out, "ocsp_ready") == 1  # min
+    assert metric(out, "ocsp_responses_overdue_refresh") == 2  # max
+    assert metric(out, "ocsp_signing_seconds_count", issuer="r1") == 2
