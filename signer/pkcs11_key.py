@@ -14,6 +14,7 @@ signs the digest (CKM_ECDSA / CKM_RSA_PKCS with a DigestInfo), which every token
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from dataclasses import dataclass
@@ -146,15 +147,47 @@ _sessions: dict[tuple[str, str], tuple[Any, threading.Lock]] = {}
 _sessions_lock = threading.Lock()
 
 
-def _session(spec: Pkcs11KeySpec) -> tuple[Any, threading.Lock]:
+def _session(spec: Pkcs11KeySpec, stale: Any = None) -> tuple[Any, threading.Lock]:
+    """The token's logged-in session; a new one if ``stale`` is the cached one."""
     import pkcs11
 
     key = (str(spec.module), spec.token)
     with _sessions_lock:
-        if key not in _sessions:
+        cached = _sessions.get(key)
+        if cached is not None and stale is not None and cached[0] is stale:
+            with contextlib.suppress(pkcs11.PKCS11Error):
+                stale.close()
+            cached = None
+        if cached is None:
             token = pkcs11.lib(str(spec.module)).get_token(token_label=spec.token)
-            _sessions[key] = (token.open(user_pin=spec.read_pin()), threading.Lock())
-        return _sessions[key]
+            try:
+                session = token.open(user_pin=spec.read_pin())
+            except pkcs11.exceptions.UserAlreadyLoggedIn:
+                session = token.open()  # another session of ours is still logged in
+            lock = _sessions[key][1] if key in _sessions else threading.Lock()
+            cached = _sessions[key] = (session, lock)
+        return cached
+
+
+#: Errors after which a new session (and a new login) may succeed: the token was
+#: restarted, the network HSM connection dropped, the session was closed under us.
+def _session_errors() -> tuple[type[BaseException], ...]:
+    from pkcs11 import exceptions as e
+
+    return (
+        e.SessionHandleInvalid,
+        e.SessionClosed,
+        e.UserNotLoggedIn,
+        e.DeviceRemoved,
+        e.DeviceError,
+        e.TokenNotPresent,
+        e.KeyHandleInvalid,
+        e.ObjectHandleInvalid,
+    )
+
+
+class TokenSigningError(Exception):
+    """The token did not sign, even after a new session; the message names token and key."""
 
 
 class Pkcs11Key:
@@ -175,11 +208,12 @@ class Pkcs11Key:
             ) from exc
 
         self.spec = spec
+        self._object_class = ObjectClass.PRIVATE_KEY
         try:
-            session, self._lock = _session(spec)
+            self._session, self._lock = _session(spec)
             with self._lock:
-                self._key: Any = session.get_key(
-                    object_class=ObjectClass.PRIVATE_KEY, label=spec.label
+                self._key: Any = self._session.get_key(
+                    object_class=self._object_class, label=spec.label
                 )
         except KeyLoadError:
             raise
@@ -206,21 +240,48 @@ class Pkcs11Key:
         return hashes.SHA256()
 
     def sign(self, data: bytes, algorithm: hashes.HashAlgorithm) -> bytes:
-        """Sign ``data``: a DER ECDSA-Sig-Value, or an RSA PKCS#1 v1.5 signature."""
+        """Sign ``data``: a DER ECDSA-Sig-Value, or an RSA PKCS#1 v1.5 signature.
+
+        If the session was lost (token restart, dropped HSM connection), log in again once
+        and retry; anything else, or a second failure, raises TokenSigningError."""
+        import pkcs11
+
         digester = hashes.Hash(algorithm)
         digester.update(data)
         digest = digester.finalize()
-        with self._lock:
-            if self.kind == "ec":
-                raw = bytes(self._key.sign(digest, mechanism=self._mechanism.ECDSA))
-                half = len(raw) // 2
-                return encode_dss_signature(
-                    int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big")
-                )
+        if self.kind == "ec":
+            payload, mechanism = digest, self._mechanism.ECDSA
+        else:
             prefix = _DIGEST_INFO.get(algorithm.name)
             if prefix is None:
                 raise ValueError(f"unsupported RSA digest {algorithm.name}")
-            return bytes(self._key.sign(prefix + digest, mechanism=self._mechanism.RSA_PKCS))
+            payload, mechanism = prefix + digest, self._mechanism.RSA_PKCS
+        try:
+            try:
+                with self._lock:
+                    raw = bytes(self._key.sign(payload, mechanism=mechanism))
+            except _session_errors():
+                self._reconnect()
+                with self._lock:
+                    raw = bytes(self._key.sign(payload, mechanism=mechanism))
+        except (pkcs11.PKCS11Error, RuntimeError, OSError) as exc:
+            raise TokenSigningError(
+                f"{self.spec.describe()}: signing failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        if self.kind == "ec":
+            half = len(raw) // 2
+            return encode_dss_signature(
+                int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big")
+            )
+        return raw
+
+    def _reconnect(self) -> None:
+        """A new session for the token (shared with its other keys) and the key's handle."""
+        self._session, self._lock = _session(self.spec, stale=self._session)
+        with self._lock:
+            self._key = self._session.get_key(
+                object_class=self._object_class, label=self.spec.label
+            )
 
     def __repr__(self) -> str:  # never anything secret: the PIN is not kept
         return f"Pkcs11Key({self.spec.describe()})"

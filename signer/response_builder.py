@@ -22,7 +22,7 @@ from cryptography.x509 import ocsp
 from responder.metrics import signing_seconds
 from signer.external_signature import sign_with_token
 from signer.issuers import CERT_ID_HASHES, Issuer, signature_hash_for
-from signer.pkcs11_key import Pkcs11Key
+from signer.pkcs11_key import Pkcs11Key, TokenSigningError
 
 MIN_VALIDITY = dt.timedelta(hours=8)
 MAX_VALIDITY = dt.timedelta(days=10)
@@ -187,7 +187,10 @@ def sign_response(
     started = time.perf_counter()
     if isinstance(responder.key, Pkcs11Key):
         assert algorithm is not None
-        der = sign_with_token(builder, responder.key, responder.certificate, algorithm)
+        try:
+            der = sign_with_token(builder, responder.key, responder.certificate, algorithm)
+        except TokenSigningError as exc:
+            raise SigningError(f"issuer {issuer.name}: {exc}") from exc
     else:
         builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, responder.certificate)
         der = builder.sign(responder.key, algorithm).public_bytes(Encoding.DER)

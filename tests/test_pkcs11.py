@@ -239,3 +239,27 @@ def test_wrong_pin_and_wrong_key_refused_at_start(  # type: ignore[no-untyped-de
     bad_pin.chmod(0o644)
     err = serve_fails(proc.config_path, token.env)
     assert "must not be readable by group or others" in err
+
+
+def test_lost_session_is_reopened(token, hsm_p256, hsm_rsa, monkeypatch):  # type: ignore[no-untyped-def]
+    """A token restart or dropped HSM connection invalidates the session: the next
+    signature logs in again instead of failing until the process restarts."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding
+
+    from signer.pkcs11_key import Pkcs11Key
+
+    for name, value in token.env.items():
+        monkeypatch.setenv(name, value)
+    ec_key = Pkcs11Key(parse_pkcs11_uri(token.uri("p256-ocsp"), token.directory))
+    rsa_key = Pkcs11Key(parse_pkcs11_uri(token.uri("rsa-ca"), token.directory))
+    assert ec_key._session is rsa_key._session  # one login per token
+    old = ec_key._session
+    old.close()  # the session disappears under both keys
+    for _ in range(2):
+        sig = ec_key.sign(b"probe", hashes.SHA256())
+        hsm_p256.ca.responder_cert.public_key().verify(sig, b"probe", ec.ECDSA(hashes.SHA256()))
+        sig = rsa_key.sign(b"probe", hashes.SHA256())
+        hsm_rsa.ca.ca_cert.public_key().verify(sig, b"probe", padding.PKCS1v15(), hashes.SHA256())
+    assert ec_key._session is rsa_key._session
+    assert ec_key._session is not old  # a new session was opened
