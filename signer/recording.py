@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
-from responder.metrics import recording_failures_total, recordings_total
-from responder.store import CertificateRecord, PresignedStore, StoreUnavailable
+from responder.store import CertificateRecord, PresignedStore
 from signer.issuers import IssuerRegistry
 from signer.response_builder import CertStatus, SignedResponse, ValidityPolicy, sign_response
 
@@ -122,19 +121,10 @@ class CertificateRecorder:
 
     async def record(self, certs: Sequence[x509.Certificate]) -> list[RecordOutcome]:
         """Record all ``certs`` in one transaction; returns after the commit."""
-        try:
-            prepared = [self.prepare(cert) for cert in certs]
-        except CertificateRejected:
-            recording_failures_total.labels("rejected").inc()
-            raise
-        except Exception:
-            recording_failures_total.labels("signing").inc()
-            raise
+        prepared = [self.prepare(cert) for cert in certs]
         try:
             created = await self.store.record_certificates([(r, s) for r, s, _ in prepared])
-        except Exception as exc:
-            reason = "store_unavailable" if isinstance(exc, StoreUnavailable) else "store_error"
-            recording_failures_total.labels(reason).inc()
+        except Exception:
             for record, _, issuer in prepared:
                 log.error(
                     "recording FAILED (not acknowledged): issuer=%s serial=%s",
@@ -142,8 +132,6 @@ class CertificateRecorder:
                     format_serial(record.serial),
                 )
             raise
-        for (_, _, issuer), new in zip(prepared, created, strict=True):
-            recordings_total.labels(issuer, "created" if new else "existing").inc()
         return [
             RecordOutcome(
                 serial=record.serial,
