@@ -14,6 +14,9 @@ from __future__ import annotations
 import datetime as dt
 import hmac
 import logging
+import re
+import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -51,6 +54,16 @@ class APIError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def _request_id(presented: str | None) -> str:
+    """The caller's X-Request-ID when it is a sane token, else a new one."""
+    if presented is not None and _REQUEST_ID.fullmatch(presented):
+        return presented
+    return uuid.uuid4().hex
 
 
 def json_response(status: int, payload: Any, headers: dict[str, str] | None = None) -> Response:
@@ -104,19 +117,33 @@ def create_admin_app(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
         open_path = request.method in ("GET", "HEAD") and request.url.path in OPEN_PATHS
-        if not open_path and not token_ok(request):
-            client = request.client.host if request.client else "?"
-            log.warning(
-                "admin API: refused %s %s from %s (no valid bearer token)",
-                request.method,
-                request.url.path,
-                client,
-                extra={"client": client, "status": 401},
-            )
-            return json_response(
+        if open_path:
+            return await call_next(request)
+        started = time.perf_counter()
+        request_id = _request_id(request.headers.get("x-request-id"))
+        client = request.client.host if request.client else "?"
+        if token_ok(request):
+            response = await call_next(request)
+        else:
+            response = json_response(
                 401, {"error": "missing or wrong bearer token"}, {"WWW-Authenticate": "Bearer"}
             )
-        return await call_next(request)
+        response.headers["X-Request-ID"] = request_id
+        # the audit line: every admin call, its outcome and who made it
+        log.log(
+            logging.INFO if response.status_code < 400 else logging.WARNING,
+            "admin %s %s -> %d",
+            request.method,
+            request.url.path,
+            response.status_code,
+            extra={
+                "request_id": request_id,
+                "client": client,
+                "status": response.status_code,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+            },
+        )
+        return response
 
     @app.get("/healthz")
     async def healthz() -> Response:

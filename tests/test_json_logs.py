@@ -112,6 +112,12 @@ def test_full_run_logs_json_without_key_material(  # type: ignore[no-untyped-def
         assert proc.revoke("p256", cert.serial_number).status_code == 201
         assert httpx.post(proc.admin_url + "/v1/certificates", content=b"x").status_code == 401
         assert httpx.get(proc.admin_url + "/metrics").status_code == 200
+        echoed = httpx.post(
+            proc.admin_url + "/v1/certificates",
+            content=b"junk",
+            headers={"Authorization": f"Bearer {proc.token}", "X-Request-ID": "ca-req-42"},
+        )
+        assert echoed.status_code == 400 and echoed.headers["x-request-id"] == "ca-req-42"
     finally:
         proc.stop()
     log = proc.log()
@@ -119,10 +125,13 @@ def test_full_run_logs_json_without_key_material(  # type: ignore[no-untyped-def
     assert entries, "no log lines"
     assert all({"ts", "level", "logger", "msg"} <= set(e) for e in entries)
     assert any(e["logger"] == "responder.server" and "serving OCSP" in e["msg"] for e in entries)
-    refused = [
-        e for e in entries if e["logger"] == "responder.admin_app" and e.get("status") == 401
-    ]
-    assert refused and refused[0]["client"] == "127.0.0.1"
+    admin = [e for e in entries if e["logger"] == "responder.admin_app"]
+    refused = [e for e in admin if e.get("status") == 401]
+    assert refused and refused[0]["client"] == "127.0.0.1" and refused[0]["level"] == "warning"
+    assert refused[0]["msg"] == "admin POST /v1/certificates -> 401"
+    created = [e for e in admin if e.get("status") == 201]
+    assert len(created) == 2 and all(len(str(e["request_id"])) == 32 for e in created)
+    assert any(e.get("request_id") == "ca-req-42" for e in admin)
     assert not any("color_message" in e for e in entries)
     # no key material of any configured key, in any encoding, and not the admin token
     forbidden = ["-----BEGIN", "PRIVATE KEY", proc.token]
