@@ -1,6 +1,10 @@
 """The admin API (FastAPI), served only on the admin listener, never on the OCSP port.
 
-Every route needs ``Authorization: Bearer <admin token>`` (compared in constant time).
+Every route needs ``Authorization: Bearer <admin token>`` (compared in constant time),
+checked by a middleware before routing: any request without it, to any path and with any
+method, gets 401 and reaches no handler. The exceptions are the read-only operational
+endpoints ``GET /healthz``, ``/readyz`` and ``/metrics`` (for probes and Prometheus; they
+change nothing). With ``admin_client_ca`` set, TLS also requires a client certificate.
 Recording answers only after the commit: 201 when the serial is new, 200 when it was
 already recorded (idempotent), 4xx for bad input, 503 when the write could not be made.
 """
@@ -10,6 +14,10 @@ from __future__ import annotations
 import datetime as dt
 import hmac
 import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -19,6 +27,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from responder import metrics
+from responder.health import Readiness
 from responder.response_cache import ResponseCache
 from responder.store import StoreUnavailable
 from signer.issuers import IssuerRegistry
@@ -36,6 +45,8 @@ log = logging.getLogger(__name__)
 
 MAX_CERTIFICATE_BODY = 64 * 1024
 MAX_JSON_BODY = 16 * 1024
+#: Read-only endpoints that need no token (GET/HEAD only).
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 class APIError(Exception):
@@ -43,6 +54,16 @@ class APIError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def _request_id(presented: str | None) -> str:
+    """The caller's X-Request-ID when it is a sane token, else a new one."""
+    if presented is not None and _REQUEST_ID.fullmatch(presented):
+        return presented
+    return uuid.uuid4().hex
 
 
 def json_response(status: int, payload: Any, headers: dict[str, str] | None = None) -> Response:
@@ -74,18 +95,73 @@ def create_admin_app(
     recorder: CertificateRecorder,
     revoker: Revoker,
     cache: ResponseCache,
+    readiness: Callable[[], Awaitable[Readiness]] | None = None,
 ) -> FastAPI:
     """Build the admin app around the shared recorder/revoker (the CLI uses the same)."""
-    app = FastAPI(title="ocsp-responder admin API", docs_url=None, redoc_url=None)
+    app = FastAPI(title="ocsp-responder admin API", docs_url=None, redoc_url=None, openapi_url=None)
     expected = token.encode()
 
-    async def require_token(request: Request) -> None:
+    def token_ok(request: Request) -> bool:
         header = request.headers.get("authorization", "")
         scheme, _, presented = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            presented.strip().encode(), expected
-        ):
+        # compare_digest also runs for a wrong scheme, so timing tells nothing either way
+        matches = hmac.compare_digest(presented.strip().encode(), expected)
+        return scheme.lower() == "bearer" and matches
+
+    async def require_token(request: Request) -> None:
+        if not token_ok(request):
             raise APIError(401, "missing or wrong bearer token")
+
+    @app.middleware("http")
+    async def authenticate(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        open_path = request.method in ("GET", "HEAD") and request.url.path in OPEN_PATHS
+        if open_path:
+            return await call_next(request)
+        started = time.perf_counter()
+        request_id = _request_id(request.headers.get("x-request-id"))
+        client = request.client.host if request.client else "?"
+        if token_ok(request):
+            response = await call_next(request)
+        else:
+            response = json_response(
+                401, {"error": "missing or wrong bearer token"}, {"WWW-Authenticate": "Bearer"}
+            )
+        response.headers["X-Request-ID"] = request_id
+        # the audit line: every admin call, its outcome and who made it
+        log.log(
+            logging.INFO if response.status_code < 400 else logging.WARNING,
+            "admin %s %s -> %d",
+            request.method,
+            request.url.path,
+            response.status_code,
+            extra={
+                "request_id": request_id,
+                "client": client,
+                "status": response.status_code,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+            },
+        )
+        return response
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return json_response(200, {"alive": True})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        if readiness is None:
+            return json_response(200, {"ready": True, "checks": {}})
+        result = await readiness()
+        return json_response(
+            200 if result.ready else 503, {"ready": result.ready, "checks": result.checks}
+        )
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> Response:
@@ -96,15 +172,15 @@ def create_admin_app(
     async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
         return json_response(exc.status_code, {"error": str(exc.detail)})
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(_: Request, exc: Exception) -> Response:
+        # fail closed with JSON, never a traceback page; nothing was acknowledged
+        log.error("admin API error: %s: %s", type(exc).__name__, exc)
+        return json_response(500, {"error": f"internal error ({type(exc).__name__})"})
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> Response:
         return json_response(422, {"error": "invalid request", "detail": str(exc)})
-
-    @app.get("/metrics", dependencies=[Depends(require_token)])
-    async def prometheus_metrics() -> Response:
-        """Prometheus exposition (scrape with the admin bearer token)."""
-        body, content_type = metrics.render()
-        return Response(body, media_type=content_type)
 
     @app.post("/v1/certificates", dependencies=[Depends(require_token)])
     async def record_certificate(request: Request) -> Response:

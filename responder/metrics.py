@@ -103,6 +103,18 @@ db_pool_connections = Gauge(
     multiprocess_mode="sum",
 )
 
+#: Readiness's own count (responder/health.py): responses of unexpired certificates whose
+#: nextUpdate - refresh_margin + refresh_deadline_slack has passed. An earlier warning than
+#: the refresher's ocsp_responses_past_refresh_deadline (BR limit).
+responses_overdue_refresh = Gauge(
+    "ocsp_responses_overdue_refresh",
+    "Stored responses overdue for refresh, as counted by the readiness check",
+    multiprocess_mode="max",
+)
+readiness_ready = Gauge(
+    "ocsp_ready", "1 when the last readiness check passed", multiprocess_mode="min"
+)
+
 
 def render() -> tuple[bytes, str]:
     """The exposition text: aggregated across workers in multiprocess mode."""

@@ -11,6 +11,7 @@ from collections.abc import Generator
 import uvicorn
 
 from responder.admin_app import create_admin_app
+from responder.admin_tls import admin_ssl_options
 from responder.background import BackgroundTasks
 from responder.config import Config, ConfigError
 from responder.ocsp_app import OCSPApp
@@ -74,9 +75,11 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
             recorder=service.recorder,
             revoker=service.revoker,
             cache=service.cache,
+            readiness=service.readiness,
         )
         ahost, aport = config.admin_listen
-        servers.append(_Server(uvicorn.Config(admin, host=ahost, port=aport, **common)))  # type: ignore[arg-type]
+        tls = admin_ssl_options(config)
+        servers.append(_Server(uvicorn.Config(admin, host=ahost, port=aport, **common, **tls)))  # type: ignore[arg-type]
 
     loop = asyncio.get_running_loop()
 
@@ -98,7 +101,8 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
                 host,
                 port,
                 config.path_prefix,
-                f"http://{config.admin_listen[0]}:{config.admin_listen[1]}"
+                f"{'https' if config.admin_tls_cert else 'http'}://"
+                f"{config.admin_listen[0]}:{config.admin_listen[1]}"
                 if config.admin_listen
                 else "disabled",
             )

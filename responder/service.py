@@ -12,6 +12,7 @@ import logging
 from responder.cdn_purge import CdnPurger
 from responder.config import Config
 from responder.embedded_db import start_embedded_postgres
+from responder.health import HealthMonitor, Readiness
 from responder.response_cache import ResponseCache
 from responder.schema import check_schema
 from responder.sources import IssuerFilter, LiveSigningSource, build_chain
@@ -45,11 +46,12 @@ class ResponderService:
     revoker: Revoker
     purger: CdnPurger
     dsn: str
+    monitor: HealthMonitor | None = None
 
     def __init__(self, config: Config) -> None:
         self.config = config
 
-    async def start(self, *, pool_size: int = 10) -> None:
+    async def start(self, *, pool_size: int = 10, monitor: bool = True) -> None:
         """Load issuers (checking keys), connect, check the schema, register issuers."""
         self.registry = self.config.load_issuers()
         dsn = await asyncio.to_thread(resolve_database_url, self.config)
@@ -80,14 +82,30 @@ class ResponderService:
         )
         self.revoker = Revoker(self.store, policy, cache=self.cache, purger=self.purger)
         self.dsn = dsn
+        if monitor:
+            self.monitor = HealthMonitor(
+                self.registry,
+                self.store,
+                self.live,
+                refresh_margin=policy.refresh_margin,
+                deadline_slack=self.config.refresh_deadline_slack,
+                check_interval=self.config.health_check_interval.total_seconds(),
+                require_fresh_responses=self.config.readiness_requires_fresh_responses,
+            )
+            await self.monitor.start()
+
+    async def readiness(self) -> Readiness:
+        """Database, signers, fresh responses (see responder/health.py)."""
+        if self.monitor is None:
+            raise RuntimeError("readiness needs the health monitor (start(monitor=True))")
+        return await self.monitor.readiness()
 
     async def ready(self) -> tuple[bool, str]:
-        """Readiness: the database answers within a second."""
-        try:
-            await asyncio.wait_for(self.store.pool.fetchval("SELECT 1"), timeout=1.0)
-        except Exception as exc:
-            return False, f"database unreachable: {type(exc).__name__}"
-        return True, "ready"
+        """Readiness as (ok, one line), for the OCSP port's /readyz."""
+        result = await self.readiness()
+        return result.ready, result.summary()
 
     async def close(self) -> None:
+        if self.monitor is not None:
+            await self.monitor.stop()
         await self.store.close()

@@ -143,8 +143,9 @@ class PresignedStore:
 
     @classmethod
     async def connect(cls, dsn: str, *, min_size: int = 2, max_size: int = 10) -> PresignedStore:
+        # timeout: connecting (a dead database answers nothing; requests must not hang)
         pool = await asyncpg.create_pool(
-            dsn, min_size=min_size, max_size=max_size, command_timeout=10
+            dsn, min_size=min_size, max_size=max_size, command_timeout=10, timeout=5
         )
         assert pool is not None
         return cls(pool)

@@ -22,6 +22,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from signer.der import DERError, spki_key_bits, tbs_fields
 from signer.keys import SigningKey
+from signer.pkcs11_key import Pkcs11Key
+
+#: A key in memory (PEM) or inside a PKCS#11 token.
+AnySigningKey = SigningKey | Pkcs11Key
 
 #: CertID hash algorithms we accept, by the name cryptography reports.
 CERT_ID_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
@@ -36,13 +40,30 @@ class IssuerConfigError(Exception):
     """An issuer or responder certificate/key is unusable; the message says how."""
 
 
-def signature_hash_for(key: SigningKey) -> hashes.HashAlgorithm | None:
+def signature_hash_for(key: AnySigningKey) -> hashes.HashAlgorithm | None:
     """The signature digest for a key: SHA-256, SHA-384 for P-384/P-521, none for Ed25519."""
+    if isinstance(key, Pkcs11Key):
+        return key.signature_hash()
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return None
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 256:
         return hashes.SHA384()
     return hashes.SHA256()
+
+
+def sign_bytes(key: AnySigningKey, data: bytes) -> bytes:
+    """The signature over ``data`` that a response signed by ``key`` carries (the algorithm
+    ``signature_hash_for`` names): for code that assembles response DER itself."""
+    alg = signature_hash_for(key)
+    if isinstance(key, Pkcs11Key):
+        assert alg is not None
+        return key.sign(data, alg)
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key.sign(data)
+    assert alg is not None
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.sign(data, ec.ECDSA(alg))
+    return key.sign(data, padding.PKCS1v15(), alg)
 
 
 def public_keys_match(key: SigningKey, cert: x509.Certificate) -> bool:
@@ -56,10 +77,12 @@ class ResponderIdentity:
     """A certificate and key that sign OCSP responses for one issuer."""
 
     certificate: x509.Certificate
-    key: SigningKey
+    key: AnySigningKey
     delegated: bool
     not_before: dt.datetime
     not_after: dt.datetime
+    #: when the start-up signature of this key was verified (readiness reports it)
+    verified_at: dt.datetime | None = None
 
     @property
     def certificate_sha256(self) -> bytes:
@@ -171,19 +194,25 @@ def check_delegated_responder(issuer: Issuer, cert: x509.Certificate) -> None:
 
 
 def make_responder(
-    issuer: Issuer, cert: x509.Certificate, key: SigningKey, *, delegated: bool
+    issuer: Issuer, cert: x509.Certificate, key: AnySigningKey, *, delegated: bool
 ) -> ResponderIdentity:
-    """Check a signing identity and prove it works by verifying one real signature."""
-    if not public_keys_match(key, cert):
+    """Check a signing identity and prove it works by verifying one real signature.
+
+    A token key's public half is not read from the token: the verified signature below
+    proves that the key matches the certificate."""
+    if not isinstance(key, Pkcs11Key) and not public_keys_match(key, cert):
         raise IssuerConfigError(
             f"issuer {issuer.name}: the key does not match certificate "
             f"{cert.subject.rfc4514_string()!r}"
         )
     if delegated:
         check_delegated_responder(issuer, cert)
-    elif cert.public_bytes(serialization.Encoding.DER) != issuer.certificate.public_bytes(
-        serialization.Encoding.DER
-    ) and not public_keys_match(key, issuer.certificate):
+    elif (
+        cert.public_bytes(serialization.Encoding.DER)
+        != issuer.certificate.public_bytes(serialization.Encoding.DER)
+        and not isinstance(key, Pkcs11Key)
+        and not public_keys_match(key, issuer.certificate)
+    ):
         raise IssuerConfigError(f"issuer {issuer.name}: issuer key does not match the issuer")
     _verify_first_signature(issuer.name, key, cert)
     return ResponderIdentity(
@@ -192,16 +221,19 @@ def make_responder(
         delegated=delegated,
         not_before=cert.not_valid_before_utc,
         not_after=cert.not_valid_after_utc,
+        verified_at=dt.datetime.now(dt.UTC),
     )
 
 
-def _verify_first_signature(name: str, key: SigningKey, cert: x509.Certificate) -> None:
+def _verify_first_signature(name: str, key: AnySigningKey, cert: x509.Certificate) -> None:
     """Sign and verify a probe: a key that cannot produce verifiable signatures (a broken
     HSM session, a mismatched key) must fail at start, not on the first relying party."""
     probe = b"ocsp-responder signing self-test"
     pub = cert.public_key()
     try:
-        if isinstance(key, ed25519.Ed25519PrivateKey):
+        if isinstance(key, Pkcs11Key):
+            _verify_token_signature(key, pub, probe)
+        elif isinstance(key, ed25519.Ed25519PrivateKey):
             sig = key.sign(probe)
             assert isinstance(pub, ed25519.Ed25519PublicKey)
             pub.verify(sig, probe)
@@ -214,7 +246,28 @@ def _verify_first_signature(name: str, key: SigningKey, cert: x509.Certificate) 
             sig = key.sign(probe, padding.PKCS1v15(), hashes.SHA256())
             pub.verify(sig, probe, padding.PKCS1v15(), hashes.SHA256())
     except (InvalidSignature, AssertionError) as exc:
-        raise IssuerConfigError(f"issuer {name}: signing self-test failed") from exc
+        raise IssuerConfigError(
+            f"issuer {name}: signing self-test failed (the key does not match certificate "
+            f"{cert.subject.rfc4514_string()!r}, or cannot sign)"
+        ) from exc
+    except Exception as exc:  # a token error: the identity is unusable, say so at start
+        if not isinstance(key, Pkcs11Key):
+            raise
+        raise IssuerConfigError(
+            f"issuer {name}: signing self-test with {key.spec.describe()} failed: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _verify_token_signature(key: Pkcs11Key, pub: object, probe: bytes) -> None:
+    alg = key.signature_hash()
+    sig = key.sign(probe, alg)
+    if isinstance(pub, ec.EllipticCurvePublicKey) and key.kind == "ec":
+        pub.verify(sig, probe, ec.ECDSA(alg))
+    elif isinstance(pub, rsa.RSAPublicKey) and key.kind == "rsa":
+        pub.verify(sig, probe, padding.PKCS1v15(), alg)
+    else:
+        raise InvalidSignature("token key type does not match the certificate's key")
 
 
 class IssuerRegistry:

@@ -10,6 +10,7 @@ delegated responder signs byKey with its certificate included.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -18,7 +19,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import ocsp
 
+from responder.metrics import signing_seconds
+from signer.external_signature import sign_with_token
 from signer.issuers import CERT_ID_HASHES, Issuer, signature_hash_for
+from signer.pkcs11_key import Pkcs11Key, TokenSigningError
 
 MIN_VALIDITY = dt.timedelta(hours=8)
 MAX_VALIDITY = dt.timedelta(days=10)
@@ -211,15 +215,24 @@ def sign_response(
             revocation_time=None,
             revocation_reason=None,
         )
-    builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, responder.certificate)
     if responder.delegated:
         builder = builder.certificates([responder.certificate])
     if nonce is not None:
         builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
     algorithm: hashes.HashAlgorithm | None = signature_hash_for(responder.key)
-    response = builder.sign(responder.key, algorithm)
+    started = time.perf_counter()
+    if isinstance(responder.key, Pkcs11Key):
+        assert algorithm is not None
+        try:
+            der = sign_with_token(builder, responder.key, responder.certificate, algorithm)
+        except TokenSigningError as exc:
+            raise SigningError(f"issuer {issuer.name}: {exc}") from exc
+    else:
+        builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, responder.certificate)
+        der = builder.sign(responder.key, algorithm).public_bytes(Encoding.DER)
+    signing_seconds.labels(issuer.name).observe(time.perf_counter() - started)
     return SignedResponse(
-        der=response.public_bytes(Encoding.DER),
+        der=der,
         status=status,
         this_update=int(this_update.timestamp()),
         next_update=int(next_update.timestamp()),

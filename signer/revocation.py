@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from responder.cdn_purge import CdnPurger
+from responder.metrics import revocations_total
 from responder.response_cache import ResponseCache
-from responder.store import PresignedStore
+from responder.store import PresignedStore, with_retries
 from signer.issuers import Issuer
 from signer.response_builder import (
     CertStatus,
@@ -69,7 +70,9 @@ class Revoker:
         when = whole_seconds(revoked_at) if revoked_at is not None else now
         if when > now + dt.timedelta(minutes=5):
             raise ValueError("revocation time is in the future")
-        knowledge = await self.store.knowledge(issuer.db_id, serial)
+        knowledge = await with_retries(
+            lambda: self.store.knowledge(issuer.db_id, serial), "revocation lookup"
+        )
         if knowledge.revocation is not None:
             revocation = knowledge.revocation
         else:
@@ -82,6 +85,8 @@ class Revoker:
             issuer, serial, CertStatus.REVOKED, self.policy, revocation=revocation
         )
         created = await self.store.record_revocation(issuer.db_id, serial, revocation, signed)
+        if created:
+            revocations_total.labels(issuer.name).inc()
         if self.cache is not None:
             self.cache.drop_serial(issuer.db_id, serial)
         purge = "none"

@@ -132,3 +132,41 @@ def test_cli_reports_config_errors_cleanly(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("ocsp-responder: error: response_validity")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('log_format = "xml"\n', "log_format: expected 'json' or 'text'"),
+        ("log_success_sample_every = 0\n", "log_success_sample_every: must be >= 1"),
+        ('admin_tls_cert = "a.pem"\n', "admin_tls_cert and admin_tls_key go together"),
+        ('admin_client_ca = "ca.pem"\n', "admin_client_ca needs admin_tls_cert"),
+        ('health_check_interval = "0s"\n', "health_check_interval: must be at least 1s"),
+        ('refresh_deadline_slack = "2d"\n', "refresh_deadline_slack: must be shorter"),
+    ],
+)
+def test_operations_keys_refused(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, {})
+
+
+def test_operations_keys(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        'log_format = "JSON"\nadmin_tls_cert = "a.pem"\nadmin_tls_key = "a.key"\n'
+        'admin_client_ca = "ca.pem"\nhealth_check_interval = "5s"\n'
+        "readiness_requires_fresh_responses = false\n"
+    )
+    cfg = load_config(path, {"OCSP_RESPONDER_REFRESH_DEADLINE_SLACK": "1h"})
+    assert cfg.log_format == "json" and cfg.admin_client_ca == tmp_path / "ca.pem"
+    assert cfg.health_check_interval == dt.timedelta(seconds=5)
+    assert cfg.refresh_deadline_slack == dt.timedelta(hours=1)
+    assert cfg.readiness_requires_fresh_responses is False
+    # default slack: 6h, or a quarter of a short margin
+    short = load_config(
+        None, {"OCSP_RESPONDER_RESPONSE_VALIDITY": "8h", "OCSP_RESPONDER_REFRESH_MARGIN": "4h"}
+    )
+    assert short.refresh_deadline_slack == dt.timedelta(hours=1)
+    assert load_config(None, {}).refresh_deadline_slack == dt.timedelta(hours=6)

@@ -1,0 +1,265 @@
+"""Signing keys inside a PKCS#11 token (SoftHSM2): configuration, start-up checks, serving.
+
+The responder key and an issuer key are imported into a throwaway SoftHSM2 token and their
+PEM files deleted; the responder then serves GET/POST good, revoked, SHA-256 CertIDs and
+nonce echoes, every answer checked by cryptography and `openssl ocsp`.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from responder.config import ConfigError, load_config
+from signer.demo_ca import create_ca
+from signer.keys import KeyLoadError, write_pem_key
+from signer.pkcs11_key import parse_pkcs11_uri, spec_from_table
+from tests.softhsm import SoftHSMToken, softhsm_module
+from tests.support import (
+    VENV_BIN,
+    IssuerFiles,
+    ResponderProcess,
+    build_request,
+    check_response,
+    get_url,
+    issuer_files,
+    write_config,
+)
+
+if softhsm_module() is None and os.environ.get("CI"):
+    raise RuntimeError("SoftHSM2 missing in CI: .ci/run installs package softhsm2")
+pytestmark = pytest.mark.skipif(
+    softhsm_module() is None, reason="SoftHSM2 missing: apt-get install softhsm2"
+)
+
+
+def test_uri_and_table_forms(tmp_path: Path) -> None:
+    spec = parse_pkcs11_uri(
+        "pkcs11:token=My%20HSM;object=r1-ocsp?module-path=/usr/lib/x.so&pin-source=file:pin",
+        tmp_path,
+    )
+    assert (spec.module, spec.token, spec.label) == (Path("/usr/lib/x.so"), "My HSM", "r1-ocsp")
+    assert spec.pin_file == tmp_path / "pin" and spec.pin_env is None
+    spec = parse_pkcs11_uri("pkcs11:token=t;object=k?module-path=m.so&pin-env=HSM_PIN", tmp_path)
+    assert spec.pin_env == "HSM_PIN" and spec.module == tmp_path / "m.so"
+    table = spec_from_table(
+        {"pkcs11_module": "/m.so", "token": "t", "label": "k", "pin_env": "P"}, tmp_path, "k"
+    )
+    assert table.label == "k" and table.pin_env == "P"
+    for bad, message in (
+        ("pkcs11:token=t;object=k?module-path=m.so&pin-value=1234", "pin-value is refused"),
+        ("pkcs11:token=t;object=k?pin-env=P", "module-path"),
+        ("pkcs11:token=t?module-path=m.so&pin-env=P", "object"),
+        ("pkcs11:token=t;object=k?module-path=m.so", "exactly one of pin_file"),
+        ("pkcs11:token=t;object=k?module-path=m&pin-source=https://x", "file: URI"),
+    ):
+        with pytest.raises(KeyLoadError, match=message):
+            parse_pkcs11_uri(bad, tmp_path)
+    with pytest.raises(KeyLoadError, match="unknown keys pin"):
+        spec_from_table(
+            {"pkcs11_module": "m", "token": "t", "label": "k", "pin": "1"}, tmp_path, "k"
+        )
+
+
+def test_config_accepts_token_keys(tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text(
+        "[[issuers]]\nname = 'a'\ncertificate = 'a.pem'\n"
+        "responder_certificate = 'r.pem'\n"
+        "responder_key = 'pkcs11:token=t;object=r?module-path=/m.so&pin-env=PIN'\n"
+        "[[issuers]]\nname = 'b'\ncertificate = 'b.pem'\n"
+        "key = { pkcs11_module = '/m.so', token = 't', label = 'b', pin_file = 'pin' }\n"
+    )
+    cfg = load_config(tmp_path / "c.toml", {})
+    assert cfg.issuers[0].responders[0].key.label == "r"  # type: ignore[union-attr]
+    assert cfg.issuers[1].key.pin_file == tmp_path / "pin"  # type: ignore[union-attr]
+    (tmp_path / "c.toml").write_text(
+        "[[issuers]]\nname = 'a'\ncertificate = 'a.pem'\n"
+        "key = { pkcs11_module = '/m.so', token = 't', label = 'b', pin = '1234' }\n"
+    )
+    with pytest.raises(ConfigError, match=r"issuers\[0\].key: .*unknown keys pin"):
+        load_config(tmp_path / "c.toml", {})
+
+
+@pytest.fixture(scope="module")
+def token(tmp_path_factory: pytest.TempPathFactory) -> SoftHSMToken:
+    return SoftHSMToken.create(tmp_path_factory.mktemp("softhsm"))
+
+
+@pytest.fixture(scope="module")
+def hsm_p256(token: SoftHSMToken, workdir: Path) -> IssuerFiles:
+    """A delegated P-256 responder whose key lives only in the token."""
+    files = issuer_files("hsm-p256", create_ca("p256", "HSM P256"), workdir / "hsm")
+    token.import_key(files.directory / "responder.key", "p256-ocsp", "01")
+    (files.directory / "responder.key").unlink()
+    return files
+
+
+@pytest.fixture(scope="module")
+def hsm_rsa(token: SoftHSMToken, workdir: Path) -> IssuerFiles:
+    """An RSA issuer signing its own responses with its key in the token."""
+    files = issuer_files(
+        "hsm-rsa", create_ca("rsa2048", "HSM RSA"), workdir / "hsm", delegated=False
+    )
+    token.import_key(files.directory / "issuing-ca.key", "rsa-ca", "02")
+    (files.directory / "issuing-ca.key").unlink()
+    return files
+
+
+def hsm_tables(token: SoftHSMToken, p256: IssuerFiles, rsa: IssuerFiles) -> str:
+    return (
+        f'[[issuers]]\nname = "{p256.name}"\ncertificate = "{p256.ca_pem}"\n'
+        f'responder_certificate = "{p256.directory / "responder.pem"}"\n'
+        f'responder_key = "{token.uri("p256-ocsp")}"\n'
+        f'[[issuers]]\nname = "{rsa.name}"\ncertificate = "{rsa.ca_pem}"\n'
+        f"key = {token.table('rsa-ca')}\n"
+    )
+
+
+def hsm_process(directory: Path, dsn: str, token: SoftHSMToken, tables: str) -> ResponderProcess:
+    proc = write_config(directory, dsn, [], extra="")
+    proc.config_path.write_text(proc.config_path.read_text() + tables)
+    proc.env.update(token.env)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def hsm_responder(
+    module_database: str,
+    token: SoftHSMToken,
+    hsm_p256: IssuerFiles,
+    hsm_rsa: IssuerFiles,
+    workdir: Path,
+) -> Iterator[ResponderProcess]:
+    proc = hsm_process(
+        workdir / "hsm-serve", module_database, token, hsm_tables(token, hsm_p256, hsm_rsa)
+    ).start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def post(url: str, der: bytes) -> httpx.Response:
+    return httpx.post(url, content=der, headers={"Content-Type": "application/ocsp-request"})
+
+
+def test_token_keys_serve_good_revoked_sha256_nonce(hsm_responder, hsm_p256):  # type: ignore[no-untyped-def]
+    cert = hsm_p256.ca.issue_leaf("hsm-good.test")
+    assert hsm_responder.record(cert).status_code == 201  # recording signs with the token
+    der = build_request(cert, hsm_p256.ca.ca_cert)
+    for resp in (httpx.get(get_url(hsm_responder.url, der)), post(hsm_responder.url + "/", der)):
+        assert resp.status_code == 200
+        check_response(resp.content, issuer=hsm_p256, serial=cert.serial_number)
+    # SHA-256 CertID: signed on demand by the token
+    der = build_request(cert, hsm_p256.ca.ca_cert, alg="sha256")
+    check_response(
+        httpx.get(get_url(hsm_responder.url, der)).content,
+        issuer=hsm_p256,
+        serial=cert.serial_number,
+        alg="sha256",
+    )
+    # nonce echo (live path, SHA-512 CertID not cached)
+    nonce = secrets.token_bytes(32)
+    der = build_request(cert, hsm_p256.ca.ca_cert, alg="sha512", nonce=nonce)
+    check_response(
+        post(hsm_responder.url + "/", der).content,
+        issuer=hsm_p256,
+        serial=cert.serial_number,
+        alg="sha512",
+        nonce=nonce,
+    )
+    # revoked: the revocation's response is signed by the token too
+    revoked = hsm_p256.ca.issue_leaf("hsm-revoked.test")
+    assert hsm_responder.record(revoked).status_code == 201
+    assert hsm_responder.revoke(hsm_p256.name, revoked.serial_number).status_code == 201
+    der = build_request(revoked, hsm_p256.ca.ca_cert)
+    checked = check_response(
+        httpx.get(get_url(hsm_responder.url, der)).content,
+        issuer=hsm_p256,
+        serial=revoked.serial_number,
+        expect="revoked",
+    )
+    assert "Reason: keyCompromise" in checked.openssl_text
+
+
+def test_token_rsa_issuer_signing_itself(hsm_responder, hsm_rsa):  # type: ignore[no-untyped-def]
+    cert = hsm_rsa.ca.issue_leaf("hsm-rsa.test")
+    assert hsm_responder.record(cert).status_code == 201
+    for alg in ("sha1", "sha256"):
+        der = build_request(cert, hsm_rsa.ca.ca_cert, alg=alg)
+        check_response(
+            httpx.get(get_url(hsm_responder.url, der)).content,
+            issuer=hsm_rsa,
+            serial=cert.serial_number,
+            alg=alg,
+        )
+
+
+def serve_fails(config: Path, env: dict[str, str]) -> str:
+    result = subprocess.run(
+        [str(VENV_BIN / "ocsp-responder"), "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return result.stderr
+
+
+def test_wrong_pin_and_wrong_key_refused_at_start(  # type: ignore[no-untyped-def]
+    module_database, token, hsm_p256, hsm_rsa, workdir
+):
+    # a key in the token that does not belong to the responder certificate
+    other = create_ca("p256", "Other")
+    other_key = workdir / "other.key"
+    write_pem_key(other_key, other.responder_key)
+    token.import_key(other_key, "not-the-responder", "03")
+    tables = hsm_tables(token, hsm_p256, hsm_rsa).replace("p256-ocsp", "not-the-responder")
+    proc = hsm_process(workdir / "hsm-wrong", module_database, token, tables)
+    err = serve_fails(proc.config_path, token.env)
+    assert "issuer hsm-p256: signing self-test failed" in err
+    # a wrong PIN: the token refuses the login, serve names the token and key
+    bad_pin = workdir / "bad-pin"
+    bad_pin.write_text("00000000\n")
+    bad_pin.chmod(0o600)
+    tables = hsm_tables(token, hsm_p256, hsm_rsa).replace(str(token.pin_file), str(bad_pin))
+    proc = hsm_process(workdir / "hsm-pin", module_database, token, tables)
+    err = serve_fails(proc.config_path, token.env)
+    assert "pkcs11 token 'ocsp-test' key 'p256-ocsp': PinIncorrect" in err
+    assert "00000000" not in err
+    # a PIN file others can read is refused like a key file
+    bad_pin.chmod(0o644)
+    err = serve_fails(proc.config_path, token.env)
+    assert "must not be readable by group or others" in err
+
+
+def test_lost_session_is_reopened(token, hsm_p256, hsm_rsa, monkeypatch):  # type: ignore[no-untyped-def]
+    """A token restart or dropped HSM connection invalidates the session: the next
+    signature logs in again instead of failing until the process restarts."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding
+
+    from signer.pkcs11_key import Pkcs11Key
+
+    for name, value in token.env.items():
+        monkeypatch.setenv(name, value)
+    ec_key = Pkcs11Key(parse_pkcs11_uri(token.uri("p256-ocsp"), token.directory))
+    rsa_key = Pkcs11Key(parse_pkcs11_uri(token.uri("rsa-ca"), token.directory))
+    assert ec_key._session is rsa_key._session  # one login per token
+    old = ec_key._session
+    old.close()  # the session disappears under both keys
+    for _ in range(2):
+        sig = ec_key.sign(b"probe", hashes.SHA256())
+        hsm_p256.ca.responder_cert.public_key().verify(sig, b"probe", ec.ECDSA(hashes.SHA256()))
+        sig = rsa_key.sign(b"probe", hashes.SHA256())
+        hsm_rsa.ca.ca_cert.public_key().verify(sig, b"probe", padding.PKCS1v15(), hashes.SHA256())
+    assert ec_key._session is rsa_key._session
+    assert ec_key._session is not old  # a new session was opened
