@@ -11,7 +11,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from responder.ct import der, leaf
+from responder.ct import leaf
+from signer import der
 from responder.ct.errors import CTParseError, DERError, MalformedEntryError, MalformedTileError
 
 from .fakelog import FIXTURES, ISSUERS, NAVIGLI
