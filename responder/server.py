@@ -12,6 +12,7 @@ import uvicorn
 
 from responder.admin_app import create_admin_app
 from responder.config import Config, ConfigError
+from responder.ct_indexer import BackgroundFollower, CTIndexer
 from responder.ocsp_app import OCSPApp
 from responder.service import ResponderService
 
@@ -50,6 +51,11 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
         )
     service = ResponderService(config)
     await service.start()
+    try:
+        follower = _ct_follower(config, service)
+    except ConfigError:
+        await service.close()
+        raise
     servers: list[_Server] = []
     host, port = config.listen
     common = {
@@ -84,6 +90,8 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
     try:
+        if follower is not None:
+            follower.start()
         tasks = [asyncio.create_task(s.serve()) for s in servers]
         while not all(s.started for s in servers):
             if any(t.done() for t in tasks):
@@ -107,4 +115,14 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
                 raise OSError(f"listener {server.config.host}:{server.config.port} failed to start")
     finally:
         stop()
+        if follower is not None:
+            await follower.stop()
         await service.close()
+
+
+def _ct_follower(config: Config, service: ResponderService) -> BackgroundFollower | None:
+    """The CT follower task, when ``ct_follow_in_serve`` is on and logs are configured."""
+    if not (config.ct_follow_in_serve and config.ct_logs):
+        return None
+    indexer = CTIndexer(config.ct_logs, service.registry, service.store.pool, config.policy)
+    return BackgroundFollower(indexer)
