@@ -346,13 +346,11 @@ class BackgroundFollower:
             log.exception("the CT follower stopped; serving continues without it")
 
     async def stop(self) -> None:
-        """Stop between batches if possible; cancel if it does not stop within 5 s."""
+        """Cancel the follower. Safe at any point: a batch's transaction either committed
+        (with its position) or rolls back and is fetched again after the restart."""
         self._stop.set()
         if self._task is None:
             return
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), timeout=5)
-        except TimeoutError:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task

@@ -25,7 +25,7 @@ from responder.ct_indexer import CTIndexer
 from responder.store import CertificateRecord, serial_from_key, serial_key
 from signer.demo_ca import DemoCA, create_ca
 from signer.response_builder import CertStatus, Revocation, ValidityPolicy, sign_response
-from tests.support import IssuerFiles, check_response, issuer_files
+from tests.support import IssuerFiles, check_response
 
 from .fakelog import FakeLog, FakeLogServer
 from .index_support import (
@@ -217,16 +217,6 @@ async def test_rate_limits_errors_and_bad_signatures_do_not_advance(
         await indexer.aclose()
     finally:
         await store.close()
-
-
-@pytest.fixture(scope="module")
-def ct_ca() -> DemoCA:
-    return create_ca("p256", "CT Test")
-
-
-@pytest.fixture(scope="module")
-def ct_issuer(ct_ca: DemoCA, tmp_path_factory: pytest.TempPathFactory) -> IssuerFiles:
-    return issuer_files("ctca", ct_ca, tmp_path_factory.mktemp("ctca"))
 
 
 @pytest.fixture
