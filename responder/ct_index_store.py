@@ -116,39 +116,41 @@ class CTIndexStore:
                 raise PositionConflict(f"position of log {log_name} moved under us")
             if not rows:
                 return BatchOutcome(0, [])
-            inserted = await conn.fetch(
-                "INSERT INTO ct_index (issuer_id, serial, log, leaf_index, entry_kind, logged_at) "
-                "SELECT i, s, $1, l, k, t FROM unnest($2::smallint[], $3::bytea[], "
-                "  $4::bigint[], $5::smallint[], $6::timestamptz[]) AS u(i, s, l, k, t) "
-                "ON CONFLICT (issuer_id, serial) DO NOTHING "
-                "RETURNING issuer_id, serial, leaf_index",
+            # One statement: insert the index rows; of those that were new (first
+            # sighting), record the ones without a stored response as coverage gaps.
+            result = await conn.fetch(
+                "WITH ins AS ("
+                "  INSERT INTO ct_index (issuer_id, serial, log, leaf_index, entry_kind, "
+                "                        logged_at) "
+                "  SELECT i, s, $1, l, k, to_timestamp(t / 1000.0) "
+                "  FROM unnest($2::smallint[], $3::bytea[], $4::bigint[], $5::smallint[], "
+                "              $6::bigint[]) AS u(i, s, l, k, t) "
+                "  ON CONFLICT (issuer_id, serial) DO NOTHING "
+                "  RETURNING issuer_id, serial, leaf_index), "
+                "gaps AS ("
+                "  INSERT INTO coverage_gaps (issuer_id, serial, log, leaf_index, detected_by) "
+                "  SELECT ins.issuer_id, ins.serial, $1, ins.leaf_index, 'ct-follower' "
+                "  FROM ins WHERE NOT EXISTS (SELECT 1 FROM responses r "
+                "    WHERE r.issuer_id = ins.issuer_id AND r.serial = ins.serial) "
+                "  ON CONFLICT (issuer_id, serial) DO NOTHING "
+                "  RETURNING issuer_id, serial, leaf_index) "
+                "SELECT NULL::smallint AS issuer_id, NULL::bytea AS serial, "
+                "       NULL::bigint AS leaf_index, (SELECT count(*) FROM ins) AS inserted "
+                "UNION ALL SELECT issuer_id, serial, leaf_index, NULL FROM gaps",
                 log_db_id,
                 [r.issuer_id for r in rows],
                 [serial_key(r.serial) for r in rows],
                 [r.leaf_index for r in rows],
                 [ENTRY_KINDS[r.kind] for r in rows],
-                [dt.datetime.fromtimestamp(r.logged_at_ms / 1000, dt.UTC) for r in rows],
+                [r.logged_at_ms for r in rows],
             )
-            if not inserted:
-                return BatchOutcome(0, [])
-            gaps = await conn.fetch(
-                "INSERT INTO coverage_gaps (issuer_id, serial, log, leaf_index, detected_by) "
-                "SELECT u.i, u.s, $1, u.l, 'ct-follower' "
-                "FROM unnest($2::smallint[], $3::bytea[], $4::bigint[]) AS u(i, s, l) "
-                "WHERE NOT EXISTS (SELECT 1 FROM responses r "
-                "                  WHERE r.issuer_id = u.i AND r.serial = u.s) "
-                "ON CONFLICT (issuer_id, serial) DO NOTHING "
-                "RETURNING issuer_id, serial, leaf_index",
-                log_db_id,
-                [r["issuer_id"] for r in inserted],
-                [r["serial"] for r in inserted],
-                [r["leaf_index"] for r in inserted],
-            )
+        inserted = next(int(r["inserted"]) for r in result if r["inserted"] is not None)
         return BatchOutcome(
-            len(inserted),
+            inserted,
             [
                 Gap(g["issuer_id"], serial_from_key(g["serial"]), log_name, g["leaf_index"])
-                for g in gaps
+                for g in result
+                if g["inserted"] is None
             ],
         )
 
