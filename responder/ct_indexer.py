@@ -177,6 +177,9 @@ class CTIndexer:
                 log.error("CT log %s: %s", name, result.error)
             with contextlib.suppress(*DATABASE_ERRORS):
                 await self.store.record_log_error(followed.db_id, result.error)
+                position = await self.store.position(followed.db_id)
+                result.next_index = position.next_index
+            return result
         metrics.ct_log_position.labels(name).set(result.next_index)
         return result
 

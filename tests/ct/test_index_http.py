@@ -253,6 +253,9 @@ async def test_ct_only_serials_are_answered_and_never_unauthorized(
     )
     assert "coverage gap" in proc.log() and format(reserved, "x") in proc.log()
 
+    if kind != "static":  # the commands below do not depend on the log's API form
+        return
+
     # ct-status, human and JSON.
     status = cli(proc, "ct-status", "--json")
     assert status.returncode == 0, status.stderr
@@ -277,6 +280,63 @@ async def test_ct_only_serials_are_answered_and_never_unauthorized(
     # Shutdown cancels the follower cleanly.
     proc.stop()
     assert proc.proc is not None and proc.proc.returncode == 0, proc.log()[-2000:]
+
+    # A corrupted stored response (another serial's) is caught by the audit: exit 1.
+    corrupted = lost[1]
+    await db.rows(
+        "UPDATE responses SET der = (SELECT der FROM responses WHERE serial = $2) "
+        "WHERE serial = $1",
+        serial_key(corrupted),
+        serial_key(lost[2]),
+    )
+    fresh = write_config(tmp_path, database, [ct_issuer]).start()  # empty cache
+    responders.append(fresh)
+    audit = cli(fresh, "audit", "--url", fresh.url, "--json")
+    assert audit.returncode == 1, audit.stdout + audit.stderr
+    report = json.loads(audit.stdout)
+    assert [(v["serial"], v["problem"]) for v in report["violations"]] == [
+        (format(corrupted, "x"), "wrong-certid")
+    ]
+    human = cli(fresh, "audit", "--url", fresh.url, "--sample", "5")
+    assert human.returncode in (0, 1) and "audited 5 indexed serials" in human.stdout
+
+
+async def test_ct_follow_once_command(
+    fake_server: FakeLogServer,
+    fake_log: FakeLog,
+    database: str,
+    ct_ca: DemoCA,
+    ct_issuer: IssuerFiles,
+    tmp_path: Path,
+) -> None:
+    key_hash = spki_sha256(ct_ca.ca_cert)
+    for serial in range(0x6100, 0x6106):
+        pre = ct_ca.issue_leaf("f.test", serial=serial, precertificate=True)
+        tbs = ct_ca.issue_leaf("f.test", serial=serial).tbs_certificate_bytes
+        fake_log.add_precert(key_hash, tbs, pre.public_bytes(DER), [], now_ms())
+    fake_log.publish()
+    proc = write_config(
+        tmp_path, database, [ct_issuer], extra=ct_log_table(fake_server, "static", name="cli")
+    )
+    done = cli(proc, "ct-follow", "--once", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert (result["log"], result["indexed"], result["gaps"], result["repaired"]) == (
+        "cli",
+        6,
+        6,
+        6,
+    )
+    assert result["next_index"] == 6 and result["error"] is None
+    fake_log.faults.bad_signature = True
+    fake_log.add_precert(key_hash, tbs, pre.public_bytes(DER), [], now_ms())
+    fake_log.publish()
+    failed = cli(proc, "ct-follow", "--once")
+    assert failed.returncode == 1
+    assert "cli: FAILED: SignatureError" in failed.stdout and "at 6/" in failed.stdout
+    empty = write_config(tmp_path, database, [ct_issuer])
+    none = cli(empty, "ct-follow", "--once")
+    assert none.returncode == 1 and "no ct_logs configured" in none.stderr
 
 
 async def test_real_fixture_serials_answered_over_http_via_twins(
