@@ -100,7 +100,7 @@ async def connect(dsn: str, registry: IssuerRegistry) -> PresignedStore:
     return store
 
 
-def ct_log_table(srv: FakeLogServer, kind: str, *, name: str, poll: str = "1s") -> str:
+def ct_log_table(srv: FakeLogServer, kind: str, *, name: str, poll: float = 0.25) -> str:
     return (
         "[[ct_logs]]\n"
         f'name = "{name}"\n'
@@ -108,7 +108,7 @@ def ct_log_table(srv: FakeLogServer, kind: str, *, name: str, poll: str = "1s") 
         f'kind = "{kind}"\n'
         f'origin = "{srv.log.origin}"\n'
         f'public_key = """{srv.log.public_key_pem.decode()}"""\n'
-        f'poll_interval = "{poll}"\n'
+        f"poll_interval = {poll}\n"
         "batch_size = 256\n"
     )
 
