@@ -3,7 +3,9 @@
 The real navigli2025h2 tiles (1,024 precert entries, all four staging issuers
 configured, so every entry is ours) are parsed and filtered as the follower does, then
 committed in batches of ``--batch`` entries through ``CTIndexStore.commit_batch``: index
-rows, the coverage-gap check, and the log position, one transaction per batch. Each
+rows, the coverage-gap check, and the log position, one transaction per batch, through
+the follower's own pipeline (``ct_indexer.pipelined``: the next batch is parsed while
+the previous one commits). Each
 round gives the serials a fresh high bit, so every round inserts new rows (as a log
 full of new certificates would).
 
@@ -30,6 +32,7 @@ import os
 import secrets
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -46,11 +49,13 @@ from responder.ct.leaf import (  # noqa: E402
     leaf_hash_of,
 )
 from responder.ct_index_store import CTIndexStore, IndexRow  # noqa: E402
+from responder.ct_indexer import pipelined  # noqa: E402
 from responder.schema import migrate  # noqa: E402
 from responder.store import serial_key  # noqa: E402
 
 FIXTURES = ROOT / ".." / "shared" / "fixtures" / "ct"
 NAMES = ("e5-cross.pem", "e6-cross.pem", "r10.pem", "r11.pem")
+REPEATS = 3  # each figure is the best of this many runs (the machine is shared)
 
 
 def parse_round(tiles: list[bytes], issuers: IssuerSet) -> list[IndexedEntry]:
@@ -93,43 +98,90 @@ async def run_case(
         )
     log = await store.ensure_log(secrets.token_bytes(32), "bench", "http://bench.invalid")
     if recorded:  # the CA's responses for every serial of every round (not timed)
-        for r in range(rounds):
+        for r in range(rounds * REPEATS):
             entries = parse_round(tiles, issuers)
             await pool.execute(
                 "INSERT INTO responses (issuer_id, serial, status, this_update, next_update, "
                 "der) SELECT i, s, 0, now(), now(), '\\x00' "
                 "FROM unnest($1::smallint[], $2::bytea[]) AS u(i, s) ON CONFLICT DO NOTHING",
                 [ids[e.issuer_key_hash] for e in entries],
-                [serial_key(e.serial ^ (r + 1) << 200) for e in entries],
+                [serial_key(e.serial ^ ((r + 1) << 200)) for e in entries],
             )
     position = 0
     gaps = 0
-    t0 = time.perf_counter()
-    for r in range(rounds):
-        entries = parse_round(tiles, issuers)
-        rows = [
-            IndexRow(
-                ids[e.issuer_key_hash],
-                e.serial ^ (r + 1) << 200,
-                position + i,
-                e.kind,
-                e.timestamp_ms,
-            )
-            for i, e in enumerate(entries)
-        ]
-        for start in range(0, len(rows), batch):
-            chunk = rows[start : start + batch]
-            end = position + len(chunk)
-            state = json.dumps({"bench": end})
-            outcome = await store.commit_batch(log.db_id, "bench", position, chunk, state, end, end)
-            gaps += len(outcome.gaps)
-            position = end
-    elapsed = time.perf_counter() - t0
+    best = 0.0
+    for rep in range(REPEATS):
+        t0 = time.perf_counter()
+        start_position = position
+        position, gaps = await index_rounds(
+            store,
+            log.db_id,
+            ids,
+            tiles,
+            issuers,
+            range(rep * rounds, (rep + 1) * rounds),
+            batch,
+            position,
+            gaps,
+        )
+        best = max(best, (position - start_position) / (time.perf_counter() - t0))
     indexed = await pool.fetchval("SELECT count(*) FROM ct_index")
     await pool.close()
     assert indexed == position, (indexed, position)
     assert gaps == (0 if recorded else position), gaps
-    return position / elapsed
+    return best
+
+
+async def index_rounds(
+    store: CTIndexStore,
+    log_db_id: int,
+    ids: dict[bytes, int],
+    tiles: list[bytes],
+    issuers: IssuerSet,
+    rounds: range,
+    batch: int,
+    position: int,
+    gaps: int,
+) -> tuple[int, int]:
+    """Parse, filter and commit ``rounds`` passes in batches of ``batch`` entries, through
+    the follower's own pipeline (the next batch is parsed while one commits)."""
+    first = position
+
+    async def batches() -> AsyncIterator[list[IndexRow]]:
+        pending: list[IndexRow] = []
+        at = first
+        for r in rounds:
+            for e in parse_round(tiles, issuers):
+                pending.append(
+                    IndexRow(
+                        ids[e.issuer_key_hash],
+                        e.serial ^ ((r + 1) << 200),
+                        at,
+                        e.kind,
+                        e.timestamp_ms,
+                    )
+                )
+                at += 1
+            if len(pending) >= batch:
+                yield pending
+                pending = []
+            await asyncio.sleep(0)  # the follower awaits its next tile fetch here
+        if pending:
+            yield pending
+
+    counts = [position, gaps]
+
+    async def commit(chunk: list[IndexRow]) -> None:
+        start = counts[0]
+        end = start + len(chunk)
+        outcome = await store.commit_batch(
+            log_db_id, "bench", start, chunk, json.dumps({"bench": end}), end, end
+        )
+        counts[0] = end
+        counts[1] += len(outcome.gaps)
+
+    await pipelined(batches(), commit)
+    return counts[0], counts[1]
 
 
 def main() -> None:
@@ -142,10 +194,12 @@ def main() -> None:
         Issuer.from_certificate((FIXTURES / "issuers" / n).read_bytes()) for n in NAMES
     )
 
-    t0 = time.perf_counter()
-    for _ in range(args.rounds):
-        parse_round(tiles, issuers)
-    baseline = args.rounds * 1024 / (time.perf_counter() - t0)
+    baseline = 0.0
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        for _ in range(args.rounds):
+            parse_round(tiles, issuers)
+        baseline = max(baseline, args.rounds * 1024 / (time.perf_counter() - t0))
 
     cluster = None
     admin = os.environ.get("DATABASE_URL")
@@ -169,7 +223,8 @@ def main() -> None:
     for label, rate in results.items():
         print(
             f"ct_index: parse+filter+index into PostgreSQL ({label}): {rate:,.0f} entries/s "
-            f"({rate / baseline:.2f} of baseline; {n} entries, batches of {args.batch})"
+            f"({rate / baseline:.2f} of baseline; {n} entries per run, batches of "
+            f"{args.batch}, best of {REPEATS})"
         )
 
 

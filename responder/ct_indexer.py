@@ -21,8 +21,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import asyncpg
 import httpx
@@ -52,6 +53,7 @@ from signer.response_builder import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: failures of the database that a later poll may not meet again
 DATABASE_ERRORS: tuple[type[BaseException], ...] = (
@@ -160,8 +162,11 @@ class CTIndexer:
         result = PollResult(name)
         try:
             follower = await self._follower(followed)
-            async for batch in follower.poll_once():
+
+            async def commit(batch: Batch) -> None:
                 await self._commit(followed, batch, result)
+
+            await pipelined(follower.poll_once(), commit)
             result.next_index = follower.state.next_index
             result.tree_size = follower.state.head_size
         except POLL_ERRORS as exc:
@@ -327,6 +332,39 @@ class CTIndexer:
             wait = max(0.0, interval - (time.monotonic() - started))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=wait)
+
+
+async def pipelined(batches: AsyncIterator[T], commit: Callable[[T], Awaitable[None]]) -> None:
+    """Commit batches in order while the next one is fetched and parsed.
+
+    The fetch/parse side runs in a task one batch ahead (so at most two batches are in
+    memory), overlapping its CPU work with the database's. Batches are committed strictly
+    in order; an error on either side stops both. If fetching fails, the batches already
+    handed over are committed first (they were verified), then the error is raised.
+    """
+    queue: asyncio.Queue[T | None] = asyncio.Queue(maxsize=1)
+
+    async def produce() -> None:
+        try:
+            async for batch in batches:
+                await queue.put(batch)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            await queue.put(None)  # let the committer finish what was handed over
+            raise
+        await queue.put(None)
+
+    producer = asyncio.create_task(produce())
+    try:
+        while (item := await queue.get()) is not None:
+            await commit(item)
+    except BaseException:
+        producer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await producer
+        raise
+    await producer  # re-raises a fetch/verification error
 
 
 class BackgroundFollower:
