@@ -10,7 +10,6 @@ next one; a crash in between leaves an unrepaired gap row that the next repair p
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -321,10 +320,3 @@ async def gap_counts_by_issuer(conn: asyncpg.Connection) -> dict[str, tuple[int,
     )
     return {r["name"]: (r["gaps"], r["open"]) for r in rows}
 
-
-def state_summary(state_json: str | None) -> dict[str, object]:
-    """The parts of a stored resume state worth showing an operator."""
-    if state_json is None:
-        return {}
-    state = json.loads(state_json)
-    return {"head_size": state["head"]["size"], "head_timestamp_ms": state["head"]["timestamp_ms"]}
