@@ -319,4 +319,3 @@ async def gap_counts_by_issuer(conn: asyncpg.Connection) -> dict[str, tuple[int,
         "FROM coverage_gaps g JOIN issuers i ON i.id = g.issuer_id GROUP BY i.name ORDER BY 1"
     )
     return {r["name"]: (r["gaps"], r["open"]) for r in rows}
-
