@@ -149,7 +149,7 @@ def cmd_ct_follow(args: argparse.Namespace) -> None:
     import json
     import signal
 
-    from responder.ct_indexer import CTIndexer
+    from responder.ct_indexer import BackgroundFollower, CTIndexer
 
     config = _config(args)
     _setup_logging(config.log_level)
@@ -179,7 +179,10 @@ def cmd_ct_follow(args: argparse.Namespace) -> None:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
-            await indexer.run(stop)
+            follower = BackgroundFollower(indexer)
+            follower.start()
+            await stop.wait()
+            await follower.stop()  # cancels mid-batch safely: the batch is fetched again
             return True
         finally:
             await service.close()

@@ -324,11 +324,14 @@ class CTIndexer:
         interval = followed.config.poll_interval.total_seconds()
         while not stop.is_set():
             started = time.monotonic()
-            await self.poll(followed)
             try:
+                await self.poll(followed)
                 await self.repair_pending()
             except DATABASE_ERRORS as exc:
                 log.warning("gap repair failed (will retry): %s", exc)
+            except Exception:  # a bug must not stop following for good: keep trying
+                log.exception("CT log %s: unexpected failure (will retry)", followed.config.name)
+                await self._drop_follower(followed)
             wait = max(0.0, interval - (time.monotonic() - started))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=wait)

@@ -10,6 +10,7 @@ to a key we hold, served by our own log in both API forms.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -337,6 +338,26 @@ async def test_ct_follow_once_command(
     empty = write_config(tmp_path, database, [ct_issuer])
     none = cli(empty, "ct-follow", "--once")
     assert none.returncode == 1 and "no ct_logs configured" in none.stderr
+    # Without --once it follows until SIGTERM, then exits cleanly.
+    fake_log.faults.bad_signature = False
+    follower = subprocess.Popen(
+        [str(VENV_BIN / "ocsp-responder"), "ct-follow", "--config", str(proc.config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        db = DB(database)
+
+        async def caught_up() -> bool:
+            return await db.value("SELECT next_index FROM ct_logs") == 7
+
+        await wait_until(caught_up, timeout=30, what="ct-follow to index the 7th entry")
+        follower.send_signal(signal.SIGTERM)
+        assert follower.wait(15) == 0
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
 
 
 async def test_real_fixture_serials_answered_over_http_via_twins(
