@@ -22,7 +22,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 import asyncpg
@@ -69,7 +69,7 @@ POLL_ERRORS: tuple[type[BaseException], ...] = (
     httpx.HTTPError,
     *DATABASE_ERRORS,
 )
-#: gaps signed per repair transaction (bounds the time the event loop spends signing)
+#: gaps signed per repair transaction (bounds memory and the transaction's size)
 REPAIR_CHUNK = 256
 
 
@@ -99,7 +99,6 @@ class _FollowedLog:
     key: LogKey
     db_id: int = -1
     follower: LogFollower | None = None
-    results: list[PollResult] = field(default_factory=list)
 
 
 class CTIndexer:
@@ -129,6 +128,11 @@ class CTIndexer:
                 key = LogKey(cfg.public_key)
             except ValueError as exc:
                 raise ConfigError(f"ct_logs[{i}] ({cfg.name}).public_key: {exc}") from exc
+            if any(f.key.log_id == key.log_id for f in self.logs):
+                raise ConfigError(
+                    f"ct_logs[{i}] ({cfg.name}): another configured log has the same key "
+                    "(a log is identified by its key: configure it once)"
+                )
             self.logs.append(_FollowedLog(cfg, key))
         self._started = False
         self._repairing = asyncio.Lock()
