@@ -211,6 +211,8 @@ def cmd_audit(args: argparse.Namespace) -> None:
         raise CommandError("--sample must be at least 1")
     if args.concurrency < 1:
         raise CommandError("--concurrency must be at least 1")
+    if not args.url.startswith(("http://", "https://")):
+        raise CommandError(f"--url must be an http:// or https:// URL, got {args.url!r}")
     issuers = load_audit_issuers(config)
 
     async def run() -> str:
