@@ -178,6 +178,87 @@ def cmd_demo(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_ct_follow(args: argparse.Namespace) -> None:
+    import json
+    import signal
+
+    from responder.ct_indexer import BackgroundFollower, CTIndexer
+
+    config = _config(args)
+    _setup_logging(config.log_level)
+    if not config.ct_logs:
+        raise CommandError("no ct_logs configured: add [[ct_logs]] tables (see README)")
+
+    async def run() -> bool:
+        service = await _with_service(config)
+        try:
+            indexer = CTIndexer(config.ct_logs, service.registry, service.store.pool, config.policy)
+            if args.once:
+                results = await indexer.run_once()
+                await indexer.aclose()
+                for r in results:
+                    if args.json:
+                        print(json.dumps(r.as_json()))
+                    else:
+                        lag = "-" if r.lag_seconds is None else f"{r.lag_seconds:.1f}s"
+                        state = f"FAILED: {r.error}" if r.error else "ok"
+                        print(
+                            f"{r.log}: {state}; at {r.next_index}/{r.tree_size}, "
+                            f"{r.scanned} entries scanned, {r.indexed} serials indexed, "
+                            f"{r.gaps} coverage gaps ({r.repaired} repaired), lag {lag}"
+                        )
+                return all(r.error is None for r in results)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            follower = BackgroundFollower(indexer)
+            follower.start()
+            await stop.wait()
+            await follower.stop()  # cancels mid-batch safely: the batch is fetched again
+            return True
+        finally:
+            await service.close()
+
+    if not asyncio.run(run()):
+        raise SystemExit(1)
+
+
+def cmd_ct_status(args: argparse.Namespace) -> None:
+    from responder.ct_status import collect, render_json, render_table
+    from responder.service import resolve_database_url
+
+    config = _config(args)
+    _setup_logging(config.log_level)
+    doc = asyncio.run(collect(config, resolve_database_url(config)))
+    print(render_json(doc) if args.json else render_table(doc))
+
+
+def cmd_audit(args: argparse.Namespace) -> None:
+    from responder.audit import load_audit_issuers, load_targets, run_audit
+    from responder.service import resolve_database_url
+
+    config = _config(args)
+    _setup_logging(config.log_level)
+    if args.sample is not None and args.sample < 1:
+        raise CommandError("--sample must be at least 1")
+    if args.concurrency < 1:
+        raise CommandError("--concurrency must be at least 1")
+    if not args.url.startswith(("http://", "https://")):
+        raise CommandError(f"--url must be an http:// or https:// URL, got {args.url!r}")
+    issuers = load_audit_issuers(config)
+
+    async def run() -> str:
+        targets = await load_targets(resolve_database_url(config), issuers, args.sample)
+        report = await run_audit(args.url, targets, concurrency=args.concurrency)
+        text = report.render_json() if args.json else report.render()
+        print(text)
+        return "fail" if report.violations else "ok"
+
+    if asyncio.run(run()) != "ok":
+        raise SystemExit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ocsp-responder",
@@ -211,6 +292,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-listen", default="127.0.0.1:8081")
     p.add_argument("--no-serve", action="store_true", help="set up and exit without serving")
     p.set_defaults(func=cmd_demo)
+    p = with_config(sub.add_parser("ct-follow", help="follow the CT logs into the index"))
+    p.add_argument("--once", action="store_true", help="catch up once and exit")
+    p.add_argument("--json", action="store_true", help="with --once: one JSON line per log")
+    p.set_defaults(func=cmd_ct_follow)
+    p = with_config(sub.add_parser("ct-status", help="each CT log's position, lag and gaps"))
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_ct_status)
+    p = with_config(
+        sub.add_parser("audit", help="ask the responder about indexed serials, as a client")
+    )
+    p.add_argument("--url", required=True, help="the responder's OCSP URL (POST)")
+    p.add_argument("--sample", type=int, help="audit this many random serials (default: all)")
+    p.add_argument("--concurrency", type=int, default=16, help="requests in flight")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_audit)
     return parser
 
 

@@ -98,6 +98,8 @@ class CTLogConfig:
     kind: str  # "rfc6962" | "static"
     public_key: str  # PEM or base64 DER SubjectPublicKeyInfo
     poll_interval: dt.timedelta
+    origin: str | None = None  # static: checkpoint origin (default: URL without scheme)
+    batch_size: int = 4096  # entries per committed batch
 
 
 @dataclass(frozen=True)
@@ -503,4 +505,13 @@ def _ct_log(item: dict[str, Any], index: int) -> CTLogConfig:
         kind=kind,
         public_key=_str(item["public_key"], f"{where}.public_key"),
         poll_interval=parse_duration(item.get("poll_interval", "10s"), f"{where}.poll_interval"),
+        origin=_str(item["origin"], f"{where}.origin") if "origin" in item else None,
+        batch_size=_positive(item.get("batch_size", 4096), f"{where}.batch_size"),
     )
+
+
+def _positive(v: object, key: str) -> int:
+    n = _int(v, key)
+    if n < 1:
+        raise ConfigError(f"{key}: must be at least 1, got {n}")
+    return n

@@ -14,6 +14,7 @@ from responder.admin_app import create_admin_app
 from responder.admin_tls import admin_ssl_options
 from responder.background import BackgroundTasks
 from responder.config import Config, ConfigError
+from responder.ct_indexer import BackgroundFollower, CTIndexer
 from responder.ocsp_app import OCSPApp
 from responder.service import ResponderService
 
@@ -52,6 +53,11 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
         )
     service = ResponderService(config)
     await service.start()
+    try:
+        follower = _ct_follower(config, service)
+    except ConfigError:
+        await service.close()
+        raise
     background = BackgroundTasks(service)
     await background.start()
     servers: list[_Server] = []
@@ -90,6 +96,8 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
     try:
+        if follower is not None:
+            follower.start()
         tasks = [asyncio.create_task(s.serve()) for s in servers]
         while not all(s.started for s in servers):
             if any(t.done() for t in tasks):
@@ -115,4 +123,14 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
     finally:
         stop()
         await background.stop()
+        if follower is not None:
+            await follower.stop()
         await service.close()
+
+
+def _ct_follower(config: Config, service: ResponderService) -> BackgroundFollower | None:
+    """The CT follower task, when ``ct_follow_in_serve`` is on and logs are configured."""
+    if not (config.ct_follow_in_serve and config.ct_logs):
+        return None
+    indexer = CTIndexer(config.ct_logs, service.registry, service.store.pool, config.policy)
+    return BackgroundFollower(indexer)

@@ -21,12 +21,15 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from responder import metrics
+from responder.ct_index_store import record_request_gap
 from responder.protocol import CertIdRequest
 from responder.response_cache import ResponseCache, ServedResponse
 from responder.store import PresignedStore
 from signer.issuers import Issuer, IssuerRegistry
 from signer.response_builder import (
     CertStatus,
+    Revocation,
     SignedResponse,
     ValidityPolicy,
     renewal_point,
@@ -208,8 +211,11 @@ class LiveSigningSource:
         except Exception as exc:
             log.exception("on-demand signing failed for issuer %s", issuer.name)
             raise Unavailable("signing failed") from exc
+        stored = False
         if req.hash_algorithm == "sha1":
-            await self._write_back(issuer, req.serial, signed)
+            stored = await self._write_back(issuer, req.serial, signed)
+        if knowledge.ct_only and not knowledge.has_response:
+            await self._coverage_gap(query, signed.status, knowledge.revocation, stored)
         served = self._served(signed)
         if req.nonce is not None:
             echo = sign_response(
@@ -244,12 +250,42 @@ class LiveSigningSource:
             renewal_point(signed.this_update, signed.next_update, self.policy),
         )
 
-    async def _write_back(self, issuer: Issuer, serial: int, signed: SignedResponse) -> None:
+    async def _write_back(self, issuer: Issuer, serial: int, signed: SignedResponse) -> bool:
         """Store what we signed so the next instance (and restart) finds it pre-signed."""
         try:
             await self.store.store_response(issuer.db_id, serial, signed)
         except Exception:
             log.warning("write-back of on-demand response failed (issuer %s)", issuer.name)
+            return False
+        return True
+
+    async def _coverage_gap(
+        self, query: Query, status: CertStatus, revocation: Revocation | None, stored: bool
+    ) -> None:
+        """A serial known only from CT had no response: store one (SHA-1, the pre-signed
+        form) and keep the gap for the operator; counted once per serial."""
+        req, issuer = query.request, query.issuer
+        if not stored and req.hash_algorithm != "sha1":
+            sha1 = sign_response(issuer, req.serial, status, self.policy, revocation=revocation)
+            stored = await self._write_back(issuer, req.serial, sha1)
+        try:
+            gap = await record_request_gap(
+                self.store.pool, issuer.db_id, req.serial, repaired=stored
+            )
+        except Exception:
+            log.exception("could not record the coverage gap of issuer %s", issuer.name)
+            return
+        if gap is not None:
+            metrics.coverage_gaps_total.labels(issuer.name).inc()
+            log.error(
+                "coverage gap: serial %s of issuer %s is in CT (log %s, leaf %s) but had no "
+                "response; signed on demand%s",
+                format(req.serial, "x"),
+                issuer.name,
+                gap.log_name,
+                gap.leaf_index,
+                "" if stored else " (storing it failed)",
+            )
 
 
 def build_chain(

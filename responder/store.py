@@ -98,6 +98,10 @@ class Knowledge:
 
     known: bool
     revocation: Revocation | None
+    #: seen in CT but never recorded by the CA (its write was lost or bypassed)
+    ct_only: bool = False
+    #: a signed response row exists (fresh or not)
+    has_response: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +197,11 @@ class PresignedStore:
         """Whether the serial was issued (recorded, or seen in CT) and its revocation."""
         row = await self.pool.fetchrow(
             "SELECT EXISTS (SELECT 1 FROM certificates WHERE issuer_id = $1 AND serial = $2) "
-            "       AS known, "
+            "       AS recorded, "
+            "       EXISTS (SELECT 1 FROM ct_index WHERE issuer_id = $1 AND serial = $2) "
+            "       AS in_ct, "
+            "       EXISTS (SELECT 1 FROM responses WHERE issuer_id = $1 AND serial = $2) "
+            "       AS has_response, "
             "       (SELECT revoked_at FROM revocations WHERE issuer_id = $1 AND serial = $2) "
             "       AS revoked_at, "
             "       (SELECT reason FROM revocations WHERE issuer_id = $1 AND serial = $2) "
@@ -205,7 +213,12 @@ class PresignedStore:
         revocation = None
         if row["revoked_at"] is not None:
             revocation = Revocation(row["revoked_at"], REASONS_BY_CODE[row["reason"]])
-        return Knowledge(known=bool(row["known"]) or revocation is not None, revocation=revocation)
+        return Knowledge(
+            known=bool(row["recorded"] or row["in_ct"]) or revocation is not None,
+            revocation=revocation,
+            ct_only=bool(row["in_ct"]) and not row["recorded"],
+            has_response=bool(row["has_response"]),
+        )
 
     async def store_response(self, issuer_id: int, serial: int, signed: SignedResponse) -> None:
         """Write back a response signed on demand; never replaces a revoked one with good,

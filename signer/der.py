@@ -1,9 +1,12 @@
-"""A minimal, strict DER reader for the few fields cryptography does not expose raw.
+"""The one minimal, strict DER walker of the project (signer and CT index share it).
 
-We need the exact bytes of a certificate's SubjectPublicKeyInfo and of its subject Name
-(OCSP CertIDs and CT issuer_key_hash are hashes of those bytes as encoded, not as
-re-encoded by a library), so we walk the TBSCertificate ourselves. Only definite-length
-DER is accepted; anything else raises DERError.
+We need the exact bytes of a certificate's SubjectPublicKeyInfo and Names (OCSP CertIDs
+and CT's issuer_key_hash hash those bytes as encoded, not as re-encoded by a library),
+``cryptography`` cannot load a bare TBSCertificate (what a CT precert entry carries), and
+loading every certificate of a busy log would be far too slow. So we walk the TLVs
+ourselves, by offsets into the buffer (no copies on the CT hot path). The walk is strict:
+definite, minimal lengths that stay inside their parent, single-byte tags, and minimally
+encoded INTEGER serials. Every defect raises :class:`DERError`, never IndexError.
 """
 
 from __future__ import annotations
@@ -12,87 +15,173 @@ from typing import NamedTuple
 
 
 class DERError(ValueError):
-    """The bytes are not the DER structure we expected."""
+    """The bytes are not the strict DER structure we expected."""
 
 
-class TLV(NamedTuple):
-    tag: int
-    start: int  # offset of the tag byte
-    value_start: int
-    end: int  # offset one past the value
+TAG_INTEGER = 0x02
+TAG_SEQUENCE = 0x30
+TAG_VERSION = 0xA0  # [0] EXPLICIT Version in TBSCertificate
 
 
-def read_tlv(data: bytes, offset: int = 0, limit: int | None = None) -> TLV:
-    """Read one TLV at ``offset``; single-byte tags and definite lengths only."""
-    end_limit = len(data) if limit is None else limit
-    if offset + 2 > end_limit:
+def read_tlv(buf: bytes, pos: int, end: int) -> tuple[int, int, int]:
+    """Read one TLV at ``pos`` bounded by ``end``; return (tag, content_start, content_end)."""
+    if pos + 2 > end:
         raise DERError("truncated TLV header")
-    tag = data[offset]
+    tag = buf[pos]
     if tag & 0x1F == 0x1F:
-        raise DERError("multi-byte tags are not used in these structures")
-    first = data[offset + 1]
-    pos = offset + 2
+        raise DERError("multi-byte tags are not expected here")
+    first = buf[pos + 1]
+    pos += 2
     if first < 0x80:
         length = first
     else:
-        count = first & 0x7F
-        if count == 0 or count > 4:
-            raise DERError("indefinite or oversized length")
-        if pos + count > end_limit:
-            raise DERError("truncated length")
-        length = int.from_bytes(data[pos : pos + count], "big")
-        if data[pos] == 0 or length < 0x80:
+        n = first & 0x7F
+        if n == 0:
+            raise DERError("indefinite length is not DER")
+        if n > 4 or pos + n > end:
+            raise DERError("length field too long or truncated")
+        length = int.from_bytes(buf[pos : pos + n], "big")
+        if buf[pos] == 0 or length < 0x80:
             raise DERError("non-minimal length encoding")
-        pos += count
-    if pos + length > end_limit:
-        raise DERError("value runs past the end of its container")
-    return TLV(tag, offset, pos, pos + length)
+        pos += n
+    if pos + length > end:
+        raise DERError("TLV runs past its enclosing element")
+    return tag, pos, pos + length
 
 
-def children(data: bytes, container: TLV) -> list[TLV]:
-    """The TLVs directly inside a constructed TLV."""
-    out: list[TLV] = []
-    pos = container.value_start
-    while pos < container.end:
-        tlv = read_tlv(data, pos, container.end)
-        out.append(tlv)
-        pos = tlv.end
-    return out
+def expect(buf: bytes, pos: int, end: int, tag: int) -> tuple[int, int]:
+    """Read a TLV that must carry ``tag``; return its (content_start, content_end)."""
+    got, start, stop = read_tlv(buf, pos, end)
+    if got != tag:
+        raise DERError(f"expected tag 0x{tag:02x}, found 0x{got:02x}")
+    return start, stop
+
+
+def decode_integer(buf: bytes, start: int, end: int) -> int:
+    """Decode a minimally encoded two's-complement INTEGER content."""
+    if end <= start:
+        raise DERError("empty INTEGER")
+    if end - start > 1:
+        a, b = buf[start], buf[start + 1]
+        if (a == 0 and b < 0x80) or (a == 0xFF and b >= 0x80):
+            raise DERError("non-minimal INTEGER encoding")
+    return int.from_bytes(buf[start:end], "big", signed=True)
 
 
 class TBSFields(NamedTuple):
-    serial_value: bytes  # INTEGER contents (two's complement, as encoded)
-    issuer_der: bytes
-    subject_der: bytes
-    spki_der: bytes
+    """Offsets (into the buffer walked) of the TBSCertificate fields we use."""
+
+    serial: int
+    issuer: tuple[int, int]  # whole issuer Name TLV [start, end)
+    subject: tuple[int, int]  # whole subject Name TLV
+    spki: tuple[int, int]  # whole SubjectPublicKeyInfo TLV
 
 
-def tbs_fields(tbs: bytes) -> TBSFields:
-    """Split a TBSCertificate into the raw fields OCSP and CT hash."""
-    outer = read_tlv(tbs)
-    if outer.tag != 0x30 or outer.end != len(tbs):
-        raise DERError("TBSCertificate is not one SEQUENCE")
-    fields = children(tbs, outer)
-    if fields and fields[0].tag == 0xA0:  # [0] EXPLICIT version
-        fields = fields[1:]
-    if len(fields) < 6 or fields[0].tag != 0x02:
-        raise DERError("TBSCertificate lacks serial/issuer/validity/subject/SPKI")
-    serial, _sig_alg, issuer, _validity, subject, spki = fields[:6]
-    return TBSFields(
-        serial_value=tbs[serial.value_start : serial.end],
-        issuer_der=tbs[issuer.start : issuer.end],
-        subject_der=tbs[subject.start : subject.end],
-        spki_der=tbs[spki.start : spki.end],
-    )
+def _serial_and_issuer(buf: bytes, start: int, end: int) -> tuple[int, int, int]:
+    """Inside TBSCertificate content: return (serial, issuer_start, issuer_end)."""
+    pos = start
+    tag, _, stop = read_tlv(buf, pos, end)
+    if tag == TAG_VERSION:
+        pos = stop
+    s0, s1 = expect(buf, pos, end, TAG_INTEGER)
+    serial = decode_integer(buf, s0, s1)
+    _, _, pos = read_tlv(buf, s1, end)  # signature AlgorithmIdentifier
+    _, i1 = expect(buf, pos, end, TAG_SEQUENCE)  # issuer Name
+    return serial, pos, i1
+
+
+def _tbs_fields_in(buf: bytes, start: int, end: int) -> TBSFields:
+    serial, i0, i1 = _serial_and_issuer(buf, start, end)
+    _, v1 = expect(buf, i1, end, TAG_SEQUENCE)  # validity
+    _, sub1 = expect(buf, v1, end, TAG_SEQUENCE)  # subject Name
+    _, k1 = expect(buf, sub1, end, TAG_SEQUENCE)  # subjectPublicKeyInfo
+    return TBSFields(serial, (i0, i1), (v1, sub1), (sub1, k1))
+
+
+def tbs_serial(tbs: bytes, start: int = 0, end: int | None = None) -> int:
+    """Serial number of a DER TBSCertificate occupying exactly ``tbs[start:end]``."""
+    end = len(tbs) if end is None else end
+    c0, c1 = expect(tbs, start, end, TAG_SEQUENCE)
+    if c1 != end:
+        raise DERError("trailing bytes after TBSCertificate")
+    return _serial_and_issuer(tbs, c0, c1)[0]
+
+
+def certificate_serial_and_issuer(
+    cert: bytes, start: int = 0, end: int | None = None
+) -> tuple[int, int, int]:
+    """(serial, issuer_start, issuer_end) of a DER Certificate at ``cert[start:end]``."""
+    t0, t1 = certificate_tbs(cert, start, end)
+    c0, c1 = expect(cert, t0, t1, TAG_SEQUENCE)
+    return _serial_and_issuer(cert, c0, c1)
+
+
+def tbs_fields(tbs: bytes, start: int = 0, end: int | None = None) -> TBSFields:
+    """Walk a DER TBSCertificate occupying exactly ``tbs[start:end]``."""
+    end = len(tbs) if end is None else end
+    c0, c1 = expect(tbs, start, end, TAG_SEQUENCE)
+    if c1 != end:
+        raise DERError("trailing bytes after TBSCertificate")
+    return _tbs_fields_in(tbs, c0, c1)
+
+
+def certificate_tbs(cert: bytes, start: int = 0, end: int | None = None) -> tuple[int, int]:
+    """Return the [start, end) of the TBSCertificate TLV inside a Certificate."""
+    end = len(cert) if end is None else end
+    c0, c1 = expect(cert, start, end, TAG_SEQUENCE)
+    if c1 != end:
+        raise DERError("trailing bytes after Certificate")
+    _, t1 = expect(cert, c0, c1, TAG_SEQUENCE)
+    return c0, t1
+
+
+def certificate_fields(cert: bytes, start: int = 0, end: int | None = None) -> TBSFields:
+    """Walk a DER Certificate occupying exactly ``cert[start:end]``."""
+    t0, t1 = certificate_tbs(cert, start, end)
+    c0, c1 = expect(cert, t0, t1, TAG_SEQUENCE)
+    return _tbs_fields_in(cert, c0, c1)
+
+
+def children(buf: bytes, start: int, end: int) -> list[tuple[int, int, int, int]]:
+    """The TLVs inside content ``[start, end)``: (tag, tlv_start, content_start, content_end)."""
+    out: list[tuple[int, int, int, int]] = []
+    pos = start
+    while pos < end:
+        tag, c0, c1 = read_tlv(buf, pos, end)
+        out.append((tag, pos, c0, c1))
+        pos = c1
+    return out
 
 
 def spki_key_bits(spki_der: bytes) -> bytes:
     """The subjectPublicKey BIT STRING value (without the unused-bits byte): what OCSP hashes."""
-    outer = read_tlv(spki_der)
-    parts = children(spki_der, outer)
-    if len(parts) != 2 or parts[1].tag != 0x03:
+    c0, c1 = expect(spki_der, 0, len(spki_der), TAG_SEQUENCE)
+    if c1 != len(spki_der):
+        raise DERError("trailing bytes after SubjectPublicKeyInfo")
+    parts = children(spki_der, c0, c1)
+    if len(parts) != 2 or parts[1][0] != 0x03:
         raise DERError("SubjectPublicKeyInfo is not SEQUENCE { AlgorithmIdentifier, BIT STRING }")
-    bits = parts[1]
-    if bits.end - bits.value_start < 1 or spki_der[bits.value_start] != 0:
+    _, _, b0, b1 = parts[1]
+    if b1 - b0 < 1 or spki_der[b0] != 0:
         raise DERError("subjectPublicKey has unused bits")
-    return spki_der[bits.value_start + 1 : bits.end]
+    return spki_der[b0 + 1 : b1]
+
+
+class TLV(NamedTuple):
+    """One element located in a buffer, for code that edits DER structures in place."""
+
+    tag: int
+    start: int  # offset of the tag byte
+    value_start: int
+    end: int  # one past the value
+
+
+def read_element(buf: bytes, pos: int = 0, end: int | None = None) -> TLV:
+    """Like :func:`read_tlv`, returning the element's own start too."""
+    tag, c0, c1 = read_tlv(buf, pos, len(buf) if end is None else end)
+    return TLV(tag, pos, c0, c1)
+
+
+def element_children(buf: bytes, parent: TLV) -> list[TLV]:
+    """The elements directly inside a constructed element."""
+    return [TLV(*child) for child in children(buf, parent.value_start, parent.end)]

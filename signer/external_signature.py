@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import ocsp
 
-from signer.der import TLV, DERError, children, read_tlv
+from signer.der import TLV, DERError, element_children, read_element
 from signer.pkcs11_key import Pkcs11Key
 
 StandInKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
@@ -72,18 +72,18 @@ def encode_tlv(tag: int, value: bytes) -> bytes:
 def _one(data: bytes, tlv: TLV, tag: int, what: str) -> list[TLV]:
     if tlv.tag != tag:
         raise DERError(f"{what}: unexpected tag {tlv.tag:#x}")
-    return children(data, tlv)
+    return element_children(data, tlv)
 
 
 def replace_responder_key_hash(tbs: bytes, key_hash: bytes) -> bytes:
     """tbsResponseData with its ``responderID byKey`` hash replaced (same length)."""
-    outer = read_tlv(tbs)
+    outer = read_element(tbs)
     fields = _one(tbs, outer, 0x30, "ResponseData")
     if fields and fields[0].tag == 0xA0:  # [0] EXPLICIT version
         fields = fields[1:]
     if not fields or fields[0].tag != 0xA2:
         raise DERError("ResponseData.responderID is not byKey")
-    (octets,) = children(tbs, fields[0])
+    (octets,) = element_children(tbs, fields[0])
     if octets.tag != 0x04 or octets.end - octets.value_start != len(key_hash):
         raise DERError("responderID byKey is not a 20-byte OCTET STRING")
     return tbs[: octets.value_start] + key_hash + tbs[octets.end :]
@@ -91,7 +91,7 @@ def replace_responder_key_hash(tbs: bytes, key_hash: bytes) -> bytes:
 
 def replace_signature(response_der: bytes, tbs_der: bytes, signature: bytes) -> bytes:
     """The same OCSPResponse with tbsResponseData and its signature BIT STRING replaced."""
-    outer = read_tlv(response_der)
+    outer = read_element(response_der)
     if outer.end != len(response_der):
         raise DERError("trailing bytes after OCSPResponse")
     status, response_bytes = _one(response_der, outer, 0x30, "OCSPResponse")
@@ -100,7 +100,7 @@ def replace_signature(response_der: bytes, tbs_der: bytes, signature: bytes) -> 
     if octets.tag != 0x04:
         raise DERError("ResponseBytes.response is not an OCTET STRING")
     basic_der = response_der[octets.value_start : octets.end]
-    basic = read_tlv(basic_der)
+    basic = read_element(basic_der)
     parts = _one(basic_der, basic, 0x30, "BasicOCSPResponse")
     if len(parts) < 3 or parts[2].tag != 0x03:
         raise DERError("BasicOCSPResponse lacks its signature BIT STRING")

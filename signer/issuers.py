@@ -125,22 +125,25 @@ class Issuer:
 def issuer_from_certificate(name: str, cert: x509.Certificate) -> Issuer:
     """Precompute an issuer's CertID hashes (all algorithms) and CT key identity."""
     try:
-        fields = tbs_fields(cert.tbs_certificate_bytes)
-        key_bits = spki_key_bits(fields.spki_der)
+        tbs = cert.tbs_certificate_bytes
+        fields = tbs_fields(tbs)
+        subject_der = tbs[fields.subject[0] : fields.subject[1]]
+        spki_der = tbs[fields.spki[0] : fields.spki[1]]
+        key_bits = spki_key_bits(spki_der)
     except DERError as exc:
         raise IssuerConfigError(f"issuer {name}: cannot read certificate fields: {exc}") from exc
     issuer = Issuer(
         name=name,
         certificate=cert,
-        subject_der=fields.subject_der,
-        spki_der=fields.spki_der,
+        subject_der=subject_der,
+        spki_der=spki_der,
         key_bits=key_bits,
-        spki_sha256=hashlib.sha256(fields.spki_der).digest(),
+        spki_sha256=hashlib.sha256(spki_der).digest(),
         responders=[],
     )
     for alg in CERT_ID_HASHES:
         issuer.cert_id_hashes[alg] = (
-            hashlib.new(alg, fields.subject_der).digest(),
+            hashlib.new(alg, subject_der).digest(),
             hashlib.new(alg, key_bits).digest(),
         )
     return issuer
@@ -312,7 +315,9 @@ class IssuerRegistry:
     def issuer_of(self, cert: x509.Certificate) -> Issuer | None:
         """The configured issuer that signed ``cert`` (name match, then signature check)."""
         try:
-            issuer_der = tbs_fields(cert.tbs_certificate_bytes).issuer_der
+            tbs = cert.tbs_certificate_bytes
+            i0, i1 = tbs_fields(tbs).issuer
+            issuer_der = tbs[i0:i1]
         except DERError:
             return None
         for candidate in self._by_subject.get(issuer_der, []):

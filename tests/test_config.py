@@ -47,6 +47,35 @@ def test_env_overrides_toml(tmp_path: Path) -> None:
     assert cfg.listen == ("127.0.0.1", 1234)
 
 
+def test_ct_logs(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        "ct_follow_in_serve = true\n[[ct_logs]]\nname = 'n'\nurl = 'https://l.example/'\n"
+        "kind = 'static'\npublic_key = 'AAAA'\norigin = 'l.example'\nbatch_size = 512\n"
+        "[[ct_logs]]\nurl = 'https://r.example'\nkind = 'rfc6962'\npublic_key = 'BBBB'\n"
+        "poll_interval = '30s'\n"
+    )
+    cfg = load_config(path, {})
+    assert cfg.ct_follow_in_serve
+    static, rfc = cfg.ct_logs
+    assert (static.name, static.url, static.origin, static.batch_size) == (
+        "n",
+        "https://l.example",
+        "l.example",
+        512,
+    )
+    assert static.poll_interval == dt.timedelta(seconds=10)
+    assert (rfc.name, rfc.kind, rfc.origin, rfc.batch_size) == (
+        "https://r.example",
+        "rfc6962",
+        None,
+        4096,
+    )
+    assert rfc.poll_interval == dt.timedelta(seconds=30)
+    env = {"OCSP_RESPONDER_CT_FOLLOW_IN_SERVE": "false"}
+    assert not load_config(path, env).ct_follow_in_serve
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -59,6 +88,12 @@ def test_env_overrides_toml(tmp_path: Path) -> None:
         ("[[issuers]]\nname = 'x'\n", "'certificate'"),
         ("[[issuers]]\ncertificate = 'x.pem'\n", "delegated responder"),
         ("listen = [\n", "invalid TOML"),
+        ("[[ct_logs]]\nurl = 'http://l'\nkind = 'static'\n", "'public_key' is required"),
+        ("[[ct_logs]]\nurl = 'u'\nkind = 'x'\npublic_key = 'k'\n", "ct_logs[0].kind"),
+        (
+            "[[ct_logs]]\nurl = 'u'\nkind = 'static'\npublic_key = 'k'\nbatch_size = 0\n",
+            "ct_logs[0].batch_size: must be at least 1",
+        ),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:

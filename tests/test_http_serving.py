@@ -186,11 +186,11 @@ def _two_certid_request(cert, issuer):  # type: ignore[no-untyped-def]
     # OCSPRequest { TBSRequest { requestList { Request } } }: duplicate the Request
     from signer.der import children, read_tlv
 
-    outer = read_tlv(one)
-    tbs = children(one, outer)[0]
-    req_list = children(one, tbs)[0]
-    request = children(one, req_list)[0]
-    item = one[request.start : request.end]
+    _, c0, c1 = read_tlv(one, 0, len(one))
+    _, _, t0, t1 = children(one, c0, c1)[0]  # TBSRequest
+    _, _, l0, l1 = children(one, t0, t1)[0]  # requestList
+    _, start, _, end = children(one, l0, l1)[0]  # the one Request
+    item = one[start:end]
 
     def wrap(tag: int, body: bytes) -> bytes:
         n = len(body)

@@ -8,6 +8,9 @@ errors: reported per entry, never indexed silently).
 
 from __future__ import annotations
 
+# The shared DER walker's error (a ValueError), re-exported for the CT layer's callers.
+from signer.der import DERError as DERError
+
 
 class CTError(Exception):
     """Base class of every error raised by ``responder.ct``."""
@@ -18,10 +21,6 @@ class CTError(Exception):
 
 class CTParseError(CTError, ValueError):
     """Bytes from a log do not follow the expected encoding."""
-
-
-class DERError(CTParseError):
-    """A certificate or TBSCertificate is not the strict DER we can walk."""
 
 
 class MalformedEntryError(CTParseError):

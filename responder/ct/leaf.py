@@ -3,7 +3,7 @@
 The hot path is written around offsets into the fetched buffer: framing is
 walked once, other CAs' entries are skipped by a byte compare (the 32-byte
 ``issuer_key_hash`` of a precert, the issuer Name of an x509 entry), and only
-our own issuers' entries have their serial read by :mod:`.der`.
+our own issuers' entries have their serial read by :mod:`signer.der`.
 
 Issuer identity is the SHA-256 of the issuer's whole SubjectPublicKeyInfo
 (CT's ``issuer_key_hash``):
@@ -31,8 +31,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.padding import PSS, PKCS1v15
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from . import der
-from .errors import DERError, MalformedEntryError, MalformedTileError
+from signer import der
+from signer.der import DERError
+
+from .errors import MalformedEntryError, MalformedTileError
 
 log = logging.getLogger(__name__)
 

@@ -6,6 +6,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from signer.demo_ca import DemoCA, create_ca
+from tests.support import IssuerFiles, issuer_files
+
 from .fakelog import FakeLog, FakeLogServer
 from .pki import Pki, make_pki
 
@@ -27,3 +30,15 @@ def fake_log(fake_server: FakeLogServer) -> FakeLog:
 @pytest.fixture(scope="session")
 def pki() -> Pki:
     return make_pki()
+
+
+@pytest.fixture(scope="session")
+def ct_ca() -> DemoCA:
+    """Our CA for the CT index tests: root, issuing CA, delegated responder."""
+    return create_ca("p256", "CT Test")
+
+
+@pytest.fixture(scope="session")
+def ct_issuer(ct_ca: DemoCA, tmp_path_factory: pytest.TempPathFactory) -> IssuerFiles:
+    """``ct_ca`` as configuration files (issuer ``ctca``)."""
+    return issuer_files("ctca", ct_ca, tmp_path_factory.mktemp("ctca"))

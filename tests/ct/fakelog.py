@@ -130,12 +130,25 @@ class FakeLog:
         self.leaf_hashes.append(sha256(b"\x00\x00\x00" + te))
         return len(self.entries) - 1
 
-    def add_fixture_tiles(self, root: Path = NAVIGLI, tiles: int = 4) -> None:
-        """Append the real navigli2025h2 entries (they must land at their own indexes)."""
+    def add_fixture_tiles(
+        self,
+        root: Path = NAVIGLI,
+        tiles: int = 4,
+        *,
+        rekey: dict[bytes, bytes] | None = None,
+    ) -> None:
+        """Append the real navigli2025h2 entries (they must land at their own indexes).
+
+        ``rekey`` maps a real issuer_key_hash to another one: the same real entries
+        (timestamps, TBSCertificates, serials) re-attributed to a test twin of the issuer,
+        whose key the tests hold; the log computes and signs its own tree over them.
+        """
         issuers = {sha256(c): c for c in _fixture_issuer_ders()}
         for k in range(tiles):
             for te, tail in _split_fixture_tile((root / "tile" / "data" / f"{k:03d}").read_bytes()):
                 assert int.from_bytes(te[-5:], "big") == len(self.entries)
+                if rekey is not None and te[8:10] == b"\x00\x01":
+                    te = te[:10] + rekey[te[10:42]] + te[42:]
                 pre_len = int.from_bytes(tail[:3], "big")
                 pre = tail[3 : 3 + pre_len]
                 fps = tail[3 + pre_len + 2 :]

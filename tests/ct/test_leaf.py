@@ -11,8 +11,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from responder.ct import der, leaf
+from responder.ct import leaf
 from responder.ct.errors import CTParseError, DERError, MalformedEntryError, MalformedTileError
+from signer import der
 
 from .fakelog import FIXTURES, ISSUERS, NAVIGLI
 from .pki import DER, Pki

@@ -1,0 +1,408 @@
+"""The CT follower runner: logs -> verified batches -> PostgreSQL index -> repaired gaps.
+
+For each configured log, ``LogFollower`` (``responder.ct``) yields verified batches; each
+batch's index rows, its coverage gaps and the log's new position commit in one
+transaction (``CTIndexStore.commit_batch``). Right after, every gap (a newly indexed
+serial with no stored response: the CA's own write was lost or bypassed) is signed
+(good, or revoked if a revocation is recorded), stored and marked repaired, so the
+answer is authoritative within seconds of the log's publication, without waiting for a
+relying party to ask. Gaps are counted (``coverage_gaps_total{issuer}``), logged at ERROR
+with serial, log and leaf index, and kept in ``coverage_gaps``.
+
+A log that fails verification (bad signature, entry not matching its hash, rollback) is
+never advanced: the error is logged and stored (``ct-status`` shows it) and the same
+range is tried again next poll. Fetch failures (429/5xx after retries) are the same,
+at warning level.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import asyncpg
+import httpx
+
+from responder import metrics
+from responder.config import ConfigError, CTLogConfig
+from responder.ct import (
+    Batch,
+    CTError,
+    FetchError,
+    IssuerSet,
+    LogConfig,
+    LogFollower,
+    LogKey,
+    RetryPolicy,
+    VerificationError,
+)
+from responder.ct import Issuer as CTIssuer
+from responder.ct_index_store import CTIndexStore, Gap, IndexRow, PositionConflict
+from signer.issuers import Issuer, IssuerConfigError, IssuerRegistry
+from signer.response_builder import (
+    CertStatus,
+    SignedResponse,
+    SigningError,
+    ValidityPolicy,
+    sign_response,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: failures of the database that a later poll may not meet again
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
+#: what one poll of one log may fail with; anything else is a bug and propagates
+POLL_ERRORS: tuple[type[BaseException], ...] = (
+    CTError,
+    PositionConflict,
+    httpx.HTTPError,
+    *DATABASE_ERRORS,
+)
+#: gaps signed per repair transaction (bounds memory and the transaction's size)
+REPAIR_CHUNK = 256
+
+
+@dataclass
+class PollResult:
+    """What one poll of one log did (for ``ct-follow --once`` and tests)."""
+
+    log: str
+    batches: int = 0
+    scanned: int = 0
+    indexed: int = 0
+    gaps: int = 0
+    repaired: int = 0
+    malformed: int = 0
+    next_index: int = 0
+    tree_size: int = 0
+    lag_seconds: float | None = None
+    error: str | None = None
+
+    def as_json(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _FollowedLog:
+    config: CTLogConfig
+    key: LogKey
+    db_id: int = -1
+    follower: LogFollower | None = None
+
+
+class CTIndexer:
+    """Follows every configured log into the index and repairs gaps; one per process."""
+
+    def __init__(
+        self,
+        logs: Sequence[CTLogConfig],
+        registry: IssuerRegistry,
+        pool: asyncpg.Pool,
+        policy: ValidityPolicy,
+        *,
+        retry: RetryPolicy | None = None,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.registry = registry
+        self.store = CTIndexStore(pool)
+        self.policy = policy
+        self.retry = retry or RetryPolicy()
+        self.http = http
+        self.issuer_set = IssuerSet(
+            CTIssuer.from_certificate(i.certificate) for i in registry.issuers
+        )
+        self.logs: list[_FollowedLog] = []
+        for i, cfg in enumerate(logs):
+            try:
+                key = LogKey(cfg.public_key)
+            except ValueError as exc:
+                raise ConfigError(f"ct_logs[{i}] ({cfg.name}).public_key: {exc}") from exc
+            if any(f.key.log_id == key.log_id for f in self.logs):
+                raise ConfigError(
+                    f"ct_logs[{i}] ({cfg.name}): another configured log has the same key "
+                    "(a log is identified by its key: configure it once)"
+                )
+            self.logs.append(_FollowedLog(cfg, key))
+        self._started = False
+        self._repairing = asyncio.Lock()
+
+    async def start(self) -> None:
+        """Create or find each log's row (the issuers must be registered already)."""
+        for followed in self.logs:
+            pos = await self.store.ensure_log(
+                followed.key.log_id, followed.config.name, followed.config.url
+            )
+            followed.db_id = pos.db_id
+        self._started = True
+
+    async def aclose(self) -> None:
+        for followed in self.logs:
+            await self._drop_follower(followed)
+
+    # --- one poll ---------------------------------------------------------------
+
+    async def run_once(self) -> list[PollResult]:
+        """Catch every log up to its current head once (and repair pending gaps)."""
+        if not self._started:
+            await self.start()
+        results = [await self.poll(followed) for followed in self.logs]
+        await self.repair_pending()
+        return results
+
+    async def poll(self, followed: _FollowedLog) -> PollResult:
+        """Catch one log up; commit batch by batch; never raises for a log's fault."""
+        name = followed.config.name
+        result = PollResult(name)
+        try:
+            follower = await self._follower(followed)
+
+            async def commit(batch: Batch) -> None:
+                await self._commit(followed, batch, result)
+
+            await pipelined(follower.poll_once(), commit)
+            result.next_index = follower.state.next_index
+            result.tree_size = follower.state.head_size
+        except POLL_ERRORS as exc:
+            # The follower's in-memory state may be ahead of what committed: rebuild it
+            # from the stored position next time.
+            await self._drop_follower(followed)
+            result.error = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, VerificationError):
+                log.error("CT log %s failed verification, not advancing: %s", name, result.error)
+            elif isinstance(exc, (FetchError, PositionConflict)):
+                log.warning("CT log %s: %s (will retry)", name, result.error)
+            else:
+                log.error("CT log %s: %s", name, result.error)
+            with contextlib.suppress(*DATABASE_ERRORS):
+                await self.store.record_log_error(followed.db_id, result.error)
+                position = await self.store.position(followed.db_id)
+                result.next_index = position.next_index
+            return result
+        metrics.ct_log_position.labels(name).set(result.next_index)
+        return result
+
+    async def _follower(self, followed: _FollowedLog) -> LogFollower:
+        if followed.follower is None:
+            cfg = followed.config
+            position = await self.store.position(followed.db_id)
+            followed.follower = LogFollower(
+                LogConfig(
+                    url=cfg.url,
+                    kind=cfg.kind,  # type: ignore[arg-type]
+                    public_key=cfg.public_key,
+                    issuers=self.issuer_set,
+                    origin=cfg.origin,
+                    batch_size=cfg.batch_size,
+                    retry=self.retry,
+                ),
+                position.state,
+                http=self.http,
+            )
+        return followed.follower
+
+    async def _drop_follower(self, followed: _FollowedLog) -> None:
+        if followed.follower is not None:
+            follower, followed.follower = followed.follower, None
+            with contextlib.suppress(Exception):
+                await follower.aclose()
+
+    async def _commit(self, followed: _FollowedLog, batch: Batch, result: PollResult) -> None:
+        name = followed.config.name
+        rows: list[IndexRow] = []
+        for entry in batch.entries:
+            issuer = self.registry.for_spki_sha256(entry.issuer_key_hash)
+            if issuer is None:  # cannot happen: the filter only passes our issuers
+                continue
+            rows.append(
+                IndexRow(
+                    issuer.db_id, entry.serial, entry.leaf_index, entry.kind, entry.timestamp_ms
+                )
+            )
+        for bad in batch.malformed:
+            log.error(
+                "CT log %s leaf %d may be one of ours but does not parse (not indexed): %s",
+                name,
+                bad.leaf_index,
+                bad.reason,
+            )
+        outcome = await self.store.commit_batch(
+            followed.db_id,
+            name,
+            batch.start,
+            rows,
+            batch.new_state.to_json(),
+            batch.end,
+            batch.tree_size,
+        )
+        result.batches += 1
+        result.scanned += batch.scanned
+        result.indexed += outcome.new_serials
+        result.malformed += len(batch.malformed)
+        metrics.ct_entries_indexed_total.labels(name).inc(outcome.new_serials)
+        metrics.ct_log_position.labels(name).set(batch.end)
+        for gap in outcome.gaps:
+            issuer = self.registry.by_db_id(gap.issuer_id)
+            issuer_name = issuer.name if issuer else str(gap.issuer_id)
+            metrics.coverage_gaps_total.labels(issuer_name).inc()
+            log.error(
+                "coverage gap: serial %s of issuer %s appeared in CT (log %s, leaf %d) with no "
+                "stored response; signing it now",
+                format(gap.serial, "x"),
+                issuer_name,
+                name,
+                gap.leaf_index,
+            )
+        result.gaps += len(outcome.gaps)
+        if outcome.gaps:
+            result.repaired += await self.repair_pending()
+        if rows:
+            newest = max(r.logged_at_ms for r in rows)
+            lag = max(0.0, time.time() - newest / 1000)
+            result.lag_seconds = lag
+            metrics.ct_lag_seconds.labels(name).set(lag)
+            await self.store.record_lag(followed.db_id, lag)
+
+    # --- gap repair -------------------------------------------------------------
+
+    async def repair_pending(self) -> int:
+        """Sign and store a response for every unrepaired gap of our issuers."""
+        async with self._repairing:
+            return await self._repair_pending()
+
+    async def _repair_pending(self) -> int:
+        issuer_ids = [i.db_id for i in self.registry.issuers]
+        repaired = 0
+        while True:
+            gaps = await self.store.unrepaired_gaps(issuer_ids, REPAIR_CHUNK)
+            # Signing a chunk takes up to ~0.5 s (RSA): off the event loop, so a follower
+            # inside `serve` does not stall the OCSP hot path during a burst of gaps.
+            signed = await asyncio.to_thread(self._sign_all, gaps)
+            if not signed:
+                return repaired
+            await self.store.store_repairs(signed)
+            repaired += len(signed)
+            if len(signed) < len(gaps):
+                return repaired  # some cannot be signed now; retried next poll
+
+    def _sign_all(self, gaps: Sequence[Gap]) -> list[tuple[Gap, SignedResponse]]:
+        return [s for s in (self._sign(g) for g in gaps) if s is not None]
+
+    def _sign(self, gap: Gap) -> tuple[Gap, SignedResponse] | None:
+        issuer: Issuer | None = self.registry.by_db_id(gap.issuer_id)
+        if issuer is None:
+            return None
+        status = CertStatus.REVOKED if gap.revocation else CertStatus.GOOD
+        try:
+            return gap, sign_response(
+                issuer, gap.serial, status, self.policy, revocation=gap.revocation
+            )
+        except (IssuerConfigError, SigningError, ValueError) as exc:
+            log.error(
+                "coverage gap of issuer %s serial %s cannot be signed now: %s",
+                issuer.name,
+                format(gap.serial, "x"),
+                exc,
+            )
+            return None
+
+    # --- running ----------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Follow every log at its poll interval until ``stop`` is set (or cancelled)."""
+        stop = stop or asyncio.Event()
+        if not self._started:
+            await self.start()
+        try:
+            await asyncio.gather(*(self._loop(f, stop) for f in self.logs))
+        finally:
+            await self.aclose()
+
+    async def _loop(self, followed: _FollowedLog, stop: asyncio.Event) -> None:
+        interval = followed.config.poll_interval.total_seconds()
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                await self.poll(followed)
+                await self.repair_pending()
+            except DATABASE_ERRORS as exc:
+                log.warning("gap repair failed (will retry): %s", exc)
+            except Exception:  # a bug must not stop following for good: keep trying
+                log.exception("CT log %s: unexpected failure (will retry)", followed.config.name)
+                await self._drop_follower(followed)
+            wait = max(0.0, interval - (time.monotonic() - started))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=wait)
+
+
+async def pipelined(batches: AsyncIterator[T], commit: Callable[[T], Awaitable[None]]) -> None:
+    """Commit batches in order while the next one is fetched and parsed.
+
+    The fetch/parse side runs in a task one batch ahead (so at most two batches are in
+    memory), overlapping its CPU work with the database's. Batches are committed strictly
+    in order; an error on either side stops both. If fetching fails, the batches already
+    handed over are committed first (they were verified), then the error is raised.
+    """
+    queue: asyncio.Queue[T | None] = asyncio.Queue(maxsize=1)
+
+    async def produce() -> None:
+        try:
+            async for batch in batches:
+                await queue.put(batch)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            await queue.put(None)  # let the committer finish what was handed over
+            raise
+        await queue.put(None)
+
+    producer = asyncio.create_task(produce())
+    try:
+        while (item := await queue.get()) is not None:
+            await commit(item)
+    except BaseException:
+        producer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await producer
+        raise
+    await producer  # re-raises a fetch/verification error
+
+
+class BackgroundFollower:
+    """The follower as a task inside ``serve`` (``ct_follow_in_serve = true``)."""
+
+    def __init__(self, indexer: CTIndexer) -> None:
+        self.indexer = indexer
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="ct-follower")
+
+    async def _run(self) -> None:
+        try:
+            await self.indexer.run(self._stop)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("the CT follower stopped; serving continues without it")
+
+    async def stop(self) -> None:
+        """Cancel the follower. Safe at any point: a batch's transaction either committed
+        (with its position) or rolls back and is fetched again after the restart."""
+        self._stop.set()
+        if self._task is None:
+            return
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task

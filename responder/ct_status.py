@@ -1,0 +1,78 @@
+"""``ocsp-responder ct-status``: each CT log's position, lag and gaps, for an operator."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+import asyncpg
+
+from responder.config import Config
+from responder.ct_index_store import gap_counts_by_issuer, log_statuses
+from responder.schema import check_schema
+
+
+async def collect(config: Config, dsn: str) -> dict[str, Any]:
+    """The status document (what ``--json`` prints): logs, gaps per issuer."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await check_schema(conn)
+        statuses = await log_statuses(conn)
+        by_issuer = await gap_counts_by_issuer(conn)
+    finally:
+        await conn.close()
+    seen = {s.url for s in statuses}
+    logs: list[dict[str, Any]] = [s.as_json() for s in statuses]
+    for cfg in config.ct_logs:
+        if cfg.url not in seen:
+            logs.append({"name": cfg.name, "url": cfg.url, "state": "never polled"})
+    return {
+        "logs": logs,
+        "gaps_by_issuer": {
+            name: {"gaps": total, "unrepaired": open_} for name, (total, open_) in by_issuer.items()
+        },
+    }
+
+
+def render_json(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, indent=2, sort_keys=True)
+
+
+def render_table(doc: dict[str, Any], now: dt.datetime | None = None) -> str:
+    """A fixed-width table, one line per log, then gaps per issuer."""
+    now = now or dt.datetime.now(dt.UTC)
+    header = ("log", "next index", "tree size", "behind", "lag", "updated", "indexed", "gaps")
+    rows: list[tuple[str, ...]] = [header]
+    errors: list[str] = []
+    for item in doc["logs"]:
+        if "next_index" not in item:
+            rows.append((item["name"], "-", "-", "-", "-", "never polled", "-", "-"))
+            continue
+        updated = dt.datetime.fromisoformat(item["updated_at"])
+        lag = item["lag_seconds"]
+        rows.append(
+            (
+                item["name"],
+                str(item["next_index"]),
+                str(item["tree_size"]),
+                str(item["behind"]),
+                "-" if lag is None else f"{lag:.1f}s",
+                f"{(now - updated).total_seconds():.0f}s ago",
+                str(item["indexed"]),
+                f"{item['gaps']} ({item['gaps_unrepaired']} open)",
+            )
+        )
+        if item["last_error"]:
+            errors.append(f"{item['name']}: last poll failed: {item['last_error']}")
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines += errors
+    gaps = doc["gaps_by_issuer"]
+    if gaps:
+        lines.append("coverage gaps by issuer:")
+        for name, g in gaps.items():
+            lines.append(f"  {name}: {g['gaps']} ({g['unrepaired']} not repaired)")
+    else:
+        lines.append("coverage gaps: none")
+    return "\n".join(lines)

@@ -1,0 +1,326 @@
+"""The follower runner into a real PostgreSQL, over real HTTP from the fake log.
+
+The real fixture entries (1,024 Let's Encrypt staging precertificates) are indexed with
+the real staging issuers configured by certificate: every (issuer, serial) must land under
+the issuer that an independent check (cryptography verifying the precertificate's
+signature) names. Their keys are not ours, so those gaps stay open: the HTTP answers for
+those serials are shown in test_index_http.py with test twins of the issuers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterator
+
+import asyncpg
+import pytest
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from prometheus_client import REGISTRY
+
+from responder.config import CTLogConfig
+from responder.ct_index_store import CTIndexStore
+from responder.ct_indexer import CTIndexer
+from responder.store import CertificateRecord, serial_from_key, serial_key
+from signer.demo_ca import DemoCA, create_ca
+from signer.response_builder import CertStatus, Revocation, ValidityPolicy, sign_response
+from tests.support import IssuerFiles, check_response
+
+from .fakelog import FakeLog, FakeLogServer
+from .index_support import (
+    DER,
+    FAST,
+    bare_registry,
+    connect,
+    now_ms,
+    precert_signing_ca,
+    signing_registry,
+    staging_certs,
+)
+
+KINDS = ["static", "rfc6962"]
+POLICY = ValidityPolicy()
+
+
+def log_config(srv: FakeLogServer, kind: str, name: str = "fake", batch: int = 256) -> CTLogConfig:
+    return CTLogConfig(
+        name=name,
+        url=srv.url,
+        kind=kind,
+        public_key=srv.log.public_key_pem.decode(),
+        poll_interval=dt.timedelta(seconds=1),
+        origin=srv.log.origin,
+        batch_size=batch,
+    )
+
+
+def expected_fixture_serials(log: FakeLog) -> dict[tuple[str, int], int]:
+    """(issuer name, serial) -> leaf index, found without the code under test: load each
+    precertificate with cryptography and find the staging issuer whose key signed it."""
+    certs = staging_certs()
+    out: dict[tuple[str, int], int] = {}
+    for index, entry in enumerate(log.entries):
+        n = int.from_bytes(entry.tail[:3], "big")
+        pre = x509.load_der_x509_certificate(entry.tail[3 : 3 + n])
+        signers = []
+        for name, cert in certs.items():
+            try:
+                pre.verify_directly_issued_by(cert)
+            except (InvalidSignature, ValueError, TypeError):
+                continue
+            signers.append(name)
+        assert len(signers) == 1
+        out.setdefault((signers[0], pre.serial_number), index)
+    return out
+
+
+async def index_rows(dsn: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetch(
+            "SELECT i.name, c.serial, c.leaf_index, c.entry_kind, c.log "
+            "FROM ct_index c JOIN issuers i ON i.id = c.issuer_id"
+        )
+    finally:
+        await conn.close()
+
+
+async def fetch(dsn: str, query: str, *args: object) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetch(query, *args)
+    finally:
+        await conn.close()
+
+
+def gap_metric(issuer: str) -> float:
+    return REGISTRY.get_sample_value("coverage_gaps_total", {"issuer": issuer}) or 0.0
+
+
+@pytest.fixture
+def fixture_log(fake_log: FakeLog) -> FakeLog:
+    fake_log.add_fixture_tiles()
+    fake_log.publish()
+    return fake_log
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_real_fixture_every_serial_indexed_under_its_issuer(
+    fake_server: FakeLogServer, fixture_log: FakeLog, database: str, kind: str
+) -> None:
+    want = expected_fixture_serials(fixture_log)
+    assert len(want) == 1024
+    registry = bare_registry(staging_certs())
+    store = await connect(database, registry)
+    before = {n: gap_metric(n) for n in ("e5", "e6", "r10", "r11")}
+    try:
+        indexer = CTIndexer(
+            [log_config(fake_server, kind, batch=300)], registry, store.pool, POLICY, retry=FAST
+        )
+        [result] = await indexer.run_once()
+        assert result.error is None and result.indexed == 1024
+        assert (result.next_index, result.tree_size) == (1024, 1024)
+        rows = await index_rows(database)
+        got = {(r["name"], serial_from_key(r["serial"])): r["leaf_index"] for r in rows}
+        assert len(rows) == 1024 and got == want
+        assert {r["entry_kind"] for r in rows} == {1}  # precert_entry
+        # No key of ours: every serial is an open gap, counted once per serial.
+        gaps = await fetch(database, "SELECT repaired_at, detected_by FROM coverage_gaps")
+        assert len(gaps) == 1024 and all(g["repaired_at"] is None for g in gaps)
+        assert {g["detected_by"] for g in gaps} == {"ct-follower"}
+        assert sum(gap_metric(n) - before[n] for n in before) == 1024
+        # Polling again: nothing new, no duplicates, nothing counted twice.
+        [again] = await indexer.run_once()
+        assert again.error is None and again.indexed == 0 and again.gaps == 0
+        assert len(await index_rows(database)) == 1024
+        pos = await fetch(database, "SELECT next_index, tree_size, state FROM ct_logs")
+        assert [(p["next_index"], p["tree_size"]) for p in pos] == [(1024, 1024)]
+        await indexer.aclose()
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_restart_resumes_without_gap_or_duplicate(
+    fake_server: FakeLogServer, fixture_log: FakeLog, database: str, kind: str
+) -> None:
+    """An entry that does not match its hash stops the follower; what committed before
+    stays, the position is exactly after it, and a new process resumes there."""
+    registry = bare_registry(staging_certs())
+    store = await connect(database, registry)
+    try:
+        cfg = log_config(fake_server, kind, batch=200)
+        fixture_log.faults.tamper = {700}
+        first = CTIndexer([cfg], registry, store.pool, POLICY, retry=FAST)
+        [r1] = await first.run_once()
+        await first.aclose()
+        assert r1.error is not None and ("Mismatch" in r1.error or "Proof" in r1.error)
+        [pos] = await fetch(database, "SELECT next_index, last_error FROM ct_logs")
+        committed = pos["next_index"]
+        assert 0 < committed <= 700 and pos["last_error"]
+        leaves = sorted(r["leaf_index"] for r in await index_rows(database))
+        assert leaves == list(range(committed))  # every entry is ours: no hole, no extra
+        # "Restart": a new indexer (new follower) from the stored position.
+        fixture_log.faults.tamper = set()
+        fixture_log.requests.clear()
+        second = CTIndexer([cfg], registry, store.pool, POLICY, retry=FAST)
+        [r2] = await second.run_once()
+        await second.aclose()
+        assert r2.error is None and r2.indexed == 1024 - committed
+        leaves = sorted(r["leaf_index"] for r in await index_rows(database))
+        assert leaves == list(range(1024))
+        if kind == "static":
+            assert "/tile/data/000" not in fixture_log.requests  # resumed, not restarted
+        [pos] = await fetch(database, "SELECT next_index, last_error FROM ct_logs")
+        assert pos["next_index"] == 1024 and pos["last_error"] is None
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_rate_limits_errors_and_bad_signatures_do_not_advance(
+    fake_server: FakeLogServer, fixture_log: FakeLog, database: str, kind: str
+) -> None:
+    registry = bare_registry(staging_certs())
+    store = await connect(database, registry)
+    try:
+        indexer = CTIndexer(
+            [log_config(fake_server, kind)], registry, store.pool, POLICY, retry=FAST
+        )
+        fixture_log.publish(512)
+        [r] = await indexer.run_once()
+        assert r.error is None and r.next_index == 512
+        fixture_log.publish()
+
+        async def position() -> tuple[int, int, str | None]:
+            [p] = await fetch(database, "SELECT next_index, tree_size, last_error FROM ct_logs")
+            return p["next_index"], p["tree_size"], p["last_error"]
+
+        fixture_log.faults.failures = {"/": [429, 503, 429, 503, 503, 429]}
+        [r] = await indexer.run_once()
+        assert r.error is not None and "RetriesExhausted" in r.error
+        n, size, err = await position()
+        assert (n, size) == (512, 512) and err and "RetriesExhausted" in err
+        fixture_log.faults.failures = {}
+        fixture_log.faults.bad_signature = True
+        [r] = await indexer.run_once()
+        assert r.error is not None and "SignatureError" in r.error
+        n, size, err = await position()
+        assert (n, size) == (512, 512) and err and "SignatureError" in err
+        assert len(await index_rows(database)) == 512
+        fixture_log.faults.bad_signature = False
+        [r] = await indexer.run_once()
+        assert r.error is None
+        assert await position() == (1024, 1024, None)
+        assert len(await index_rows(database)) == 1024
+        await indexer.aclose()
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+def caplog_errors(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    caplog.set_level(logging.ERROR, logger="responder.ct_indexer")
+    yield caplog
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_follower_repairs_lost_writes_within_the_poll(
+    fake_server: FakeLogServer,
+    fake_log: FakeLog,
+    database: str,
+    ct_ca: DemoCA,
+    ct_issuer: IssuerFiles,
+    caplog_errors: pytest.LogCaptureFixture,
+    kind: str,
+) -> None:
+    """Serials the CA recorded are not gaps; serials only in CT (the CA's write was lost)
+    are signed good, or revoked when a revocation is recorded, stored, counted and logged."""
+    registry = signing_registry({"ctca": ct_ca})
+    issuer = registry.issuers[0]
+    store = await connect(database, registry)
+    other = create_ca("p256", "Someone Else")
+    pcsa = precert_signing_ca(ct_ca)
+    log = fake_log
+    recorded: list[int] = []
+    lost: list[int] = []
+    for s in range(1, 41):
+        ts = now_ms()
+        serial = 0x7000 + s
+        if s % 4 == 0:
+            log.add_x509(ct_ca.issue_leaf("x.test", serial=serial).public_bytes(DER), [], ts)
+        elif s % 4 == 1:
+            pre = ct_ca.issue_leaf("p.test", serial=serial, precertificate=True)
+            tbs = ct_ca.issue_leaf("p.test", serial=serial).tbs_certificate_bytes
+            log.add_precert(issuer.spki_sha256, tbs, pre.public_bytes(DER), [], ts)
+        elif s % 4 == 2:  # from the precertificate signing CA: the log names the real CA
+            pre = ct_ca.issue_leaf(
+                "ps.test",
+                serial=serial,
+                precertificate=True,
+                issuer_cert=pcsa.cert,
+                issuer_key=pcsa.key,
+            )
+            tbs = ct_ca.issue_leaf("ps.test", serial=serial).tbs_certificate_bytes
+            log.add_precert(issuer.spki_sha256, tbs, pre.public_bytes(DER), [pcsa.der], ts)
+        else:
+            log.add_x509(other.issue_leaf("o.test", serial=serial).public_bytes(DER), [], ts)
+            continue
+        if s % 3 == 0:
+            recorded.append(serial)
+        else:
+            lost.append(serial)
+    log.publish()
+    try:
+        for serial in recorded:  # the CA's write that did happen
+            signed = sign_response(issuer, serial, CertStatus.GOOD, POLICY)
+            record = CertificateRecord(
+                issuer.db_id, serial, ct_ca.ca_cert.not_valid_after_utc, True
+            )
+            await store.record_certificates([(record, signed)])
+        # One lost serial was revoked, but its response row was lost too.
+        revoked_serial = lost[0]
+        revocation = Revocation(
+            ct_ca.ca_cert.not_valid_before_utc.replace(microsecond=0),
+            x509.ReasonFlags.key_compromise,
+        )
+        signed = sign_response(
+            issuer, revoked_serial, CertStatus.REVOKED, POLICY, revocation=revocation
+        )
+        await store.record_revocation(issuer.db_id, revoked_serial, revocation, signed)
+        await store.pool.execute(
+            "DELETE FROM responses WHERE serial = $1", signed_key(revoked_serial)
+        )
+        before = gap_metric("ctca")
+        indexer = CTIndexer([log_config(fake_server, kind, batch=16)], registry, store.pool, POLICY)
+        [r] = await indexer.run_once()
+        await indexer.aclose()
+        assert r.error is None and r.indexed == len(recorded) + len(lost)
+        assert r.gaps == len(lost) and r.repaired == len(lost)
+        assert gap_metric("ctca") - before == len(lost)
+        assert r.lag_seconds is not None and 0 <= r.lag_seconds < 60
+        gaps = await fetch(database, "SELECT serial, leaf_index, repaired_at FROM coverage_gaps")
+        assert sorted(serial_from_key(g["serial"]) for g in gaps) == sorted(lost)
+        assert all(g["repaired_at"] is not None for g in gaps)
+        for serial in lost:
+            [row] = await fetch(
+                database, "SELECT der FROM responses WHERE serial = $1", signed_key(serial)
+            )
+            expect = "revoked" if serial == revoked_serial else "good"
+            check_response(bytes(row["der"]), issuer=ct_issuer, serial=serial, expect=expect)
+        messages = [rec.getMessage() for rec in caplog_errors.records]
+        for serial, gap in ((serial_from_key(g["serial"]), g) for g in gaps):
+            assert any(
+                f"serial {serial:x} " in m and "log fake" in m and f"leaf {gap['leaf_index']}" in m
+                for m in messages
+            ), serial
+        [lag] = await fetch(database, "SELECT lag_seconds FROM ct_logs")
+        assert lag["lag_seconds"] is not None and lag["lag_seconds"] < 60
+        assert await CTIndexStore(store.pool).unrepaired_gaps([issuer.db_id]) == []
+    finally:
+        await store.close()
+
+
+def signed_key(serial: int) -> bytes:
+    return serial_key(serial)
