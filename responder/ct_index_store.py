@@ -205,9 +205,11 @@ class CTIndexStore:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("SET LOCAL synchronous_commit = on")
             await conn.execute(
-                "INSERT INTO responses (issuer_id, serial, status, this_update, next_update, der) "
+                "INSERT INTO responses (issuer_id, serial, status, this_update, next_update, der, "
+                "                       signer) "
                 "SELECT * FROM unnest($1::smallint[], $2::bytea[], $3::smallint[], "
-                "                     $4::timestamptz[], $5::timestamptz[], $6::bytea[]) "
+                "                     $4::timestamptz[], $5::timestamptz[], $6::bytea[], "
+                "                     $7::bigint[]) "
                 "ON CONFLICT (issuer_id, serial) DO NOTHING",
                 issuer_ids,
                 serials,
@@ -215,6 +217,7 @@ class CTIndexStore:
                 [to_datetime(s.this_update) for _, s in repairs],
                 [to_datetime(s.next_update) for _, s in repairs],
                 [s.der for _, s in repairs],
+                [s.signer or None for _, s in repairs],
             )
             await conn.execute(
                 "UPDATE coverage_gaps g SET repaired_at = now() "
