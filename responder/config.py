@@ -104,6 +104,8 @@ class Config:
     issuers: list[IssuerConfig] = field(default_factory=list)
     ct_logs: list[CTLogConfig] = field(default_factory=list)
     ct_follow_in_serve: bool = False
+    replica_urls: list[str] = field(default_factory=list)
+    replica_max_lag: dt.timedelta = dt.timedelta(seconds=30)
     source: Path | None = None
 
     def load_issuers(self) -> IssuerRegistry:
@@ -171,6 +173,17 @@ def _bool(v: object, key: str) -> bool:
     raise ConfigError(f"{key}: expected true or false, got {v!r}")
 
 
+def _str_list(v: object, key: str) -> list[str]:
+    if isinstance(v, str):
+        try:
+            v = json.loads(v) if v.strip().startswith("[") else [p for p in v.split(",") if p]
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{key}: expected a JSON array of strings: {exc}") from exc
+    if not isinstance(v, list) or not all(isinstance(item, str) for item in v):
+        raise ConfigError(f"{key}: expected a list of strings")
+    return v
+
+
 def _list(v: object, key: str) -> list[Any]:
     if isinstance(v, str):
         try:
@@ -201,6 +214,8 @@ KNOWN_KEYS: dict[str, Callable[[object, str], object]] = {
     "issuers": _list,
     "ct_logs": _list,
     "ct_follow_in_serve": _bool,
+    "replica_urls": _str_list,
+    "replica_max_lag": parse_duration,
 }
 
 
@@ -290,6 +305,9 @@ def _build(v: dict[str, Any], base: Path, source: Path | None) -> Config:
     cfg.ct_logs = [_ct_log(item, i) for i, item in enumerate(v.get("ct_logs", []))]
     if "ct_follow_in_serve" in v:
         cfg.ct_follow_in_serve = v["ct_follow_in_serve"]
+    cfg.replica_urls = v.get("replica_urls", [])
+    if "replica_max_lag" in v:
+        cfg.replica_max_lag = v["replica_max_lag"]
     return cfg
 
 

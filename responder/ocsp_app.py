@@ -88,11 +88,13 @@ class OCSPApp:
         method = scope["method"]
         path: bytes = scope.get("raw_path") or scope["path"].encode()
         if method == "GET" or method == "HEAD":
-            if path.startswith(self.get_prefix):
-                await self._get(scope, path[len(self.get_prefix) :], send, method == "HEAD")
-            elif self.health is not None and path in (b"/healthz", b"/readyz"):
+            # health paths first: "/readyz" also starts with the empty prefix's "/"; base64
+            # of a DER request starts with "M", so no OCSP request can look like them
+            if self.health is not None and path in (b"/healthz", b"/readyz"):
                 status, body = await self.health(path)
                 await _plain(send, status, body, head=method == "HEAD")
+            elif path.startswith(self.get_prefix):
+                await self._get(scope, path[len(self.get_prefix) :], send, method == "HEAD")
             else:
                 await _plain(send, 404, b"not found: OCSP GET requests live under the prefix\n")
         elif method == "POST":

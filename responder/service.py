@@ -11,6 +11,7 @@ import logging
 
 from responder.config import Config
 from responder.embedded_db import start_embedded_postgres
+from responder.replicas import connect_replicas
 from responder.response_cache import ResponseCache
 from responder.schema import check_schema
 from responder.sources import IssuerFilter, LiveSigningSource, build_chain
@@ -55,6 +56,14 @@ class ResponderService:
             async with self.store.pool.acquire() as conn:
                 await check_schema(conn)
             await self.store.register_issuers(self.registry.issuers)
+            if self.config.replica_urls:
+                self.store.replicas = await connect_replicas(
+                    self.config.replica_urls,
+                    self.store.pool,
+                    max_size=pool_size,
+                    max_lag=self.config.replica_max_lag.total_seconds(),
+                )
+                self.store.replicas.start()
         except BaseException:
             await self.store.close()
             raise
@@ -77,6 +86,9 @@ class ResponderService:
             await asyncio.wait_for(self.store.pool.fetchval("SELECT 1"), timeout=1.0)
         except Exception as exc:
             return False, f"database unreachable: {type(exc).__name__}"
+        if self.store.replicas is not None:
+            # lookups fall back to the primary: ready, but say so
+            return True, "ready; " + self.store.replicas.ready_detail()
         return True, "ready"
 
     async def close(self) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
-from responder.store import PresignedStore
+from responder.store import PresignedStore, serial_key
 from signer.issuers import Issuer
 from signer.response_builder import (
     CertStatus,
@@ -63,4 +63,6 @@ class Revoker:
             issuer, serial, CertStatus.REVOKED, self.policy, revocation=revocation
         )
         created = await self.store.record_revocation(issuer.db_id, serial, revocation, signed)
+        if self.store.replicas is not None:
+            await self.store.replicas.pin(issuer.db_id, serial_key(serial))
         return RevocationOutcome(created=created, signed=signed, revocation=revocation)

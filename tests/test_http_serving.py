@@ -302,8 +302,10 @@ def test_stale_row_is_not_served(responder, p256_issuer, module_database):  # ty
 
 
 def test_health_on_ocsp_port(responder):  # type: ignore[no-untyped-def]
-    assert httpx.get(responder.url + "/healthz").status_code == 200
-    assert httpx.get(responder.url + "/readyz").status_code == 200
+    health = httpx.get(responder.url + "/healthz")
+    assert health.status_code == 200 and health.text == "ok\n"
+    ready = httpx.get(responder.url + "/readyz")
+    assert ready.status_code == 200 and ready.text.startswith("ready")
     # the admin API is not on the public port
     resp = httpx.post(responder.url + "/v1/certificates", content=b"x")
     assert resp.status_code == 404
