@@ -110,9 +110,7 @@ async def sizes(dsn: str, rows: int) -> dict[str, float]:
         await conn.close()
 
 
-async def closed_loop(
-    concurrency: int, seconds: float, op: object
-) -> tuple[float, list[float]]:
+async def closed_loop(concurrency: int, seconds: float, op: object) -> tuple[float, list[float]]:
     """Run ``op`` from ``concurrency`` tasks for ``seconds``; returns (ops/s, latencies)."""
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds
@@ -257,24 +255,40 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         dsns = {}
         conn = await asyncpg.connect(admin_dsn)
         for name in ("scale_big", "scale_empty"):
+            dsns[name] = admin_dsn.rsplit("/", 1)[0] + "/" + name
+            if name == "scale_big" and args.reuse:
+                continue
             await conn.execute(f"DROP DATABASE IF EXISTS {name}")
             await conn.execute(f"CREATE DATABASE {name}")
-            dsns[name] = admin_dsn.rsplit("/", 1)[0] + "/" + name
         await conn.close()
-        for dsn in dsns.values():
+        for name, dsn in dsns.items():
+            if name == "scale_big" and args.reuse:
+                # same issuer row id, new key: re-point the row so signing works
+                big = await asyncpg.connect(dsn)
+                await big.execute(
+                    "UPDATE issuers SET spki_sha256 = $1 WHERE id = 1", issuer.spki_sha256
+                )
+                await big.close()
             await migrate(dsn)
             store = await PresignedStore.connect(dsn, min_size=1, max_size=1)
             await store.register_issuers([issuer])
             await store.close()
         assert issuer.db_id == 1
-        print(f"loading {args.rows:,} rows ...", flush=True)
-        results["load_rows_per_s"] = await load(dsns["scale_big"], args.rows, template)
+        if args.reuse:
+            print(f"reusing the loaded {args.rows:,} rows", flush=True)
+        else:
+            print(f"loading {args.rows:,} rows ...", flush=True)
+            results["load_rows_per_s"] = await load(dsns["scale_big"], args.rows, template)
         results.update(await sizes(dsns["scale_big"], args.rows))
         print("measuring lookups ...", flush=True)
         results.update(await lookups(dsns["scale_big"], args.rows, args.seconds))
         print("measuring recording ...", flush=True)
-        results["record_per_s_at_size"] = await recording(dsns["scale_big"], issuer, args.record, 500)
-        results["record_per_s_empty"] = await recording(dsns["scale_empty"], issuer, args.record, 500)
+        results["record_per_s_at_size"] = await recording(
+            dsns["scale_big"], issuer, args.record, 500
+        )
+        results["record_per_s_empty"] = await recording(
+            dsns["scale_empty"], issuer, args.record, 500
+        )
         print("measuring refresher ...", flush=True)
         results["refresh_per_s_at_size"] = await refresher(
             dsns["scale_big"], issuer, args.refresh, 500
@@ -298,6 +312,9 @@ def main() -> None:
     parser.add_argument("--record", type=int, default=20_000, help="certificates to record")
     parser.add_argument("--refresh", type=int, default=20_000, help="responses to refresh")
     parser.add_argument("--keep", action="store_true", help="keep the cluster afterwards")
+    parser.add_argument(
+        "--reuse", action="store_true", help="with --dsn: measure the already loaded scale_big"
+    )
     args = parser.parse_args()
     results = asyncio.run(main_async(args))
     out = Path(__file__).resolve().parent / "results"
