@@ -34,12 +34,12 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from responder.schema import migrate  # noqa: E402
-from responder.store import CertificateRecord, PresignedStore, serial_key  # noqa: E402
-from signer.demo_ca import create_ca  # noqa: E402
-from signer.issuers import Issuer, issuer_from_certificate, make_responder  # noqa: E402
-from signer.response_builder import CertStatus, ValidityPolicy, sign_response  # noqa: E402
-from tests.pgcluster import PgCluster  # noqa: E402
+from responder.schema import migrate
+from responder.store import CertificateRecord, PresignedStore
+from signer.demo_ca import create_ca
+from signer.issuers import Issuer, issuer_from_certificate, make_responder
+from signer.response_builder import CertStatus, ValidityPolicy, sign_response
+from tests.pgcluster import PgCluster
 
 CHUNK = 500_000
 

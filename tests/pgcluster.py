@@ -137,8 +137,20 @@ class PgCluster:
         replica = PgCluster(self.settings, base=self.root.parent)
         replica.settings = {**self.settings, "unix_socket_directories": str(replica.root)}
         replica._cmd(
-            "pg_basebackup", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
-            "-D", str(replica.datadir), "-R", "-X", "stream", "-c", "fast",
+            "pg_basebackup",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-U",
+            "postgres",
+            "-D",
+            str(replica.datadir),
+            "-R",
+            "-X",
+            "stream",
+            "-c",
+            "fast",
         )
         with open(replica.datadir / "postgresql.conf", "a") as conf:
             conf.write(f"port = {replica.port}\n")
