@@ -34,7 +34,9 @@ class BackgroundTasks:
 
     def __init__(self, service: ResponderService) -> None:
         self.service = service
-        self.listener = InvalidationListener(service.dsn, service.cache)
+        self.listener = InvalidationListener(
+            service.dsn, service.cache, replicas=service.store.replicas
+        )
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:

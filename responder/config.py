@@ -139,6 +139,8 @@ class Config:
     cdn_purge: list[CdnPurgeConfig] = field(default_factory=list)
     cdn_purge_attempts: int = 3
     cdn_purge_timeout: dt.timedelta = dt.timedelta(seconds=2)
+    replica_urls: list[str] = field(default_factory=list)
+    replica_max_lag: dt.timedelta = dt.timedelta(seconds=30)
     source: Path | None = None
     # operations (docs/operations.md)
     log_format: str = "text"
@@ -215,6 +217,17 @@ def _bool(v: object, key: str) -> bool:
     raise ConfigError(f"{key}: expected true or false, got {v!r}")
 
 
+def _str_list(v: object, key: str) -> list[str]:
+    if isinstance(v, str):
+        try:
+            v = json.loads(v) if v.strip().startswith("[") else [p for p in v.split(",") if p]
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{key}: expected a JSON array of strings: {exc}") from exc
+    if not isinstance(v, list) or not all(isinstance(item, str) for item in v):
+        raise ConfigError(f"{key}: expected a list of strings")
+    return v
+
+
 def _list(v: object, key: str) -> list[Any]:
     if isinstance(v, str):
         try:
@@ -262,6 +275,8 @@ KNOWN_KEYS: dict[str, Callable[[object, str], object]] = {
     "health_check_interval": parse_duration,
     "refresh_deadline_slack": parse_duration,
     "readiness_requires_fresh_responses": _bool,
+    "replica_urls": _str_list,
+    "replica_max_lag": parse_duration,
 }
 
 
@@ -353,6 +368,9 @@ def _build(v: dict[str, Any], base: Path, source: Path | None) -> Config:
         cfg.ct_follow_in_serve = v["ct_follow_in_serve"]
     _refresh_settings(cfg, v)
     _operations(cfg, v, base)
+    cfg.replica_urls = v.get("replica_urls", [])
+    if "replica_max_lag" in v:
+        cfg.replica_max_lag = v["replica_max_lag"]
     return cfg
 
 

@@ -56,8 +56,9 @@ class Readiness:
 
     def summary(self) -> str:
         """One line for the OCSP port's plain-text /readyz."""
+        replicas = self.checks.get("replicas")
         if self.ready:
-            return "ready"
+            return "ready" + (f"; {replicas['detail']}" if replicas else "")
         failing = [f"{k}: {v['detail']}" for k, v in self.checks.items() if not v["ok"]]
         return "not ready: " + "; ".join(failing)
 
@@ -183,6 +184,15 @@ class HealthMonitor:
         if not self.require_fresh_responses:
             fresh = {**fresh, "ok": True, "enforced": False}
         checks["responses"] = fresh
+        if self.store.replicas is not None:
+            # informational: lookups fall back to the primary, so this never blocks readiness
+            replicas = self.store.replicas
+            checks["replicas"] = {
+                "ok": True,
+                "detail": replicas.ready_detail(),
+                "healthy": sum(r.healthy for r in replicas.replicas),
+                "configured": len(replicas.replicas),
+            }
         ready = all(c["ok"] for c in checks.values())
         metrics.readiness_ready.set(1 if ready else 0)
         return Readiness(ready, checks)

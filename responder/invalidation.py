@@ -28,8 +28,9 @@ import logging
 import asyncpg
 
 from responder import metrics
+from responder.replicas import ReplicaSet
 from responder.response_cache import ResponseCache
-from responder.store import INVALIDATION_CHANNEL, parse_invalidation_payload
+from responder.store import INVALIDATION_CHANNEL, parse_invalidation_payload, serial_key
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,12 @@ class InvalidationListener:
         *,
         probe_interval: float = 5.0,
         max_backoff: float = 5.0,
+        replicas: ReplicaSet | None = None,
     ) -> None:
         self.dsn = dsn
         self.cache = cache
+        #: read replicas to keep off a changed serial until they replayed the change
+        self.replicas = replicas
         self.probe_interval = probe_interval
         self.max_backoff = max_backoff
         #: set while a LISTEN is in place (tests and readiness may wait for it)
@@ -59,6 +63,9 @@ class InvalidationListener:
         except ValueError:
             log.warning("invalidation: ignoring malformed payload %r", payload)
             return
+        if self.replicas is not None:
+            # first: a lookup after this must not re-read the old row from a replica
+            self.replicas.pin_now(issuer_id, serial_key(serial))
         dropped = self.cache.drop_serial(issuer_id, serial)
         metrics.cache_invalidations_total.inc(dropped)
 
@@ -77,6 +84,8 @@ class InvalidationListener:
                 await conn.add_listener(INVALIDATION_CHANNEL, self._on_notification)
                 if not first:
                     # notifications may have been missed while we were away
+                    if self.replicas is not None:
+                        self.replicas.pin_everything_now()
                     self.cache.clear()
                     metrics.invalidation_listener_reconnects_total.inc()
                     log.warning("invalidation: listener reconnected; cache cleared")

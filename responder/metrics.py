@@ -116,6 +116,20 @@ readiness_ready = Gauge(
 )
 
 
+db_replica_up = Gauge(
+    "ocsp_db_replica_up",
+    "1 when the read replica is healthy and used for lookups, 0 when lookups use the primary",
+    ["replica"],
+    multiprocess_mode="min",
+)
+db_replica_lag_seconds = Gauge(
+    "ocsp_db_replica_lag_seconds",
+    "Replay lag of the read replica",
+    ["replica"],
+    multiprocess_mode="max",
+)
+
+
 def render() -> tuple[bytes, str]:
     """The exposition text: aggregated across workers in multiprocess mode."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

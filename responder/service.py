@@ -13,6 +13,7 @@ from responder.cdn_purge import CdnPurger
 from responder.config import Config
 from responder.embedded_db import start_embedded_postgres
 from responder.health import HealthMonitor, Readiness
+from responder.replicas import connect_replicas
 from responder.response_cache import ResponseCache
 from responder.schema import check_schema
 from responder.sources import IssuerFilter, LiveSigningSource, build_chain
@@ -60,6 +61,14 @@ class ResponderService:
             async with self.store.pool.acquire() as conn:
                 await check_schema(conn)
             await self.store.register_issuers(self.registry.issuers)
+            if self.config.replica_urls:
+                self.store.replicas = await connect_replicas(
+                    self.config.replica_urls,
+                    self.store.pool,
+                    max_size=pool_size,
+                    max_lag=self.config.replica_max_lag.total_seconds(),
+                )
+                self.store.replicas.start()
         except BaseException:
             await self.store.close()
             raise

@@ -18,6 +18,7 @@ from typing import TypeVar
 
 import asyncpg
 
+from responder.replicas import ReplicaSet
 from signer.issuers import Issuer
 from signer.response_builder import (
     REASON_CODES,
@@ -142,8 +143,28 @@ async def with_retries(
 class PresignedStore:
     """Reads and writes of the pre-signed response store, over an asyncpg pool."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self.pool = pool
+    def __init__(self, pool: asyncpg.Pool, replicas: ReplicaSet | None = None) -> None:
+        self.pool = pool  # the primary: every write, and reads the replicas cannot answer
+        self.replicas = replicas
+
+    async def _read(
+        self, query: str, issuer_id: int, key: bytes, found: Callable[[asyncpg.Record], bool]
+    ) -> asyncpg.Record | None:
+        """Read from a usable replica; when it has nothing (or fails), ask the primary.
+
+        A replica may not have replayed a fresh recording yet, so its "nothing" is never
+        final; see responder/replicas.py for when a replica is not asked at all.
+        """
+        replica = self.replicas.pick((issuer_id, key)) if self.replicas else None
+        if replica is not None:
+            try:
+                row = await replica.fetchrow(query, issuer_id, key)
+            except Exception as exc:  # a failing replica must not fail the lookup
+                log.warning("replica read failed (%s); using the primary", type(exc).__name__)
+                row = None
+            if row is not None and found(row):
+                return row
+        return await self.pool.fetchrow(query, issuer_id, key)
 
     @classmethod
     async def connect(cls, dsn: str, *, min_size: int = 2, max_size: int = 10) -> PresignedStore:
@@ -155,6 +176,8 @@ class PresignedStore:
         return cls(pool)
 
     async def close(self) -> None:
+        if self.replicas is not None:
+            await self.replicas.close()
         await self.pool.close()
 
     async def register_issuers(self, issuers: Sequence[Issuer]) -> None:
@@ -178,11 +201,12 @@ class PresignedStore:
 
     async def fetch_response(self, issuer_id: int, serial: int) -> StoredResponse | None:
         """The pre-signed response row, if any (one primary-key read)."""
-        row = await self.pool.fetchrow(
+        row = await self._read(
             "SELECT der, status, this_update, next_update FROM responses "
             "WHERE issuer_id = $1 AND serial = $2",
             issuer_id,
             serial_key(serial),
+            lambda _: True,
         )
         if row is None:
             return None
@@ -195,7 +219,7 @@ class PresignedStore:
 
     async def knowledge(self, issuer_id: int, serial: int) -> Knowledge:
         """Whether the serial was issued (recorded, or seen in CT) and its revocation."""
-        row = await self.pool.fetchrow(
+        row = await self._read(
             "SELECT EXISTS (SELECT 1 FROM certificates WHERE issuer_id = $1 AND serial = $2) "
             "       AS recorded, "
             "       EXISTS (SELECT 1 FROM ct_index WHERE issuer_id = $1 AND serial = $2) "
@@ -208,6 +232,7 @@ class PresignedStore:
             "       AS reason",
             issuer_id,
             serial_key(serial),
+            lambda r: bool(r["recorded"] or r["in_ct"]) or r["revoked_at"] is not None,
         )
         assert row is not None
         revocation = None

@@ -11,7 +11,7 @@ from cryptography import x509
 from responder.cdn_purge import CdnPurger
 from responder.metrics import revocations_total
 from responder.response_cache import ResponseCache
-from responder.store import PresignedStore, with_retries
+from responder.store import PresignedStore, serial_key, with_retries
 from signer.issuers import Issuer
 from signer.response_builder import (
     CertStatus,
@@ -87,6 +87,9 @@ class Revoker:
         created = await self.store.record_revocation(issuer.db_id, serial, revocation, signed)
         if created:
             revocations_total.labels(issuer.name).inc()
+        if self.store.replicas is not None:
+            # read this serial from the primary until the replicas have replayed it
+            await self.store.replicas.pin(issuer.db_id, serial_key(serial))
         if self.cache is not None:
             self.cache.drop_serial(issuer.db_id, serial)
         purge = "none"

@@ -128,6 +128,42 @@ class PgCluster:
             sql,
         )
 
+    def make_replica(self) -> PgCluster:
+        """A streaming replica of this (running) cluster: pg_basebackup -R, own port.
+
+        The replica replays the primary's WAL continuously (standby.signal); pause it with
+        ``pause_replay()`` to simulate replica lag.
+        """
+        replica = PgCluster(self.settings, base=self.root.parent)
+        replica.settings = {**self.settings, "unix_socket_directories": str(replica.root)}
+        replica._cmd(
+            "pg_basebackup",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-U",
+            "postgres",
+            "-D",
+            str(replica.datadir),
+            "-R",
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+        )
+        with open(replica.datadir / "postgresql.conf", "a") as conf:
+            conf.write(f"port = {replica.port}\n")
+            conf.write(f"unix_socket_directories = '{replica.root}'\n")
+            conf.write("hot_standby = on\nhot_standby_feedback = on\n")
+        return replica
+
+    def pause_replay(self) -> None:
+        self.psql("SELECT pg_wal_replay_pause()")
+
+    def resume_replay(self) -> None:
+        self.psql("SELECT pg_wal_replay_resume()")
+
     def wait_ready(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
