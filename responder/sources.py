@@ -17,11 +17,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from responder.protocol import CertIdRequest
-from responder.response_cache import ResponseCache, ServedResponse
+from responder.response_cache import ResponseCache, ServedResponse, cache_key
 from responder.store import PresignedStore
 from signer.issuers import Issuer, IssuerRegistry
 from signer.response_builder import CertStatus, SignedResponse, ValidityPolicy, sign_response
@@ -49,14 +48,14 @@ class Unavailable(LookupError_):
     """A dependency (database, signer) failed; the answer is tryLater, never stale bytes."""
 
 
-@dataclass(frozen=True, slots=True)
-class Query:
+# NamedTuples, not frozen dataclasses: one of each is built per request, and a frozen
+# dataclass's __init__ (object.__setattr__ per field) costs several times more.
+class Query(NamedTuple):
     request: CertIdRequest
     issuer: Issuer
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
+class Answer(NamedTuple):
     response: ServedResponse
     source: str  # "cache", "store", "live": for metrics and logs
     #: what the cache may keep: the nonce-less response (a nonce echo is never cached)
@@ -75,6 +74,19 @@ class IssuerFilter:
     def __init__(self, registry: IssuerRegistry, next_source: Source) -> None:
         self.registry = registry
         self.next = next_source
+        self._cache = next_source if isinstance(next_source, CacheSource) else None
+
+    def cached(self, request: CertIdRequest) -> ServedResponse | None:
+        """The synchronous head of the chain: the cached answer, or None (then await
+        ``response``). Most requests end here, without a coroutine per link."""
+        if self._cache is None:
+            return None
+        issuer = self.registry.for_cert_id(
+            request.hash_algorithm, request.issuer_name_hash, request.issuer_key_hash
+        )
+        if issuer is None:
+            return None
+        return self._cache.cached(request, issuer)
 
     async def response(self, request: CertIdRequest) -> Answer:
         issuer = self.registry.for_cert_id(
@@ -93,12 +105,19 @@ class CacheSource:
         self.cache = cache
         self.next = next_source
 
+    def cached(self, request: CertIdRequest, issuer: Issuer) -> ServedResponse | None:
+        """The fresh cached answer, if any."""
+        entry = self.cache.get(cache_key(issuer.db_id, request.serial, request.hash_algorithm))
+        if entry is not None and time.time() < entry.renew_at:
+            return entry
+        return None
+
     async def response(self, query: Query) -> Answer:
         req = query.request
-        key = (query.issuer.db_id, req.serial, req.hash_algorithm)
+        key = cache_key(query.issuer.db_id, req.serial, req.hash_algorithm)
         entry = self.cache.get(key)
         if entry is not None and time.time() < entry.renew_at:
-            return Answer(entry, "cache")
+            return Answer(entry, "cache", None)
         answer = await self.next.response(query)
         if answer.cacheable is not None:
             self.cache.put(key, answer.cacheable)
