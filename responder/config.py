@@ -104,6 +104,8 @@ class Config:
     issuers: list[IssuerConfig] = field(default_factory=list)
     ct_logs: list[CTLogConfig] = field(default_factory=list)
     ct_follow_in_serve: bool = False
+    workers: int = 1
+    warmup_responses: int = 100_000
     source: Path | None = None
 
     def load_issuers(self) -> IssuerRegistry:
@@ -201,6 +203,8 @@ KNOWN_KEYS: dict[str, Callable[[object, str], object]] = {
     "issuers": _list,
     "ct_logs": _list,
     "ct_follow_in_serve": _bool,
+    "workers": _int,
+    "warmup_responses": _int,
 }
 
 
@@ -290,6 +294,14 @@ def _build(v: dict[str, Any], base: Path, source: Path | None) -> Config:
     cfg.ct_logs = [_ct_log(item, i) for i, item in enumerate(v.get("ct_logs", []))]
     if "ct_follow_in_serve" in v:
         cfg.ct_follow_in_serve = v["ct_follow_in_serve"]
+    if "workers" in v:
+        if not 1 <= v["workers"] <= 256:
+            raise ConfigError("workers: must be between 1 and 256")
+        cfg.workers = v["workers"]
+    if "warmup_responses" in v:
+        if v["warmup_responses"] < 0:
+            raise ConfigError("warmup_responses: must be 0 (off) or more")
+        cfg.warmup_responses = v["warmup_responses"]
     return cfg
 
 

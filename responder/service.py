@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from responder.config import Config
 from responder.embedded_db import start_embedded_postgres
-from responder.response_cache import ResponseCache
+from responder.response_cache import SHARED_SUFFIXES, ResponseCache
 from responder.schema import check_schema
 from responder.sources import IssuerFilter, LiveSigningSource, build_chain
 from responder.store import PresignedStore
+from responder.warmup import WarmUp
 from signer.issuers import IssuerRegistry
 from signer.recording import CertificateRecorder
 from signer.revocation import Revoker
@@ -43,8 +46,12 @@ class ResponderService:
     recorder: CertificateRecorder
     revoker: Revoker
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, primary: bool = True) -> None:
         self.config = config
+        #: with ``serve --workers N`` only worker 0 is primary: it alone runs the admin API
+        #: and once-per-deployment background tasks (everything else runs in every worker)
+        self.primary = primary
+        self.warmup: WarmUp | None = None
 
     async def start(self, *, pool_size: int = 10) -> None:
         """Load issuers (checking keys), connect, check the schema, register issuers."""
@@ -59,6 +66,10 @@ class ResponderService:
             await self.store.close()
             raise
         policy = self.config.policy
+        for issuer in self.registry.issuers:
+            for identity in issuer.responders:
+                if identity.delegated:
+                    SHARED_SUFFIXES.register(identity.certificate.public_bytes(Encoding.DER))
         self.cache = ResponseCache(self.config.cache_size)
         self.chain, self.live = build_chain(
             self.registry,
@@ -71,8 +82,21 @@ class ResponderService:
         self.recorder = CertificateRecorder(self.registry, self.store, policy)
         self.revoker = Revoker(self.store, policy)
 
+    def start_warmup(self) -> None:
+        """Load the hottest responses into this process's cache, in the background."""
+        self.warmup = WarmUp(
+            self.store,
+            self.cache,
+            self.config.warmup_responses,
+            int(self.config.policy.refresh_margin.total_seconds()),
+        )
+        self.warmup.start()
+
     async def ready(self) -> tuple[bool, str]:
-        """Readiness: the database answers within a second."""
+        """Readiness: the database answers within a second (and the warm-up, if running,
+        has had its few seconds: see responder/warmup.py)."""
+        if self.warmup is not None and self.warmup.holds_readiness():
+            return False, "warming up"
         try:
             await asyncio.wait_for(self.store.pool.fetchval("SELECT 1"), timeout=1.0)
         except Exception as exc:
@@ -80,4 +104,6 @@ class ResponderService:
         return True, "ready"
 
     async def close(self) -> None:
+        if self.warmup is not None:
+            await self.warmup.stop()
         await self.store.close()

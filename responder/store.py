@@ -12,7 +12,7 @@ import asyncio
 import datetime as dt
 import logging
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -173,6 +173,35 @@ class PresignedStore:
             this_update=int(row["this_update"].timestamp()),
             next_update=int(row["next_update"].timestamp()),
         )
+
+    async def recent_responses(
+        self, limit: int, batch: int = 5000
+    ) -> AsyncIterator[list[tuple[int, int, StoredResponse]]]:
+        """The ``limit`` most recently signed responses (latest nextUpdate first), in
+        batches of (issuer id, serial, response): what the warm-up loads into memory."""
+        async with self.pool.acquire() as conn, conn.transaction(readonly=True):
+            cursor = await conn.cursor(
+                "SELECT issuer_id, serial, der, status, this_update, next_update "
+                "FROM responses ORDER BY next_update DESC LIMIT $1",
+                limit,
+            )
+            while True:
+                rows = await cursor.fetch(batch)
+                if not rows:
+                    return
+                yield [
+                    (
+                        row["issuer_id"],
+                        serial_from_key(row["serial"]),
+                        StoredResponse(
+                            der=row["der"],
+                            status=CertStatus(row["status"]),
+                            this_update=int(row["this_update"].timestamp()),
+                            next_update=int(row["next_update"].timestamp()),
+                        ),
+                    )
+                    for row in rows
+                ]
 
     async def knowledge(self, issuer_id: int, serial: int) -> Knowledge:
         """Whether the serial was issued (recorded, or seen in CT) and its revocation."""
