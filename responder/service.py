@@ -106,4 +106,6 @@ class ResponderService:
     async def close(self) -> None:
         if self.warmup is not None:
             await self.warmup.stop()
+        if hasattr(self, "live"):
+            await self.live.drain()
         await self.store.close()

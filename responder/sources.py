@@ -150,7 +150,17 @@ class StoreSource:
 
 
 class LiveSigningSource:
-    """Sign on demand for a known serial, bounded so overload answers tryLater fast."""
+    """Sign on demand for a known serial, bounded so overload answers tryLater fast.
+
+    ``queue_limit`` caps the on-demand requests in flight (the store read included):
+    beyond it the answer is tryLater at once. The semaphore (``concurrency``) bounds the
+    signatures themselves; the database read happens outside it so a slow read does not
+    idle the signer. The write-back of what was signed happens after the answer, in the
+    background (bounded too), since its failure changes nothing for this request.
+    """
+
+    #: write-backs pending beyond this are awaited before answering (back-pressure)
+    MAX_PENDING_WRITES = 1000
 
     def __init__(
         self,
@@ -166,6 +176,7 @@ class LiveSigningSource:
         self._semaphore = asyncio.Semaphore(concurrency)
         self._queue_limit = queue_limit
         self._waiting = 0
+        self._writes: set[asyncio.Task[None]] = set()
 
     @property
     def waiting(self) -> int:
@@ -176,8 +187,7 @@ class LiveSigningSource:
             raise Overloaded("signing queue full")
         self._waiting += 1
         try:
-            async with self._semaphore:
-                return await self._sign(query)
+            return await self._sign(query)
         finally:
             self._waiting -= 1
 
@@ -190,33 +200,46 @@ class LiveSigningSource:
         if not knowledge.known:
             raise SerialNotFound(req.serial)
         status = CertStatus.REVOKED if knowledge.revocation else CertStatus.GOOD
-        try:
-            signed = sign_response(
-                issuer,
-                req.serial,
-                status,
-                self.policy,
-                revocation=knowledge.revocation,
-                hash_algorithm=req.hash_algorithm,
-            )
-        except Exception as exc:
-            log.exception("on-demand signing failed for issuer %s", issuer.name)
-            raise Unavailable("signing failed") from exc
+        async with self._semaphore:
+            try:
+                signed = sign_response(
+                    issuer,
+                    req.serial,
+                    status,
+                    self.policy,
+                    revocation=knowledge.revocation,
+                    hash_algorithm=req.hash_algorithm,
+                )
+                echo = None
+                if req.nonce is not None:
+                    echo = sign_response(
+                        issuer,
+                        req.serial,
+                        status,
+                        self.policy,
+                        revocation=knowledge.revocation,
+                        hash_algorithm=req.hash_algorithm,
+                        nonce=req.nonce,
+                    )
+            except Exception as exc:
+                log.exception("on-demand signing failed for issuer %s", issuer.name)
+                raise Unavailable("signing failed") from exc
         if req.hash_algorithm == "sha1":
-            await self._write_back(issuer, req.serial, signed)
+            await self._schedule_write_back(issuer, req.serial, signed)
         served = self._served(signed)
-        if req.nonce is not None:
-            echo = sign_response(
-                issuer,
-                req.serial,
-                status,
-                self.policy,
-                revocation=knowledge.revocation,
-                hash_algorithm=req.hash_algorithm,
-                nonce=req.nonce,
-            )
+        if echo is not None:
             return Answer(self._served(echo), "live", served)
         return Answer(served, "live", served)
+
+    async def _schedule_write_back(
+        self, issuer: Issuer, serial: int, signed: SignedResponse
+    ) -> None:
+        if len(self._writes) >= self.MAX_PENDING_WRITES:
+            await self._write_back(issuer, serial, signed)
+            return
+        task = asyncio.create_task(self._write_back(issuer, serial, signed))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
 
     def _served(self, signed: SignedResponse) -> ServedResponse:
         return ServedResponse.build(
@@ -226,6 +249,11 @@ class LiveSigningSource:
             signed.next_update,
             signed.next_update - self.margin,
         )
+
+    async def drain(self, timeout: float = 5.0) -> None:
+        """Wait (bounded) for pending write-backs, before the pool closes."""
+        if self._writes:
+            await asyncio.wait(set(self._writes), timeout=timeout)
 
     async def _write_back(self, issuer: Issuer, serial: int, signed: SignedResponse) -> None:
         """Store what we signed so the next instance (and restart) finds it pre-signed."""

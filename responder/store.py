@@ -121,6 +121,13 @@ async def with_retries(
     raise AssertionError("unreachable")
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool reset: nothing to do. asyncpg's default runs RESET ALL/UNLISTEN/... on every
+    release, a second round trip for each one-row read on the hot path. Nothing here
+    changes session state (only SET LOCAL inside transactions); open transactions and
+    listener callbacks are still cleared by asyncpg itself."""
+
+
 class PresignedStore:
     """Reads and writes of the pre-signed response store, over an asyncpg pool."""
 
@@ -130,7 +137,7 @@ class PresignedStore:
     @classmethod
     async def connect(cls, dsn: str, *, min_size: int = 2, max_size: int = 10) -> PresignedStore:
         pool = await asyncpg.create_pool(
-            dsn, min_size=min_size, max_size=max_size, command_timeout=10
+            dsn, min_size=min_size, max_size=max_size, command_timeout=10, reset=_keep_session
         )
         assert pool is not None
         return cls(pool)
