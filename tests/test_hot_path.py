@@ -1,0 +1,103 @@
+"""The hot path's building blocks: parse memo, compact cache entries, local metrics,
+health paths before the OCSP GET prefix, warm-up."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
+from prometheus_client import REGISTRY
+
+from responder.answer_stats import AnswerStats
+from responder.protocol import MalformedRequest, ParsedRequests
+from responder.response_cache import SharedSuffixes, cache_key
+from signer.demo_ca import DemoCA
+from tests.support import IssuerFiles, ResponderProcess, build_request, get_url, write_config
+
+
+def test_parse_memo_is_exact_and_bounded(demo_ca: DemoCA) -> None:
+    parsed = ParsedRequests(max_entries=2)
+    ders = [build_request(None, demo_ca.ca_cert, serial=s) for s in (1, 2, 3)]
+    first = parsed.from_body(ders[0])
+    assert parsed.from_body(ders[0]) is first  # parsed once
+    parsed.from_body(ders[1])
+    parsed.from_body(ders[2])  # evicts the oldest
+    assert parsed.from_body(ders[0]) is not first
+    assert parsed.from_body(ders[0]) == first
+    for _ in range(2):  # malformed input is refused every time, never remembered
+        with pytest.raises(MalformedRequest):
+            parsed.from_body(ders[0] + b"\x00")
+    assert len(parsed._post) == 2
+
+
+def test_cache_keys_are_distinct() -> None:
+    keys = {
+        cache_key(issuer, serial, alg)
+        for issuer in (1, 2, 32767)
+        for serial in (1, 2, (1 << 159) - 1, -5)
+        for alg in ("sha1", "sha256", "sha384", "sha512")
+    }
+    assert len(keys) == 3 * 4 * 4
+
+
+def test_shared_suffix_round_trip(demo_ca: DemoCA) -> None:
+    cert = demo_ca.responder_cert.public_bytes(Encoding.DER)
+    suffixes = SharedSuffixes()
+    suffixes.register(cert)
+    head, tail = suffixes.split(b"response-head" + cert)
+    assert (head, tail is next(iter(suffixes._suffixes))) == (b"response-head", True)
+    assert suffixes.split(b"no certificate here") == (b"no certificate here", b"")
+
+
+def test_answer_stats_reach_prometheus() -> None:
+    labels = {"method": "GET", "result": "revoked", "source": "store"}
+    before = REGISTRY.get_sample_value("ocsp_requests_total", labels) or 0.0
+    count_before = REGISTRY.get_sample_value("ocsp_request_seconds_count") or 0.0
+    sum_before = REGISTRY.get_sample_value("ocsp_request_seconds_sum") or 0.0
+    le = {"le": "0.001"}
+    bucket_before = REGISTRY.get_sample_value("ocsp_request_seconds_bucket", le) or 0.0
+    stats = AnswerStats()
+    stats.count("GET", "revoked", "store", 0.0004)
+    stats.count("GET", "revoked", "store", 0.02)
+    assert REGISTRY.get_sample_value("ocsp_requests_total", labels) in (None, before)
+    stats.flush()
+    assert REGISTRY.get_sample_value("ocsp_requests_total", labels) == before + 2
+    assert REGISTRY.get_sample_value("ocsp_request_seconds_count") == count_before + 2
+    assert REGISTRY.get_sample_value("ocsp_request_seconds_bucket", le) == bucket_before + 1
+    assert REGISTRY.get_sample_value("ocsp_request_seconds_sum") == pytest.approx(
+        sum_before + 0.0204
+    )
+
+
+def test_health_paths_with_empty_prefix(responder: ResponderProcess) -> None:
+    """/healthz is not taken for a base64 OCSP request when the prefix is empty."""
+    resp = httpx.get(responder.url + "/healthz")
+    assert (resp.status_code, resp.text) == (200, "ok\n")
+    resp = httpx.get(responder.url + "/readyz")
+    assert (resp.status_code, resp.text) == (200, "ready\n")
+
+
+def test_warm_up_loads_recent_responses(
+    database: str, p256_issuer: IssuerFiles, tmp_path: Path
+) -> None:
+    first = write_config(tmp_path / "a", database, [p256_issuer]).start()
+    try:
+        certs = [p256_issuer.ca.issue_leaf(f"warm{i}.test") for i in range(3)]
+        for cert in certs:
+            assert first.record(cert).status_code == 201
+    finally:
+        first.stop()
+    second = write_config(tmp_path / "b", database, [p256_issuer]).start()
+    try:
+        deadline = time.monotonic() + 10
+        while "warm-up: " not in second.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "warm-up: 3 responses in memory" in second.log()
+        assert httpx.get(second.url + "/readyz").status_code == 200
+        der = build_request(certs[0], p256_issuer.ca.ca_cert)
+        assert httpx.get(get_url(second.url, der)).status_code == 200
+    finally:
+        second.stop()
