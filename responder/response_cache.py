@@ -2,7 +2,7 @@
 
 Entries are immutable; a hit costs one dict lookup on an integer key. Bounded: when full,
 the oldest insertion is evicted (good enough for a working set dominated by recent
-issuance).
+issuance), in O(1).
 
 Memory is what limits how many responses one process holds (``cache_size`` defaults to a
 million), so an entry keeps only what serving needs: the response bytes *without* the
@@ -14,6 +14,7 @@ times as integers and the ETag. HTTP dates are formatted on demand through a sma
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from email.utils import formatdate
 from functools import lru_cache
 
@@ -112,6 +113,10 @@ class ResponseCache:
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
         self._entries: dict[CacheKey, ServedResponse] = {}
+        # insertion order for eviction, kept apart from the dict: deleting a dict's first
+        # items leaves holes that ``next(iter(dict))`` walks over, O(n) per eviction once
+        # a full cache churns; a deque pops in O(1) for 8 bytes an entry
+        self._order: deque[CacheKey] = deque()
 
     def get(self, key: CacheKey) -> ServedResponse | None:
         return self._entries.get(key)
@@ -120,8 +125,10 @@ class ResponseCache:
         if self.max_entries <= 0:
             return
         entries = self._entries
-        if key not in entries and len(entries) >= self.max_entries:
-            del entries[next(iter(entries))]
+        if key not in entries:
+            while len(entries) >= self.max_entries and self._order:
+                entries.pop(self._order.popleft(), None)  # keys dropped earlier: no-op
+            self._order.append(key)
         entries[key] = entry
 
     def drop_serial(self, issuer_id: int, serial: int) -> int:
@@ -134,6 +141,7 @@ class ResponseCache:
 
     def clear(self) -> None:
         self._entries.clear()
+        self._order.clear()
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -101,3 +101,22 @@ def test_warm_up_loads_recent_responses(
         assert httpx.get(get_url(second.url, der)).status_code == 200
     finally:
         second.stop()
+
+
+def test_cache_evicts_oldest_and_survives_drops(demo_ca: DemoCA) -> None:
+    from responder.response_cache import ResponseCache, ServedResponse
+    from signer.response_builder import CertStatus
+
+    cache = ResponseCache(3)
+    entry = ServedResponse.build(b"x", CertStatus.GOOD, 1, 2, 2)
+    for serial in range(1, 4):
+        cache.put(cache_key(1, serial, "sha1"), entry)
+    assert cache.drop_serial(1, 2) == 1
+    cache.put(cache_key(1, 4, "sha1"), entry)  # room left by the drop: nothing evicted
+    assert cache.get(cache_key(1, 1, "sha1")) is entry
+    cache.put(cache_key(1, 5, "sha1"), entry)  # full: the oldest (1) goes
+    assert cache.get(cache_key(1, 1, "sha1")) is None
+    assert len(cache) == 3
+    for serial in range(6, 10_000):  # churn stays bounded
+        cache.put(cache_key(1, serial, "sha1"), entry)
+    assert len(cache) == 3 and len(cache._order) <= 4
