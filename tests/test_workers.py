@@ -56,8 +56,20 @@ def wait_for_workers(proc: ResponderProcess, n: int) -> list[int]:
     raise AssertionError(f"expected {n} workers, have {worker_pids(proc.proc.pid)}")
 
 
+def wait_for_admin(proc: ResponderProcess) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(proc.admin_url + "/", timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise AssertionError("worker 0's admin API did not start")
+
+
 def test_two_workers_answer_and_share_the_port(two_workers, p256_issuer, tmp_path):  # type: ignore[no-untyped-def]
     workers = wait_for_workers(two_workers, 2)
+    wait_for_admin(two_workers)  # /healthz may come from worker 1 before worker 0 is up
     cert = p256_issuer.ca.issue_leaf("workers.test")
     assert two_workers.record(cert).status_code == 201  # the admin API runs (in worker 0)
     der = build_request(cert, p256_issuer.ca.ca_cert)
