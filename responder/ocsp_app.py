@@ -132,7 +132,7 @@ class OCSPApp:
                 await _plain(send, status, body, head=head)
             elif path.startswith(self.get_prefix):
                 try:
-                    request = self.parsed.from_get_path(path[len(self.get_prefix) :])
+                    request = self.parsed.from_get_path(path, len(self.get_prefix))
                 except MalformedRequest:
                     await self._error(send, MALFORMED_REQUEST, head, method, started)
                     return

@@ -132,12 +132,14 @@ class ParsedRequests:
         self._get: dict[bytes, CertIdRequest] = {}
         self._post: dict[bytes, CertIdRequest] = {}
 
-    def from_get_path(self, encoded: bytes) -> CertIdRequest:
-        """The request in a GET path (the part after the prefix); MalformedRequest etc."""
-        found = self._get.get(encoded)
+    def from_get_path(self, path: bytes, prefix_length: int) -> CertIdRequest:
+        """The request in a GET path whose first ``prefix_length`` bytes are the prefix.
+
+        Keyed by the whole raw path: its hash, computed once, serves every lookup."""
+        found = self._get.get(path)
         if found is None:
-            found = parse_request(decode_get_path(encoded))
-            self._remember(self._get, encoded, found)
+            found = parse_request(decode_get_path(path[prefix_length:]))
+            self._remember(self._get, path, found)
         return found
 
     def from_body(self, der: bytes) -> CertIdRequest:
