@@ -22,6 +22,7 @@ from typing import NamedTuple, Protocol
 from responder.protocol import CertIdRequest
 from responder.response_cache import ResponseCache, ServedResponse, cache_key
 from responder.store import PresignedStore
+from responder.write_back import WriteBack
 from signer.issuers import Issuer, IssuerRegistry
 from signer.response_builder import CertStatus, SignedResponse, ValidityPolicy, sign_response
 
@@ -155,12 +156,9 @@ class LiveSigningSource:
     ``queue_limit`` caps the on-demand requests in flight (the store read included):
     beyond it the answer is tryLater at once. The semaphore (``concurrency``) bounds the
     signatures themselves; the database read happens outside it so a slow read does not
-    idle the signer. The write-back of what was signed happens after the answer, in the
-    background (bounded too), since its failure changes nothing for this request.
+    idle the signer. The write-back of what was signed happens after the answer, batched
+    (responder/write_back.py), since its failure changes nothing for this request.
     """
-
-    #: write-backs pending beyond this are awaited before answering (back-pressure)
-    MAX_PENDING_WRITES = 1000
 
     def __init__(
         self,
@@ -176,7 +174,7 @@ class LiveSigningSource:
         self._semaphore = asyncio.Semaphore(concurrency)
         self._queue_limit = queue_limit
         self._waiting = 0
-        self._writes: set[asyncio.Task[None]] = set()
+        self._write_back = WriteBack(store)
 
     @property
     def waiting(self) -> int:
@@ -225,21 +223,15 @@ class LiveSigningSource:
                 log.exception("on-demand signing failed for issuer %s", issuer.name)
                 raise Unavailable("signing failed") from exc
         if req.hash_algorithm == "sha1":
-            await self._schedule_write_back(issuer, req.serial, signed)
+            self._write_back.add(issuer.db_id, req.serial, signed)
         served = self._served(signed)
         if echo is not None:
             return Answer(self._served(echo), "live", served)
         return Answer(served, "live", served)
 
-    async def _schedule_write_back(
-        self, issuer: Issuer, serial: int, signed: SignedResponse
-    ) -> None:
-        if len(self._writes) >= self.MAX_PENDING_WRITES:
-            await self._write_back(issuer, serial, signed)
-            return
-        task = asyncio.create_task(self._write_back(issuer, serial, signed))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
+    async def drain(self, timeout: float = 5.0) -> None:
+        """Store queued write-backs (bounded), before the pool closes."""
+        await self._write_back.drain(timeout)
 
     def _served(self, signed: SignedResponse) -> ServedResponse:
         return ServedResponse.build(
@@ -249,18 +241,6 @@ class LiveSigningSource:
             signed.next_update,
             signed.next_update - self.margin,
         )
-
-    async def drain(self, timeout: float = 5.0) -> None:
-        """Wait (bounded) for pending write-backs, before the pool closes."""
-        if self._writes:
-            await asyncio.wait(set(self._writes), timeout=timeout)
-
-    async def _write_back(self, issuer: Issuer, serial: int, signed: SignedResponse) -> None:
-        """Store what we signed so the next instance (and restart) finds it pre-signed."""
-        try:
-            await self.store.store_response(issuer.db_id, serial, signed)
-        except Exception:
-            log.warning("write-back of on-demand response failed (issuer %s)", issuer.name)
 
 
 def build_chain(

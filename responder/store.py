@@ -247,6 +247,31 @@ class PresignedStore:
             signed.der,
         )
 
+    async def store_responses(self, rows: Sequence[tuple[int, int, SignedResponse]]) -> None:
+        """``store_response`` for many (issuer id, serial, response) in one statement, with
+        the same rules; for one serial only the newest of the batch is offered."""
+        newest: dict[tuple[int, bytes], SignedResponse] = {}
+        for issuer_id, serial, signed in rows:
+            key = (issuer_id, serial_key(serial))
+            if key not in newest or newest[key].this_update <= signed.this_update:
+                newest[key] = signed
+        await self.pool.execute(
+            "INSERT INTO responses (issuer_id, serial, status, this_update, next_update, der) "
+            "SELECT * FROM unnest($1::smallint[], $2::bytea[], $3::smallint[], "
+            "                     $4::timestamptz[], $5::timestamptz[], $6::bytea[]) "
+            "ON CONFLICT (issuer_id, serial) DO UPDATE SET status = EXCLUDED.status, "
+            "  this_update = EXCLUDED.this_update, next_update = EXCLUDED.next_update, "
+            "  der = EXCLUDED.der "
+            "WHERE responses.this_update <= EXCLUDED.this_update "
+            "  AND NOT (responses.status = 1 AND EXCLUDED.status = 0)",
+            [issuer_id for issuer_id, _ in newest],
+            [serial for _, serial in newest],
+            [int(s.status) for s in newest.values()],
+            [to_datetime(s.this_update) for s in newest.values()],
+            [to_datetime(s.next_update) for s in newest.values()],
+            [s.der for s in newest.values()],
+        )
+
     async def record_certificates(
         self, records: Sequence[tuple[CertificateRecord, SignedResponse]]
     ) -> list[bool]:

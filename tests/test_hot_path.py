@@ -120,3 +120,55 @@ def test_cache_evicts_oldest_and_survives_drops(demo_ca: DemoCA) -> None:
     for serial in range(6, 10_000):  # churn stays bounded
         cache.put(cache_key(1, serial, "sha1"), entry)
     assert len(cache) == 3 and len(cache._order) <= 4
+
+
+def test_batched_write_back_keeps_the_store_rules(database: str, demo_ca: DemoCA) -> None:
+    """One statement for a batch: newest per serial wins, revoked is never replaced by good."""
+    import asyncio
+    import datetime as dt
+
+    from cryptography import x509
+
+    from responder.store import PresignedStore
+    from responder.write_back import WriteBack
+    from signer.issuers import issuer_from_certificate, make_responder
+    from signer.response_builder import CertStatus, Revocation, ValidityPolicy, sign_response
+    from tests.support import sql
+
+    issuer = issuer_from_certificate("w", demo_ca.ca_cert)
+    issuer.responders.append(
+        make_responder(issuer, demo_ca.responder_cert, demo_ca.responder_key, delegated=True)
+    )
+    policy = ValidityPolicy()
+    now = dt.datetime.now(dt.UTC)
+    older = sign_response(issuer, 7, CertStatus.GOOD, policy, now=now - dt.timedelta(minutes=5))
+    newer = sign_response(issuer, 7, CertStatus.GOOD, policy, now=now)
+    revocation = Revocation(now - dt.timedelta(minutes=30), x509.ReasonFlags.key_compromise)
+    revoked = sign_response(
+        issuer,
+        8,
+        CertStatus.REVOKED,
+        policy,
+        revocation=revocation,
+        now=now - dt.timedelta(minutes=1),
+    )
+    good_later = sign_response(issuer, 8, CertStatus.GOOD, policy, now=now)
+
+    async def run() -> dict[bytes, bytes]:
+        store = await PresignedStore.connect(database, max_size=2)
+        try:
+            queue = WriteBack(store)
+            queue.add(1, 7, newer)
+            queue.add(1, 7, older)  # same batch, older: not the one stored
+            queue.add(1, 8, revoked)
+            await queue.drain()
+            queue = WriteBack(store)
+            queue.add(1, 8, good_later)  # never replaces a revoked response
+            await queue.drain()
+        finally:
+            await store.close()
+        rows = await sql(database, "SELECT serial, der FROM responses WHERE issuer_id = 1")
+        return {bytes(r["serial"]): bytes(r["der"]) for r in rows}
+
+    stored = asyncio.run(run())
+    assert stored == {b"\x07": newer.der, b"\x08": revoked.der}
