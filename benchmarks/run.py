@@ -236,6 +236,8 @@ class Measurement:
     db_cpu_s: float
     errors: int
     requests: int
+    #: wrk's error counts by kind (connect, read, write, status = non-2xx/3xx, timeout)
+    error_kinds: dict[str, int] | None = None
 
     def row(self) -> dict[str, object]:
         return self.__dict__.copy()
@@ -370,6 +372,17 @@ def to_measurement(
         db_cpu_s=round(db, 2),
         errors=errors,
         requests=int(s["requests"]),
+        error_kinds={
+            kind: int(s[key])
+            for kind, key in (
+                ("connect", "connect_errors"),
+                ("read", "read_errors"),
+                ("write", "write_errors"),
+                ("status", "status_errors"),
+                ("timeout", "timeouts"),
+            )
+            if s[key]
+        },
     )
 
 
