@@ -47,7 +47,8 @@ class BackgroundTasks:
             await asyncio.wait_for(self.listener.listening.wait(), timeout=10)
         except TimeoutError:
             log.warning("invalidation listener not connected yet; it keeps retrying")
-        if self.service.config.refresher:
+        # every worker listens (each has a cache); only worker 0 refreshes
+        if self.service.config.refresher and self.service.primary:
             refresher = build_refresher(self.service)
             self._tasks.append(asyncio.create_task(refresher.run_forever(), name="refresher"))
 

@@ -141,6 +141,8 @@ class Config:
     cdn_purge_timeout: dt.timedelta = dt.timedelta(seconds=2)
     replica_urls: list[str] = field(default_factory=list)
     replica_max_lag: dt.timedelta = dt.timedelta(seconds=30)
+    workers: int = 1
+    warmup_responses: int = 100_000
     source: Path | None = None
     # operations (docs/operations.md)
     log_format: str = "text"
@@ -277,6 +279,8 @@ KNOWN_KEYS: dict[str, Callable[[object, str], object]] = {
     "readiness_requires_fresh_responses": _bool,
     "replica_urls": _str_list,
     "replica_max_lag": parse_duration,
+    "workers": _int,
+    "warmup_responses": _int,
 }
 
 
@@ -371,6 +375,14 @@ def _build(v: dict[str, Any], base: Path, source: Path | None) -> Config:
     cfg.replica_urls = v.get("replica_urls", [])
     if "replica_max_lag" in v:
         cfg.replica_max_lag = v["replica_max_lag"]
+    if "workers" in v:
+        if not 1 <= v["workers"] <= 256:
+            raise ConfigError("workers: must be between 1 and 256")
+        cfg.workers = v["workers"]
+    if "warmup_responses" in v:
+        if v["warmup_responses"] < 0:
+            raise ConfigError("warmup_responses: must be 0 (off) or more")
+        cfg.warmup_responses = v["warmup_responses"]
     return cfg
 
 

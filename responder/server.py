@@ -1,11 +1,17 @@
-"""Running the responder: the OCSP listener and the admin listener in one event loop."""
+"""Running the responder: the OCSP listener and the admin listener in one event loop.
+
+With ``serve --workers N`` (responder/workers.py) each worker runs ``serve`` on the
+listening socket the supervisor bound; only worker 0 runs the admin listener.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 from collections.abc import Generator
 
 import uvicorn
@@ -29,6 +35,20 @@ class _Server(uvicorn.Server):
         yield
 
 
+#: seconds between flushes of the hot path's local counters into the prometheus metrics
+STATS_FLUSH_INTERVAL = 1.0
+
+
+async def _flush_stats(app: OCSPApp, parent: int | None) -> None:
+    """Flush metrics each second; a worker also exits when its supervisor is gone."""
+    while True:
+        await asyncio.sleep(STATS_FLUSH_INTERVAL)
+        app.stats.flush()
+        if parent is not None and os.getppid() != parent:
+            log.error("supervisor %d is gone: worker exiting", parent)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 def build_ocsp_app(service: ResponderService) -> OCSPApp:
     async def health(path: bytes) -> tuple[int, bytes]:
         if path == b"/healthz":
@@ -44,22 +64,32 @@ def build_ocsp_app(service: ResponderService) -> OCSPApp:
     )
 
 
-async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
-    """Serve until SIGINT/SIGTERM."""
-    if config.admin_listen is not None and not config.admin_token:
+async def serve(
+    config: Config,
+    *,
+    ready: asyncio.Event | None = None,
+    listen_socket: socket.socket | None = None,
+    worker_index: int = 0,
+    supervisor: int | None = None,
+) -> None:
+    """Serve until SIGINT/SIGTERM (on ``listen_socket`` when a supervisor bound it)."""
+    primary = worker_index == 0
+    if primary and config.admin_listen is not None and not config.admin_token:
         raise ConfigError(
             "admin_listen is set but no admin token is configured: set admin_token_file "
             '(or OCSP_RESPONDER_ADMIN_TOKEN), or set admin_listen = "" to disable the admin API'
         )
-    service = ResponderService(config)
+    service = ResponderService(config, primary=primary)
     await service.start()
     try:
-        follower = _ct_follower(config, service)
+        # once per deployment, not per worker: worker 0 follows CT
+        follower = _ct_follower(config, service) if primary else None
     except ConfigError:
         await service.close()
         raise
     background = BackgroundTasks(service)
     await background.start()
+    service.start_warmup()
     servers: list[_Server] = []
     host, port = config.listen
     common = {
@@ -71,10 +101,9 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
         "http": "httptools",
         "loop": "uvloop",
     }
-    servers.append(
-        _Server(uvicorn.Config(build_ocsp_app(service), host=host, port=port, **common))  # type: ignore[arg-type]
-    )
-    if config.admin_listen is not None and config.admin_token:
+    app = build_ocsp_app(service)
+    servers.append(_Server(uvicorn.Config(app, host=host, port=port, **common)))  # type: ignore[arg-type]
+    if primary and config.admin_listen is not None and config.admin_token:
         admin = create_admin_app(
             token=config.admin_token,
             registry=service.registry,
@@ -98,25 +127,33 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
     try:
         if follower is not None:
             follower.start()
-        tasks = [asyncio.create_task(s.serve()) for s in servers]
+        sockets = [listen_socket] if listen_socket is not None else None
+        tasks = [asyncio.create_task(servers[0].serve(sockets=sockets))]
+        tasks += [asyncio.create_task(s.serve()) for s in servers[1:]]
+        flusher = asyncio.create_task(_flush_stats(app, supervisor))
         while not all(s.started for s in servers):
             if any(t.done() for t in tasks):
                 break
             await asyncio.sleep(0.01)
         if all(s.started for s in servers):
             log.info(
-                "serving OCSP on http://%s:%d%s/ (admin API: %s)",
+                "worker %d serving OCSP on http://%s:%d%s/ (admin API: %s)",
+                worker_index,
                 host,
                 port,
                 config.path_prefix,
                 f"{'https' if config.admin_tls_cert else 'http'}://"
                 f"{config.admin_listen[0]}:{config.admin_listen[1]}"
-                if config.admin_listen
-                else "disabled",
+                if config.admin_listen and primary
+                else "disabled"
+                if primary
+                else "in worker 0",
             )
             if ready is not None:
                 ready.set()
         await asyncio.gather(*tasks)
+        flusher.cancel()
+        app.stats.flush()
         for server in servers:
             if not server.started:
                 raise OSError(f"listener {server.config.host}:{server.config.port} failed to start")

@@ -9,15 +9,18 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from responder.cdn_purge import CdnPurger
 from responder.config import Config
 from responder.embedded_db import start_embedded_postgres
 from responder.health import HealthMonitor, Readiness
 from responder.replicas import connect_replicas
-from responder.response_cache import ResponseCache
+from responder.response_cache import SHARED_SUFFIXES, ResponseCache
 from responder.schema import check_schema
 from responder.sources import IssuerFilter, LiveSigningSource, build_chain
 from responder.store import PresignedStore
+from responder.warmup import WarmUp
 from signer.issuers import IssuerRegistry
 from signer.recording import CertificateRecorder
 from signer.revocation import Revoker
@@ -49,8 +52,12 @@ class ResponderService:
     dsn: str
     monitor: HealthMonitor | None = None
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, primary: bool = True) -> None:
         self.config = config
+        #: with ``serve --workers N`` only worker 0 is primary: it alone runs the admin API
+        #: and once-per-deployment background tasks (everything else runs in every worker)
+        self.primary = primary
+        self.warmup: WarmUp | None = None
 
     async def start(self, *, pool_size: int = 10, monitor: bool = True) -> None:
         """Load issuers (checking keys), connect, check the schema, register issuers."""
@@ -73,6 +80,10 @@ class ResponderService:
             await self.store.close()
             raise
         policy = self.config.policy
+        for issuer in self.registry.issuers:
+            for identity in issuer.responders:
+                if identity.delegated:
+                    SHARED_SUFFIXES.register(identity.certificate.public_bytes(Encoding.DER))
         self.cache = ResponseCache(self.config.cache_size)
         self.chain, self.live = build_chain(
             self.registry,
@@ -109,12 +120,29 @@ class ResponderService:
             raise RuntimeError("readiness needs the health monitor (start(monitor=True))")
         return await self.monitor.readiness()
 
+    def start_warmup(self) -> None:
+        """Load the hottest responses into this process's cache, in the background."""
+        self.warmup = WarmUp(
+            self.store,
+            self.cache,
+            self.config.warmup_responses,
+            int(self.config.policy.refresh_margin.total_seconds()),
+        )
+        self.warmup.start()
+
     async def ready(self) -> tuple[bool, str]:
-        """Readiness as (ok, one line), for the OCSP port's /readyz."""
+        """Readiness as (ok, one line), for the OCSP port's /readyz: the health monitor's
+        checks, and the warm-up, if running, has had its few seconds (responder/warmup.py)."""
+        if self.warmup is not None and self.warmup.holds_readiness():
+            return False, "warming up"
         result = await self.readiness()
         return result.ready, result.summary()
 
     async def close(self) -> None:
+        if self.warmup is not None:
+            await self.warmup.stop()
+        if hasattr(self, "live"):
+            await self.live.drain()
         if self.monitor is not None:
             await self.monitor.stop()
         await self.store.close()

@@ -18,14 +18,14 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from responder import metrics
 from responder.ct_index_store import record_request_gap
 from responder.protocol import CertIdRequest
-from responder.response_cache import ResponseCache, ServedResponse
+from responder.response_cache import ResponseCache, ServedResponse, cache_key
 from responder.store import PresignedStore
+from responder.write_back import WriteBack
 from signer.issuers import Issuer, IssuerRegistry
 from signer.response_builder import (
     CertStatus,
@@ -64,14 +64,14 @@ class Unavailable(LookupError_):
     """A dependency (database, signer) failed; the answer is tryLater, never stale bytes."""
 
 
-@dataclass(frozen=True, slots=True)
-class Query:
+# NamedTuples, not frozen dataclasses: one of each is built per request, and a frozen
+# dataclass's __init__ (object.__setattr__ per field) costs several times more.
+class Query(NamedTuple):
     request: CertIdRequest
     issuer: Issuer
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
+class Answer(NamedTuple):
     response: ServedResponse
     source: str  # "cache", "store", "live": for metrics and logs
     #: what the cache may keep: the nonce-less response (a nonce echo is never cached)
@@ -90,6 +90,19 @@ class IssuerFilter:
     def __init__(self, registry: IssuerRegistry, next_source: Source) -> None:
         self.registry = registry
         self.next = next_source
+        self._cache = next_source if isinstance(next_source, CacheSource) else None
+
+    def cached(self, request: CertIdRequest) -> ServedResponse | None:
+        """The synchronous head of the chain: the cached answer, or None (then await
+        ``response``). Most requests end here, without a coroutine per link."""
+        if self._cache is None:
+            return None
+        issuer = self.registry.for_cert_id(
+            request.hash_algorithm, request.issuer_name_hash, request.issuer_key_hash
+        )
+        if issuer is None:
+            return None
+        return self._cache.cached(request, issuer)
 
     async def response(self, request: CertIdRequest) -> Answer:
         issuer = self.registry.for_cert_id(
@@ -108,12 +121,19 @@ class CacheSource:
         self.cache = cache
         self.next = next_source
 
+    def cached(self, request: CertIdRequest, issuer: Issuer) -> ServedResponse | None:
+        """The fresh cached answer, if any."""
+        entry = self.cache.get(cache_key(issuer.db_id, request.serial, request.hash_algorithm))
+        if entry is not None and time.time() < entry.renew_at:
+            return entry
+        return None
+
     async def response(self, query: Query) -> Answer:
         req = query.request
-        key = (query.issuer.db_id, req.serial, req.hash_algorithm)
+        key = cache_key(query.issuer.db_id, req.serial, req.hash_algorithm)
         entry = self.cache.get(key)
         if entry is not None and time.time() < entry.renew_at:
-            return Answer(entry, "cache")
+            return Answer(entry, "cache", None)
         generation = self.cache.generation
         answer = await self.next.response(query)
         if answer.cacheable is not None and self.cache.generation == generation:
@@ -157,7 +177,14 @@ class StoreSource:
 
 
 class LiveSigningSource:
-    """Sign on demand for a known serial, bounded so overload answers tryLater fast."""
+    """Sign on demand for a known serial, bounded so overload answers tryLater fast.
+
+    ``queue_limit`` caps the on-demand requests in flight (the store read included):
+    beyond it the answer is tryLater at once. The semaphore (``concurrency``) bounds the
+    signatures themselves; the database read happens outside it so a slow read does not
+    idle the signer. The write-back of what was signed happens after the answer, batched
+    (responder/write_back.py), since its failure changes nothing for this request.
+    """
 
     def __init__(
         self,
@@ -174,6 +201,7 @@ class LiveSigningSource:
         self._semaphore = asyncio.Semaphore(concurrency)
         self._queue_limit = queue_limit
         self._waiting = 0
+        self._write_back = WriteBack(store)
 
     @property
     def waiting(self) -> int:
@@ -184,8 +212,7 @@ class LiveSigningSource:
             raise Overloaded("signing queue full")
         self._waiting += 1
         try:
-            async with self._semaphore:
-                return await self._sign(query)
+            return await self._sign(query)
         finally:
             self._waiting -= 1
 
@@ -199,34 +226,37 @@ class LiveSigningSource:
             raise SerialNotFound(req.serial)
         await self._check_retention(issuer, req.serial)
         status = CertStatus.REVOKED if knowledge.revocation else CertStatus.GOOD
-        try:
-            signed = sign_response(
-                issuer,
-                req.serial,
-                status,
-                self.policy,
-                revocation=knowledge.revocation,
-                hash_algorithm=req.hash_algorithm,
-            )
-        except Exception as exc:
-            log.exception("on-demand signing failed for issuer %s", issuer.name)
-            raise Unavailable("signing failed") from exc
-        stored = False
-        if req.hash_algorithm == "sha1":
-            stored = await self._write_back(issuer, req.serial, signed)
+        async with self._semaphore:
+            try:
+                signed = sign_response(
+                    issuer,
+                    req.serial,
+                    status,
+                    self.policy,
+                    revocation=knowledge.revocation,
+                    hash_algorithm=req.hash_algorithm,
+                )
+                echo = None
+                if req.nonce is not None:
+                    echo = sign_response(
+                        issuer,
+                        req.serial,
+                        status,
+                        self.policy,
+                        revocation=knowledge.revocation,
+                        hash_algorithm=req.hash_algorithm,
+                        nonce=req.nonce,
+                    )
+            except Exception as exc:
+                log.exception("on-demand signing failed for issuer %s", issuer.name)
+                raise Unavailable("signing failed") from exc
         if knowledge.ct_only and not knowledge.has_response:
-            await self._coverage_gap(query, signed.status, knowledge.revocation, stored)
+            # a coverage gap is stored and recorded before the answer, not batched
+            await self._coverage_gap(query, signed, knowledge.revocation)
+        elif req.hash_algorithm == "sha1":
+            self._write_back.add(issuer.db_id, req.serial, signed)
         served = self._served(signed)
-        if req.nonce is not None:
-            echo = sign_response(
-                issuer,
-                req.serial,
-                status,
-                self.policy,
-                revocation=knowledge.revocation,
-                hash_algorithm=req.hash_algorithm,
-                nonce=req.nonce,
-            )
+        if echo is not None:
             return Answer(self._served(echo), "live", served)
         return Answer(served, "live", served)
 
@@ -241,6 +271,10 @@ class LiveSigningSource:
         if not_after is not None and not_after + self.expired_retention < dt.datetime.now(dt.UTC):
             raise Retired(serial)
 
+    async def drain(self, timeout: float = 5.0) -> None:
+        """Store queued write-backs (bounded), before the pool closes."""
+        await self._write_back.drain(timeout)
+
     def _served(self, signed: SignedResponse) -> ServedResponse:
         return ServedResponse.build(
             signed.der,
@@ -250,8 +284,8 @@ class LiveSigningSource:
             renewal_point(signed.this_update, signed.next_update, self.policy),
         )
 
-    async def _write_back(self, issuer: Issuer, serial: int, signed: SignedResponse) -> bool:
-        """Store what we signed so the next instance (and restart) finds it pre-signed."""
+    async def _store_now(self, issuer: Issuer, serial: int, signed: SignedResponse) -> bool:
+        """Store what we signed at once (a coverage gap's repair), reporting success."""
         try:
             await self.store.store_response(issuer.db_id, serial, signed)
         except Exception:
@@ -260,14 +294,16 @@ class LiveSigningSource:
         return True
 
     async def _coverage_gap(
-        self, query: Query, status: CertStatus, revocation: Revocation | None, stored: bool
+        self, query: Query, signed: SignedResponse, revocation: Revocation | None
     ) -> None:
         """A serial known only from CT had no response: store one (SHA-1, the pre-signed
         form) and keep the gap for the operator; counted once per serial."""
         req, issuer = query.request, query.issuer
-        if not stored and req.hash_algorithm != "sha1":
-            sha1 = sign_response(issuer, req.serial, status, self.policy, revocation=revocation)
-            stored = await self._write_back(issuer, req.serial, sha1)
+        if req.hash_algorithm != "sha1":
+            signed = sign_response(
+                issuer, req.serial, signed.status, self.policy, revocation=revocation
+            )
+        stored = await self._store_now(issuer, req.serial, signed)
         try:
             gap = await record_request_gap(
                 self.store.pool, issuer.db_id, req.serial, repaired=stored

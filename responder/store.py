@@ -12,7 +12,7 @@ import asyncio
 import datetime as dt
 import logging
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -140,6 +140,13 @@ async def with_retries(
     raise AssertionError("unreachable")
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool reset: nothing to do. asyncpg's default runs RESET ALL/UNLISTEN/... on every
+    release, a second round trip for each one-row read on the hot path. Nothing here
+    changes session state (only SET LOCAL inside transactions); open transactions and
+    listener callbacks are still cleared by asyncpg itself."""
+
+
 class PresignedStore:
     """Reads and writes of the pre-signed response store, over an asyncpg pool."""
 
@@ -170,7 +177,12 @@ class PresignedStore:
     async def connect(cls, dsn: str, *, min_size: int = 2, max_size: int = 10) -> PresignedStore:
         # timeout: connecting (a dead database answers nothing; requests must not hang)
         pool = await asyncpg.create_pool(
-            dsn, min_size=min_size, max_size=max_size, command_timeout=10, timeout=5
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            command_timeout=10,
+            timeout=5,
+            reset=_keep_session,
         )
         assert pool is not None
         return cls(pool)
@@ -216,6 +228,35 @@ class PresignedStore:
             this_update=int(row["this_update"].timestamp()),
             next_update=int(row["next_update"].timestamp()),
         )
+
+    async def recent_responses(
+        self, limit: int, batch: int = 5000
+    ) -> AsyncIterator[list[tuple[int, int, StoredResponse]]]:
+        """The ``limit`` most recently signed responses (latest nextUpdate first), in
+        batches of (issuer id, serial, response): what the warm-up loads into memory."""
+        async with self.pool.acquire() as conn, conn.transaction(readonly=True):
+            cursor = await conn.cursor(
+                "SELECT issuer_id, serial, der, status, this_update, next_update "
+                "FROM responses ORDER BY next_update DESC LIMIT $1",
+                limit,
+            )
+            while True:
+                rows = await cursor.fetch(batch)
+                if not rows:
+                    return
+                yield [
+                    (
+                        row["issuer_id"],
+                        serial_from_key(row["serial"]),
+                        StoredResponse(
+                            der=row["der"],
+                            status=CertStatus(row["status"]),
+                            this_update=int(row["this_update"].timestamp()),
+                            next_update=int(row["next_update"].timestamp()),
+                        ),
+                    )
+                    for row in rows
+                ]
 
     async def knowledge(self, issuer_id: int, serial: int) -> Knowledge:
         """Whether the serial was issued (recorded, or seen in CT) and its revocation."""
@@ -278,6 +319,34 @@ class PresignedStore:
             serial_key(serial),
         )
         return value
+
+    async def store_responses(self, rows: Sequence[tuple[int, int, SignedResponse]]) -> None:
+        """``store_response`` for many (issuer id, serial, response) in one statement, with
+        the same rules; for one serial only the newest of the batch is offered."""
+        newest: dict[tuple[int, bytes], SignedResponse] = {}
+        for issuer_id, serial, signed in rows:
+            key = (issuer_id, serial_key(serial))
+            if key not in newest or newest[key].this_update <= signed.this_update:
+                newest[key] = signed
+        await self.pool.execute(
+            "INSERT INTO responses (issuer_id, serial, status, this_update, next_update, der, "
+            "                       signer) "
+            "SELECT * FROM unnest($1::smallint[], $2::bytea[], $3::smallint[], "
+            "                     $4::timestamptz[], $5::timestamptz[], $6::bytea[], "
+            "                     $7::bigint[]) "
+            "ON CONFLICT (issuer_id, serial) DO UPDATE SET status = EXCLUDED.status, "
+            "  this_update = EXCLUDED.this_update, next_update = EXCLUDED.next_update, "
+            "  der = EXCLUDED.der, signer = EXCLUDED.signer "
+            "WHERE responses.this_update <= EXCLUDED.this_update "
+            "  AND NOT (responses.status = 1 AND EXCLUDED.status = 0)",
+            [issuer_id for issuer_id, _ in newest],
+            [serial for _, serial in newest],
+            [int(s.status) for s in newest.values()],
+            [to_datetime(s.this_update) for s in newest.values()],
+            [to_datetime(s.next_update) for s in newest.values()],
+            [s.der for s in newest.values()],
+            [s.signer or None for s in newest.values()],
+        )
 
     async def record_certificates(
         self, records: Sequence[tuple[CertificateRecord, SignedResponse]]

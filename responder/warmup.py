@@ -1,0 +1,84 @@
+"""Warm-up: load the hottest pre-signed responses into the in-process cache at start.
+
+Relying parties mostly ask about recently issued certificates, whose responses are the
+most recently signed. Each worker (its cache is its own) reads the ``warmup_responses``
+rows with the latest nextUpdate in batches, in the background: the listener answers
+from the first moment (misses fall through to PostgreSQL), and /readyz waits for the
+warm-up at most ``READY_WAIT`` seconds so a slow warm-up never holds a deployment back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from responder.response_cache import ResponseCache, ServedResponse, cache_key
+from responder.store import PresignedStore
+
+log = logging.getLogger(__name__)
+
+#: /readyz reports "warming up" for at most this many seconds after start.
+READY_WAIT = 5.0
+
+
+class WarmUp:
+    """One background load of the most recent responses into ``cache``."""
+
+    def __init__(
+        self, store: PresignedStore, cache: ResponseCache, limit: int, refresh_margin: int
+    ) -> None:
+        self.store = store
+        self.cache = cache
+        self.limit = min(limit, cache.max_entries)
+        self.margin = refresh_margin
+        self.loaded = 0
+        self.started = time.monotonic()
+        self.done = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Begin loading in the background (returns at once)."""
+        if self.limit <= 0:
+            self.done.set()
+            return
+        self._task = asyncio.create_task(self._run(), name="warm-up")
+
+    def holds_readiness(self) -> bool:
+        """True while readiness should wait: loading, and started < READY_WAIT s ago."""
+        return not self.done.is_set() and time.monotonic() - self.started < READY_WAIT
+
+    async def _run(self) -> None:
+        try:
+            async for batch in self.store.recent_responses(self.limit):
+                now = time.time()
+                for issuer_id, serial, row in batch:
+                    renew_at = row.next_update - self.margin
+                    if now >= renew_at:
+                        continue
+                    key = cache_key(issuer_id, serial, "sha1")
+                    if self.cache.get(key) is None:  # never replace a newer answer
+                        self.cache.put(
+                            key,
+                            ServedResponse.build(
+                                row.der, row.status, row.this_update, row.next_update, renew_at
+                            ),
+                        )
+                        self.loaded += 1
+                await asyncio.sleep(0)  # let requests in between batches
+            log.info(
+                "warm-up: %d responses in memory after %.1fs",
+                self.loaded,
+                time.monotonic() - self.started,
+            )
+        except Exception as exc:
+            log.warning("warm-up stopped: %s: %s", type(exc).__name__, exc)
+        finally:
+            self.done.set()
+
+    async def stop(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

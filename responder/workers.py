@@ -1,0 +1,101 @@
+"""``serve --workers N``: N worker processes on one listening socket, sharing only PostgreSQL.
+
+The supervisor (this process) binds the OCSP listener once and starts N copies of
+``ocsp-responder serve`` that inherit the socket (``--worker-of FD:INDEX``); the kernel
+hands each new connection to one of them. Each worker has its own event loop, database
+pool, in-process cache and warm-up. Worker 0 alone runs the admin API and the
+once-per-deployment background tasks (``ResponderService.primary``). The supervisor
+itself holds no database connection and no keys.
+
+SIGTERM/SIGINT to the supervisor stops every worker (each finishes its open requests).
+If a worker dies, the supervisor stops the others and exits non-zero, so that the
+service manager restarts the whole set (a half-running set, e.g. without worker 0's
+admin API, would be worse). Metrics: PROMETHEUS_MULTIPROC_DIR is set for the workers
+(a fresh directory unless already set) so /metrics aggregates all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from types import FrameType
+
+from responder.config import Config
+
+log = logging.getLogger(__name__)
+
+#: how long workers get to finish after SIGTERM before they are killed
+STOP_TIMEOUT = 15.0
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The OCSP listening socket, inheritable by the workers."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=4096)
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_workers(config: Config, workers: int) -> int:
+    """Supervise ``workers`` worker processes until a signal or a worker's death."""
+    host, port = config.listen
+    sock = bind_listener(host, port)
+    own_metrics_dir = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        own_metrics_dir = tempfile.mkdtemp(prefix="ocsp-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_metrics_dir
+    stopping = False
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    base = [sys.executable, "-m", "responder.cli", "serve"]
+    if config.source is not None:
+        base += ["--config", str(config.source)]
+    procs: list[subprocess.Popen[bytes]] = []
+    status = 0
+    try:
+        for index in range(workers):
+            procs.append(
+                subprocess.Popen(
+                    [*base, "--worker-of", f"{sock.fileno()}:{index}:{os.getpid()}"],
+                    pass_fds=(sock.fileno(),),
+                )
+            )
+        log.info("supervisor %d: %d workers on %s:%d", os.getpid(), workers, host, port)
+        while not stopping:
+            dead = [p for p in procs if p.poll() is not None]
+            if dead:
+                log.error(
+                    "worker %d exited with %s: stopping all workers",
+                    dead[0].pid,
+                    dead[0].returncode,
+                )
+                status = 1
+                break
+            time.sleep(0.2)
+    finally:
+        sock.close()
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if own_metrics_dir is not None:
+            shutil.rmtree(own_metrics_dir, ignore_errors=True)
+    return status

@@ -1,0 +1,118 @@
+"""`serve --workers N`: several processes on one port, admin API once, SIGTERM stops all."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support import (
+    IssuerFiles,
+    ResponderProcess,
+    build_request,
+    check_response,
+    get_url,
+    write_config,
+)
+
+
+def worker_pids(supervisor: int) -> list[int]:
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def two_workers(database: str, p256_issuer: IssuerFiles, tmp_path: Path):  # type: ignore[no-untyped-def]
+    proc = write_config(tmp_path, database, [p256_issuer], extra="workers = 2")
+    proc.env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "metrics")
+    (tmp_path / "metrics").mkdir()
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def wait_for_workers(proc: ResponderProcess, n: int) -> list[int]:
+    assert proc.proc is not None
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        pids = worker_pids(proc.proc.pid)
+        if len(pids) == n:
+            return pids
+        time.sleep(0.1)
+    raise AssertionError(f"expected {n} workers, have {worker_pids(proc.proc.pid)}")
+
+
+def wait_for_admin(proc: ResponderProcess) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(proc.admin_url + "/", timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise AssertionError("worker 0's admin API did not start")
+
+
+def test_two_workers_answer_and_share_the_port(two_workers, p256_issuer, tmp_path):  # type: ignore[no-untyped-def]
+    workers = wait_for_workers(two_workers, 2)
+    wait_for_admin(two_workers)  # /healthz may come from worker 1 before worker 0 is up
+    cert = p256_issuer.ca.issue_leaf("workers.test")
+    assert two_workers.record(cert).status_code == 201  # the admin API runs (in worker 0)
+    der = build_request(cert, p256_issuer.ca.ca_cert)
+    bodies = set()
+    for _ in range(30):  # a new connection each time: the kernel picks a worker
+        resp = httpx.get(get_url(two_workers.url, der), headers={"Connection": "close"})
+        assert resp.status_code == 200
+        bodies.add(resp.content)
+        resp = httpx.post(
+            two_workers.url + "/",
+            content=der,
+            headers={"Content-Type": "application/ocsp-request", "Connection": "close"},
+        )
+        assert resp.status_code == 200
+        bodies.add(resp.content)
+    assert len(bodies) == 1  # every worker serves the same pre-signed bytes
+    check_response(bodies.pop(), issuer=p256_issuer, serial=cert.serial_number)
+    # both workers run with the multiprocess metrics directory the deployment set
+    files = os.listdir(tmp_path / "metrics")
+    assert {pid for pid in workers if any(name.endswith(f"_{pid}.db") for name in files)} == set(
+        workers
+    )
+    # only one admin listener: a second one would have failed to bind and killed its worker
+    assert all(alive(pid) for pid in workers)
+
+
+def test_sigterm_stops_every_worker(two_workers):  # type: ignore[no-untyped-def]
+    workers = wait_for_workers(two_workers, 2)
+    assert two_workers.proc is not None
+    two_workers.proc.send_signal(signal.SIGTERM)
+    assert two_workers.proc.wait(20) == 0
+    deadline = time.monotonic() + 5
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in workers)
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(two_workers.url + "/healthz", timeout=1)
+
+
+def test_a_dead_worker_stops_the_set(two_workers):  # type: ignore[no-untyped-def]
+    """A half-running set (e.g. without worker 0's admin API) is worse than a restart."""
+    workers = wait_for_workers(two_workers, 2)
+    assert two_workers.proc is not None
+    os.kill(workers[1], signal.SIGKILL)
+    assert two_workers.proc.wait(20) == 1
+    assert not alive(workers[0])
