@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 import time
 from typing import NamedTuple, Protocol
@@ -227,26 +228,19 @@ class LiveSigningSource:
         await self._check_retention(issuer, req.serial)
         status = CertStatus.REVOKED if knowledge.revocation else CertStatus.GOOD
         async with self._semaphore:
+            sign = functools.partial(
+                sign_response,
+                issuer,
+                req.serial,
+                status,
+                self.policy,
+                revocation=knowledge.revocation,
+                hash_algorithm=req.hash_algorithm,
+            )
             try:
-                signed = sign_response(
-                    issuer,
-                    req.serial,
-                    status,
-                    self.policy,
-                    revocation=knowledge.revocation,
-                    hash_algorithm=req.hash_algorithm,
-                )
-                echo = None
-                if req.nonce is not None:
-                    echo = sign_response(
-                        issuer,
-                        req.serial,
-                        status,
-                        self.policy,
-                        revocation=knowledge.revocation,
-                        hash_algorithm=req.hash_algorithm,
-                        nonce=req.nonce,
-                    )
+                signed = sign()
+                # the stored/cached form has no nonce; the echo goes to this client only
+                echo = sign(nonce=req.nonce) if req.nonce is not None else None
             except Exception as exc:
                 log.exception("on-demand signing failed for issuer %s", issuer.name)
                 raise Unavailable("signing failed") from exc
