@@ -130,15 +130,20 @@ class PresignTemplate:
         self, serial: int, produced: dt.datetime, this_update: dt.datetime, next_update: dt.datetime
     ) -> bytes:
         """TBSResponseData for one serial (the bytes that get signed)."""
-        cert_id = tlv(0x30, self.cert_id_head + encode_integer(serial))
-        single = tlv(
-            0x30,
-            cert_id
-            + _GOOD
-            + generalized_time(this_update)
-            + tlv(0xA0, generalized_time(next_update)),
+        return self.tbs_with_times(serial, *self.encode_times(produced, this_update, next_update))
+
+    def encode_times(
+        self, produced: dt.datetime, this_update: dt.datetime, next_update: dt.datetime
+    ) -> tuple[bytes, bytes]:
+        """The encoded (producedAt, status+thisUpdate+nextUpdate): shared within a second."""
+        return generalized_time(produced), (
+            _GOOD + generalized_time(this_update) + tlv(0xA0, generalized_time(next_update))
         )
-        return tlv(0x30, self.responder_id + generalized_time(produced) + tlv(0x30, single))
+
+    def tbs_with_times(self, serial: int, produced: bytes, status_and_times: bytes) -> bytes:
+        cert_id = tlv(0x30, self.cert_id_head + encode_integer(serial))
+        single = tlv(0x30, cert_id + status_and_times)
+        return tlv(0x30, self.responder_id + produced + tlv(0x30, single))
 
     def sign(self, tbs: bytes) -> bytes:
         key = self.responder.key
@@ -162,6 +167,9 @@ class PresignTemplate:
         )
 
 
+_Window = tuple[PresignTemplate | None, tuple[bytes, bytes] | None, int, int]
+
+
 class PresignedSigner:
     """Signs the good/SHA-1 responses recorded at issuance, through templates when it can."""
 
@@ -169,6 +177,8 @@ class PresignedSigner:
         self.policy = policy
         # keyed by object identity: issuers and identities live as long as the process
         self._templates: dict[tuple[int, int], PresignTemplate | None] = {}
+        # the last second's window per issuer: times and their encodings change once a second
+        self._window: tuple[dt.datetime, Issuer, _Window] | None = None
 
     def _template(self, issuer: Issuer, responder: ResponderIdentity) -> PresignTemplate | None:
         key = (id(issuer), id(responder))
@@ -185,14 +195,19 @@ class PresignedSigner:
     ) -> SignedResponse:
         """The same response ``sign_response(issuer, serial, GOOD, policy)`` would make."""
         moment = whole_seconds(now or dt.datetime.now(dt.UTC))
-        responder, this_update, next_update = response_window(issuer, self.policy, moment)
-        template = self._template(issuer, responder)
-        if template is None:
+        cached = self._window
+        if cached is not None and cached[0] == moment and cached[1] is issuer:
+            window = cached[2]
+        else:
+            responder, this_update, next_update = response_window(issuer, self.policy, moment)
+            template = self._template(issuer, responder)
+            times = template.encode_times(moment, this_update, next_update) if template else None
+            window = (template, times, int(this_update.timestamp()), int(next_update.timestamp()))
+            self._window = (moment, issuer, window)
+        template, times, this_ts, next_ts = window
+        if template is None or times is None:
             return sign_response(issuer, serial, CertStatus.GOOD, self.policy, now=moment)
-        der = template.sign(template.tbs(serial, moment, this_update, next_update))
+        der = template.sign(template.tbs_with_times(serial, *times))
         return SignedResponse(
-            der=der,
-            status=CertStatus.GOOD,
-            this_update=int(this_update.timestamp()),
-            next_update=int(next_update.timestamp()),
+            der=der, status=CertStatus.GOOD, this_update=this_ts, next_update=next_ts
         )
