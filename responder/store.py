@@ -280,32 +280,33 @@ class PresignedStore:
         unique = list(first.items())
 
         async def op() -> dict[tuple[int, bytes], bool]:
-            async with (
-                self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn,
-                conn.transaction(),
-            ):
-                await conn.execute("SET LOCAL synchronous_commit = on")
+            # One statement (one round trip, atomic on its own): both INSERTs in CTEs.
+            # The session has synchronous_commit = on (pool server_settings) and the
+            # statement sets it for its own transaction too, whatever the server default.
+            async with self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
                 rows = await conn.fetch(
-                    "INSERT INTO certificates (issuer_id, serial, not_after, kinds) "
-                    "SELECT * FROM unnest($1::smallint[], $2::bytea[], $3::timestamptz[], "
-                    "                     $4::smallint[]) "
-                    "ON CONFLICT (issuer_id, serial) DO UPDATE "
-                    "  SET kinds = certificates.kinds | EXCLUDED.kinds "
-                    "  WHERE certificates.kinds | EXCLUDED.kinds <> certificates.kinds "
-                    "RETURNING issuer_id, serial, (xmax = 0) AS inserted",
+                    "WITH durable AS (SELECT set_config('synchronous_commit', 'on', true)), "
+                    "cert AS ("
+                    "  INSERT INTO certificates (issuer_id, serial, not_after, kinds) "
+                    "  SELECT * FROM unnest($1::smallint[], $2::bytea[], $3::timestamptz[], "
+                    "                       $4::smallint[]) "
+                    "  ON CONFLICT (issuer_id, serial) DO UPDATE "
+                    "    SET kinds = certificates.kinds | EXCLUDED.kinds "
+                    "    WHERE certificates.kinds | EXCLUDED.kinds <> certificates.kinds "
+                    "  RETURNING issuer_id, serial, (xmax = 0) AS inserted), "
+                    "resp AS ("
+                    "  INSERT INTO responses (issuer_id, serial, status, this_update, "
+                    "                         next_update, der) "
+                    "  SELECT * FROM unnest($1::smallint[], $2::bytea[], $5::smallint[], "
+                    "                       $6::timestamptz[], $7::timestamptz[], $8::bytea[]) "
+                    "  ON CONFLICT (issuer_id, serial) DO NOTHING) "
+                    "SELECT cert.issuer_id, cert.serial, cert.inserted, "
+                    "       (SELECT count(*) FROM durable) AS durable "
+                    "FROM cert",
                     [key[0] for key, _ in unique],
                     [key[1] for key, _ in unique],
                     [r.not_after for _, (r, _) in unique],
                     [kinds[key] for key, _ in unique],
-                )
-                await conn.execute(
-                    "INSERT INTO responses (issuer_id, serial, status, this_update, "
-                    "                       next_update, der) "
-                    "SELECT * FROM unnest($1::smallint[], $2::bytea[], $3::smallint[], "
-                    "                     $4::timestamptz[], $5::timestamptz[], $6::bytea[]) "
-                    "ON CONFLICT (issuer_id, serial) DO NOTHING",
-                    [key[0] for key, _ in unique],
-                    [key[1] for key, _ in unique],
                     [int(s.status) for _, (_, s) in unique],
                     [to_datetime(s.this_update) for _, (_, s) in unique],
                     [to_datetime(s.next_update) for _, (_, s) in unique],
