@@ -168,17 +168,16 @@ async def _migrate_once(
 
 
 async def _advisory_lock(conn: asyncpg.Connection, attempts: int) -> None:
-    """One migrator at a time; waiting in lock_timeout slices so it can be interrupted."""
-    for attempt in range(1, attempts + 1):
-        try:
-            await conn.execute("SELECT pg_advisory_lock($1)", ADVISORY_LOCK_KEY)
-            return
-        except asyncpg.exceptions.LockNotAvailableError:
-            if attempt == attempts:
-                raise SchemaError(
-                    "another `ocsp-responder migrate` holds the migration lock; try again later"
-                ) from None
-            log.info("waiting for another migrator (%d/%d)", attempt, attempts)
+    """One migrator at a time. A waiter polls with pg_try_advisory_lock instead of
+    blocking inside a statement: a blocked statement is an open transaction, which
+    CREATE INDEX CONCURRENTLY in the running migrator would wait for (a deadlock)."""
+    deadline = asyncio.get_running_loop().time() + attempts * 2.0
+    while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", ADVISORY_LOCK_KEY):
+        if asyncio.get_running_loop().time() > deadline:
+            raise SchemaError(
+                "another `ocsp-responder migrate` holds the migration lock; try again later"
+            )
+        await asyncio.sleep(0.2)
 
 
 async def _apply(conn: asyncpg.Connection, migration: Migration, attempts: int) -> None:
