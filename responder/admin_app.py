@@ -196,6 +196,8 @@ def create_admin_app(
             return json_response(400, {"error": str(exc)})
         except StoreUnavailable as exc:
             return json_response(503, {"error": "not revoked: " + str(exc)})
+        except SigningError as exc:
+            return json_response(503, {"error": "not revoked: " + str(exc)})
         cache.drop_serial(issuer.db_id, serial)
         return json_response(
             201 if outcome.created else 200,

@@ -17,6 +17,7 @@ import asyncio
 import datetime as dt
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -120,6 +121,9 @@ class RetryPolicy:
     attempts: int = 8
     first_delay: float = 0.05
     max_delay: float = 2.0
+    #: no new attempt starts after this many seconds (a statement can take up to the
+    #: pool's command_timeout of 10 s on its own)
+    deadline: float = 15.0
 
 
 async def with_retries(
@@ -130,11 +134,12 @@ async def with_retries(
     Raises ``StoreUnavailable`` (with ``reason``) when the retries are exhausted or the
     database refuses the write for a reason retrying cannot fix."""
     delay = policy.first_delay
+    give_up_at = time.monotonic() + policy.deadline
     for attempt in range(1, policy.attempts + 1):
         try:
             return await operation()
         except TRANSIENT_ERRORS as exc:
-            if attempt == policy.attempts:
+            if attempt == policy.attempts or time.monotonic() + delay > give_up_at:
                 raise StoreUnavailable(
                     f"{what}: database unavailable after {attempt} attempts: "
                     f"{type(exc).__name__}: {exc}",

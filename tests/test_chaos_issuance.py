@@ -61,6 +61,7 @@ from tests.support import (
     IssuerFiles,
     ResponderProcess,
     check_response,
+    free_port,
     issuer_files,
     write_config,
 )
@@ -244,7 +245,7 @@ class Chaos:
             await asyncio.to_thread(victim.proc.wait)
             self.tally.events["responders SIGKILLed"] += 1
             await asyncio.sleep(self.rng.uniform(0.2, 1.0))
-            await asyncio.to_thread(start_until_up, victim)
+            await asyncio.to_thread(start_until_up, victim, self.tally.events)
             self.down.discard(index)
 
     async def terminations(self) -> None:
@@ -274,16 +275,26 @@ class Chaos:
         self.tally.events["PostgreSQL crashed and restarted"] += 1
 
 
-def start_until_up(proc: ResponderProcess) -> None:
-    """A responder started while PostgreSQL is down exits; start it again until it runs."""
+def start_until_up(proc: ResponderProcess, events: Counter[str] | None = None) -> None:
+    """A responder started while PostgreSQL is down exits; start it again until it runs.
+    While it was down, its loopback port may have been taken as some connection's
+    ephemeral port: then it moves to fresh ports (env overrides; writers follow)."""
+    last = ""
     for _ in range(60):
         try:
             proc.start(timeout=20)
             return
-        except (RuntimeError, TimeoutError):
+        except (RuntimeError, TimeoutError) as exc:
             proc.stop(signal.SIGKILL)
+            last = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
+            if events is not None:
+                events["responder restarts that failed (retried)"] += 1
+            if "in use" in str(exc) or "failed to start" in str(exc):
+                proc.port, proc.admin_port = free_port(), free_port()
+                proc.env["OCSP_RESPONDER_LISTEN"] = f"127.0.0.1:{proc.port}"
+                proc.env["OCSP_RESPONDER_ADMIN_LISTEN"] = f"127.0.0.1:{proc.admin_port}"
             time.sleep(0.5)
-    raise AssertionError("responder did not come back")
+    raise AssertionError(f"responder did not come back: {last}")
 
 
 async def check_store(dsn: str, acked: dict[int, bytes], ca: DemoCA) -> Counter[str]:
@@ -393,7 +404,7 @@ def test_no_acknowledged_issuance_is_lost(chaos_cluster: PgCluster, tmp_path: Pa
     try:
         asyncio.run(run())
         elapsed = time.monotonic() - start
-        logs = "".join(p.log() for p in responders)
+        logs = "".join(f.read_text() for f in tmp_path.glob("*.log"))  # every incarnation
     finally:
         for proc in responders:
             proc.stop(signal.SIGKILL)  # no graceful shutdown either
