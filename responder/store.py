@@ -115,8 +115,9 @@ class CertificateRecord:
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """Bounded backoff: about 0.05+0.1+0.2+0.4+0.8+1.6+2 s of sleeping at most, so a
-    caller hears 503 within ~10 s (the CA's own timeout should be longer than that)."""
+    """Bounded backoff: 0.05 s doubling to 2 s (jittered), at most ``attempts`` tries and
+    none started after ``deadline``: a caller hears 503 within ~15 s, 25 s if the last
+    statement hangs until the command timeout (the CA's own timeout should be longer)."""
 
     attempts: int = 8
     first_delay: float = 0.05
@@ -184,7 +185,7 @@ class PresignedStore:
             min_size=min_size,
             max_size=max_size,
             command_timeout=10,
-            # every session commits durably; the writes also SET LOCAL it, belt and braces
+            # every session commits durably; the writes also set it per transaction
             server_settings={"synchronous_commit": "on"},
         )
         assert pool is not None
