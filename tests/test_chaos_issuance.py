@@ -9,7 +9,8 @@ two real `ocsp-responder serve` processes (single and batch calls), for
       it), and as no-op runs at other moments;
   (b) responder processes are SIGKILLed and restarted;
   (c) PostgreSQL backends are terminated with pg_terminate_backend;
-  (d) PostgreSQL itself crashes once (immediate stop: no shutdown checkpoint) and restarts.
+  (d) PostgreSQL itself crashes once (immediate stop: no shutdown checkpoint) and restarts
+      after 6-9 s, longer than the write retry budget, so some writes answer 503.
 
 The cluster runs with fsync on and ``synchronous_commit = off`` as its *default*: an
 acknowledgement that relied on the server default would be lost by the crash.
@@ -270,7 +271,9 @@ class Chaos:
     async def crash_once(self, start: float, duration: float) -> None:
         await self.sleep_until(start + self.rng.uniform(0.3, 0.7) * duration)
         await asyncio.to_thread(self.cluster.stop, "immediate")  # a crash: no checkpoint
-        await asyncio.sleep(self.rng.uniform(0.2, 1.0))
+        # down for longer than the writers' retry budget (~5 s with the server refusing
+        # connections): some writes must run out of retries and answer 503
+        await asyncio.sleep(self.rng.uniform(6.0, 9.0))
         await asyncio.to_thread(self.cluster.start)
         self.tally.events["PostgreSQL crashed and restarted"] += 1
 
@@ -476,6 +479,7 @@ def test_no_acknowledged_issuance_is_lost(chaos_cluster: PgCluster, tmp_path: Pa
     assert not tally.unexpected, tally.unexpected[:5]
     assert store["missing from store"] == 0 and store["stored but wrong"] == 0, store
     assert answers == Counter({"answered good": len(tally.acked)}), answers
+    assert tally.failed_503, "the crash outlasted the retry budget, yet nobody heard 503"
     assert logged_503 == len(tally.failed_503)
     assert version == REQUIRED_VERSION
     assert tally.events["real migration applied"] <= 1  # 0: its output was lost to a crash
