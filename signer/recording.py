@@ -178,12 +178,18 @@ class CertificateRecorder:
                     cert.issuer.rfc4514_string(),
                     exc,
                 )
-            except SigningError:
-                metrics.recording_failures_total.labels("signing").inc()
+            except Exception as exc:
+                # the whole call fails: nothing of it is written or acknowledged
+                reason = "signing" if isinstance(exc, SigningError) else "internal"
+                metrics.recording_failures_total.labels(reason).inc(len(certs) - len(rejected))
                 log.error(
-                    "recording FAILED (not acknowledged): could not sign: serial=%s issuer=%r",
+                    "recording FAILED (not acknowledged): could not prepare: serial=%s "
+                    "issuer=%r reason=%s: %s (and the %d other certificates of this call)",
                     _serial_or_unknown(cert),
                     cert.issuer.rfc4514_string(),
+                    reason,
+                    exc,
+                    len(certs) - len(rejected) - 1,
                 )
                 raise
         return prepared, rejected

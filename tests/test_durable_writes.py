@@ -241,3 +241,38 @@ def test_presigned_template_matches_the_builder(kind: str) -> None:
                 a.signature_hash_algorithm,  # type: ignore[arg-type]
             )
     _ = serial_key
+
+
+async def test_signing_failure_is_logged_counted_and_nothing_written(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A responder certificate too close to expiry cannot sign 8 h of validity (BR 4.9.9):
+    the call fails before any write, visibly."""
+    import datetime as dt
+
+    from signer.demo_ca import make_responder_certificate, new_key
+    from signer.response_builder import SigningError
+
+    ca = create_ca("p256", "Expiring")
+    key = new_key("p256")
+    soon = make_responder_certificate(
+        ca.ca_cert,
+        ca.ca_key,
+        key,
+        not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=1),
+        lifetime=dt.timedelta(days=1, hours=4),
+    )
+    issuer = issuer_from_certificate("exp", ca.ca_cert)
+    issuer.responders.append(make_responder(issuer, soon, key, delegated=True))
+    recorder = CertificateRecorder(IssuerRegistry([issuer]), None, ValidityPolicy())  # type: ignore[arg-type]
+    certs = [ca.issue_leaf(f"exp{i}.test") for i in range(2)]
+    before = counter("failures", reason="signing")
+    with caplog.at_level(logging.ERROR), pytest.raises(SigningError):
+        await recorder.record(certs)
+    assert counter("failures", reason="signing") == before + 2
+    assert any(
+        "recording FAILED (not acknowledged): could not prepare" in r.getMessage()
+        and f"serial={format_serial(certs[0].serial_number)}" in r.getMessage()
+        and "reason=signing" in r.getMessage()
+        for r in caplog.records
+    )
