@@ -35,10 +35,12 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -72,6 +74,22 @@ SINGLE_WRITERS = 4
 BATCH_WRITERS = 1
 BATCH_SIZE = 25
 RESPONDERS = 2
+
+
+def stable_port() -> int:
+    """A free loopback port below the ephemeral range (32768+ on Linux): a server that is
+    down for a while (crashed PostgreSQL, a killed responder) cannot have its port taken
+    by some client connection's ephemeral port meanwhile and fail to come back."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    return free_port()
 
 
 @dataclass
@@ -274,8 +292,22 @@ class Chaos:
         # down for longer than the writers' retry budget (~5 s with the server refusing
         # connections): some writes must run out of retries and answer 503
         await asyncio.sleep(self.rng.uniform(6.0, 9.0))
-        await asyncio.to_thread(self.cluster.start)
+        await asyncio.to_thread(start_postgres, self.cluster)
         self.tally.events["PostgreSQL crashed and restarted"] += 1
+
+
+def start_postgres(cluster: PgCluster) -> None:
+    for attempt in range(5):
+        try:
+            cluster.start()
+            return
+        except RuntimeError:
+            if attempt == 4:
+                log = cluster.root / "log"
+                raise AssertionError(
+                    "PostgreSQL did not restart:\n" + log.read_text()[-3000:]
+                ) from None
+            time.sleep(1)
 
 
 def start_until_up(proc: ResponderProcess, events: Counter[str] | None = None) -> None:
@@ -368,9 +400,9 @@ def check_http(port: int, serials: list[int], ca: DemoCA, threads: int = 6) -> C
 
 @pytest.fixture
 def chaos_cluster() -> PgCluster:
-    cluster = PgCluster(
-        {"fsync": "on", "full_page_writes": "on", "synchronous_commit": "off"}
-    ).init()
+    cluster = PgCluster({"fsync": "on", "full_page_writes": "on", "synchronous_commit": "off"})
+    cluster.port = stable_port()
+    cluster.init()
     cluster.start()
     try:
         yield cluster  # type: ignore[misc]
@@ -388,21 +420,33 @@ def test_no_acknowledged_issuance_is_lost(chaos_cluster: PgCluster, tmp_path: Pa
     asyncio.run(migrate(dsn, target=MINIMUM_VERSION))
     ca = create_ca("p256", "Chaos")
     issuer: IssuerFiles = issuer_files("chaos", ca, tmp_path, delegated=True)
-    responders = [write_config(tmp_path, dsn, [issuer]) for _ in range(RESPONDERS)]
+    responders = [
+        write_config(tmp_path, dsn, [issuer], port=stable_port(), admin_port=stable_port())
+        for _ in range(RESPONDERS)
+    ]
     for proc in responders:
         proc.start()
     start = time.monotonic()
     chaos = Chaos(chaos_cluster, "chaos", responders, ca, start + CHAOS_SECONDS)
 
     async def run() -> None:
+        loop = asyncio.get_running_loop()
+        # writers get their own threads: in the default executor they would leave no
+        # thread for restarting PostgreSQL while a responder restart waits for it
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=8))
+        writers = ThreadPoolExecutor(max_workers=SINGLE_WRITERS + BATCH_WRITERS)
         await asyncio.gather(
-            *(asyncio.to_thread(chaos.writer, 1) for _ in range(SINGLE_WRITERS)),
-            *(asyncio.to_thread(chaos.writer, BATCH_SIZE) for _ in range(BATCH_WRITERS)),
+            *(loop.run_in_executor(writers, chaos.writer, 1) for _ in range(SINGLE_WRITERS)),
+            *(
+                loop.run_in_executor(writers, chaos.writer, BATCH_SIZE)
+                for _ in range(BATCH_WRITERS)
+            ),
             chaos.migrations(start, CHAOS_SECONDS),
             chaos.kills(),
             chaos.terminations(),
             chaos.crash_once(start, CHAOS_SECONDS),
         )
+        writers.shutdown()
 
     try:
         asyncio.run(run())
