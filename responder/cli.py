@@ -259,7 +259,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except StoreUnavailable as exc:
         print(f"ocsp-responder: error: {exc}", file=sys.stderr)
         raise SystemExit(3) from None
-    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except (
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        asyncpg.exceptions.InternalClientError,
+    ) as exc:
         print(f"ocsp-responder: error: database: {type(exc).__name__}: {exc}", file=sys.stderr)
         raise SystemExit(3) from None
     except (OSError, ConnectionError) as exc:

@@ -10,6 +10,7 @@ of queueing every writer behind it. Rules for writing migrations: docs/migration
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from dataclasses import dataclass
@@ -104,6 +105,20 @@ async def check_schema(conn: asyncpg.Connection) -> int:
     return version
 
 
+#: A lost or broken connection (restart, pg_terminate_backend, a protocol left mid-way).
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+)
+
+
 async def migrate(dsn: str, *, target: int | None = None, attempts: int = 30) -> list[int]:
     """Apply pending migrations up to ``target`` (default: all); returns the versions
     applied. Safe to run concurrently and while serving; starts over (idempotently) when
@@ -117,15 +132,7 @@ async def migrate(dsn: str, *, target: int | None = None, attempts: int = 30) ->
         try:
             await _migrate_once(dsn, known, goal, attempts, applied)
             return applied
-        except (
-            TimeoutError,
-            asyncpg.exceptions.PostgresConnectionError,
-            asyncpg.exceptions.AdminShutdownError,
-            asyncpg.exceptions.CannotConnectNowError,
-            asyncpg.exceptions.InterfaceError,
-            ConnectionError,
-            OSError,
-        ) as exc:
+        except _CONNECTION_ERRORS as exc:
             if round_ == CONNECTION_ATTEMPTS:
                 raise SchemaError(
                     f"migration interrupted {round_} times, last by {type(exc).__name__}: "
@@ -158,12 +165,13 @@ async def _migrate_once(
                 applied.append(migration.version)
                 log.info("applied migration %04d_%s", migration.version, migration.name)
         finally:
-            if not conn.is_closed():
+            # the lock is per session: if the connection broke, closing it releases it
+            with contextlib.suppress(*_CONNECTION_ERRORS, asyncpg.PostgresError):
                 await conn.execute("SELECT pg_advisory_unlock($1)", ADVISORY_LOCK_KEY)
     finally:
         try:
             await conn.close(timeout=5)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+        except (*_CONNECTION_ERRORS, asyncpg.PostgresError):
             conn.terminate()
 
 
