@@ -202,6 +202,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
     )
 
 
+def _batch_size(text: str) -> int:
+    value = int(text) if text.isdigit() else 0
+    if not 1 <= value <= 10_000:
+        raise argparse.ArgumentTypeError("must be a whole number from 1 to 10000")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ocsp-responder",
@@ -228,7 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser("import", help="bulk-record PEM/DER files and directories, resumably")
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="files or directories (recursive)")
-    p.add_argument("--batch-size", type=int, default=1000, help="certificates per transaction")
+    p.add_argument(
+        "--batch-size", type=_batch_size, default=1000, help="certificates per transaction"
+    )
     p.add_argument("--journal", help="progress journal (default: <data_dir>/import-journal.jsonl)")
     p.add_argument("--restart", action="store_true", help="ignore earlier progress")
     p.add_argument("--no-journal", action="store_true", help="do not read or write a journal")
