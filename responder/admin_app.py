@@ -47,6 +47,19 @@ MAX_CERTIFICATE_BODY = 64 * 1024
 MAX_JSON_BODY = 16 * 1024
 #: Read-only endpoints that need no token (GET/HEAD only).
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+MAX_BATCH_BODY = 16 * 1024 * 1024
+MAX_BATCH_CERTIFICATES = 10_000
+
+
+def not_recorded(exc: Exception) -> Response:
+    """Fail closed: whatever went wrong after the input was accepted, the CA hears 503
+    "not recorded" (and must not publish), never a bare 500 nor a silent success."""
+    if isinstance(exc, StoreUnavailable | SigningError):
+        reason = str(exc)
+    else:
+        log.error("recording failed unexpectedly", exc_info=exc)
+        reason = f"internal error ({type(exc).__name__})"
+    return json_response(503, {"error": "not recorded: " + reason}, {"Retry-After": "1"})
 
 
 class APIError(Exception):
@@ -194,11 +207,51 @@ def create_admin_app(
             outcome = (await recorder.record(certs))[0]
         except CertificateRejected as exc:
             return json_response(exc.status, {"error": str(exc)})
-        except StoreUnavailable as exc:
-            return json_response(503, {"error": "not recorded: " + str(exc)})
-        except SigningError as exc:
-            return json_response(503, {"error": "not recorded: " + str(exc)})
+        except Exception as exc:
+            return not_recorded(exc)
         return json_response(201 if outcome.created else 200, outcome.as_json())
+
+    @app.post("/v1/certificates:batch", dependencies=[Depends(require_token)])
+    async def record_batch(request: Request) -> Response:
+        """All or nothing: either every certificate is committed (200, one result per
+        certificate, in order) or none is (4xx naming each refused one, or 503)."""
+        body = await read_body(request, MAX_BATCH_BODY)
+        try:
+            certs = load_certificates(body)
+        except CertificateRejected as exc:
+            return json_response(exc.status, {"error": str(exc)})
+        if len(certs) > MAX_BATCH_CERTIFICATES:
+            return json_response(
+                413, {"error": f"{len(certs)} certificates: at most {MAX_BATCH_CERTIFICATES}"}
+            )
+        try:
+            prepared, rejected = await recorder.prepare_all(certs)
+            if rejected:
+                status = 422 if all(exc.status == 422 for _, exc in rejected) else 400
+                return json_response(
+                    status,
+                    {
+                        "error": f"{len(rejected)} of {len(certs)} certificates refused: "
+                        "nothing recorded",
+                        "rejected": [
+                            {"index": i, "status": exc.status, "error": str(exc)}
+                            for i, exc in rejected
+                        ],
+                    },
+                )
+            outcomes = await recorder.commit(prepared)
+        except Exception as exc:
+            return not_recorded(exc)
+        created = sum(o.created for o in outcomes)
+        return json_response(
+            200,
+            {
+                "recorded": len(outcomes),
+                "created": created,
+                "existing": len(outcomes) - created,
+                "results": [o.as_json() for o in outcomes],
+            },
+        )
 
     @app.post("/v1/revocations", dependencies=[Depends(require_token)])
     async def revoke(request: Request) -> Response:
@@ -225,6 +278,8 @@ def create_admin_app(
         except (ValueError, RevocationReasonError) as exc:
             return json_response(400, {"error": str(exc)})
         except StoreUnavailable as exc:
+            return json_response(503, {"error": "not revoked: " + str(exc)})
+        except SigningError as exc:
             return json_response(503, {"error": "not revoked: " + str(exc)})
         cache.drop_serial(issuer.db_id, serial)
         return json_response(

@@ -15,6 +15,8 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+
 from responder.config import Config, ConfigError, load_config
 from responder.embedded_db import EmbeddedDatabaseError
 from responder.schema import SchemaError, migrate
@@ -92,7 +94,7 @@ def cmd_migrate(args: argparse.Namespace) -> None:
     config = _config(args)
     _setup_logging(config.log_level, config.log_format)
     dsn = args.database_url or resolve_database_url(config)
-    applied = asyncio.run(migrate(dsn))
+    applied = asyncio.run(migrate(dsn, target=args.target))
     if applied:
         print(f"applied migrations: {', '.join(f'{v:04d}' for v in applied)}")
     else:
@@ -109,7 +111,7 @@ def cmd_issue(args: argparse.Namespace) -> None:
         service = await _with_service(config)
         failures = 0
         try:
-            for name in args.files:
+            for position, name in enumerate(args.files):
                 try:
                     certs = load_certificates(Path(name).read_bytes())
                     outcomes = await service.recorder.record(certs)
@@ -121,16 +123,71 @@ def cmd_issue(args: argparse.Namespace) -> None:
                     print(f"{name}: refused: {exc}", file=sys.stderr)
                     failures += 1
                     continue
+                except StoreUnavailable as exc:
+                    print(f"{name}: NOT recorded (do not publish): {exc}", file=sys.stderr)
+                    for rest in args.files[position + 1 :]:
+                        print(f"{rest}: NOT recorded (not attempted)", file=sys.stderr)
+                    return 3
                 for o in outcomes:
                     kind = "precertificate" if o.precertificate else "certificate"
                     state = "recorded" if o.created else "already recorded"
                     print(f"{name}: {kind} {format_serial(o.serial)} ({o.issuer}): {state}")
         finally:
             await service.close()
-        return failures
+        return 1 if failures else 0
 
-    if asyncio.run(run()):
-        raise SystemExit(1)
+    status = asyncio.run(run())
+    if status:
+        raise SystemExit(status)
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from responder.bulk_import import Importer, ImportInputError, ImportJournal, discover
+    from responder.progress import ProgressBar
+
+    config = _config(args)
+    _setup_logging(config.log_level)
+    try:
+        files = discover([Path(p) for p in args.paths])
+    except ImportInputError as exc:
+        raise CommandError(str(exc)) from exc
+    journal_path = Path(args.journal) if args.journal else config.data_dir / "import-journal.jsonl"
+
+    async def run() -> int:
+        service = await _with_service(config)
+        journal = None if args.no_journal else ImportJournal(journal_path)
+        if journal is not None and args.restart:
+            journal.progress.clear()
+        importer = Importer(
+            service.recorder, journal, batch_size=args.batch_size, errors=sys.stderr
+        )
+        progress = None if args.quiet else ProgressBar(0)
+        try:
+            report = await importer.run(files, progress)
+        except StoreUnavailable as exc:
+            print(
+                f"ocsp-responder: import stopped, the rest is NOT recorded: {exc}; "
+                "run the same command again to resume",
+                file=sys.stderr,
+            )
+            return 3
+        finally:
+            if progress is not None:
+                progress.close()
+            if journal is not None:
+                journal.close()
+            await service.close()
+        print(
+            f"imported {report.created + report.existing} certificates from {report.files} "
+            f"files: {report.created} new, {report.existing} already recorded, "
+            f"{report.refused} refused, {report.unreadable} unreadable files, "
+            f"{report.resumed_past} skipped as done by an earlier run"
+        )
+        return 0 if report.ok else 1
+
+    status = asyncio.run(run())
+    if status:
+        raise SystemExit(status)
 
 
 def cmd_revoke(args: argparse.Namespace) -> None:
@@ -284,6 +341,13 @@ def cmd_audit(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def _batch_size(text: str) -> int:
+    value = int(text) if text.isdigit() else 0
+    if not 1 <= value <= 10_000:
+        raise argparse.ArgumentTypeError("must be a whole number from 1 to 10000")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ocsp-responder",
@@ -303,10 +367,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
     p = with_config(sub.add_parser("migrate", help="create or upgrade the database schema"))
     p.add_argument("--database-url", help="override database_url (e.g. a DDL-capable role)")
+    p.add_argument(
+        "--target", type=int, help="stop at this schema version (default: the newest known)"
+    )
     p.set_defaults(func=cmd_migrate)
     p = with_config(sub.add_parser("issue", help="record certificates/precertificates (PEM/DER)"))
     p.add_argument("files", nargs="+", metavar="FILE")
     p.set_defaults(func=cmd_issue)
+    p = with_config(
+        sub.add_parser("import", help="bulk-record PEM/DER files and directories, resumably")
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="files or directories (recursive)")
+    p.add_argument(
+        "--batch-size", type=_batch_size, default=1000, help="certificates per transaction"
+    )
+    p.add_argument("--journal", help="progress journal (default: <data_dir>/import-journal.jsonl)")
+    p.add_argument("--restart", action="store_true", help="ignore earlier progress")
+    p.add_argument("--no-journal", action="store_true", help="do not read or write a journal")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_import)
     p = with_config(sub.add_parser("revoke", help="revoke a serial and re-sign its response"))
     p.add_argument("--issuer", required=True, help="issuer name from the configuration")
     p.add_argument("--serial", required=True, help="serial number in hex")
@@ -348,6 +427,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(1) from None
     except StoreUnavailable as exc:
         print(f"ocsp-responder: error: {exc}", file=sys.stderr)
+        raise SystemExit(3) from None
+    except (
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        asyncpg.exceptions.InternalClientError,
+    ) as exc:
+        print(f"ocsp-responder: error: database: {type(exc).__name__}: {exc}", file=sys.stderr)
         raise SystemExit(3) from None
     except (OSError, ConnectionError) as exc:
         print(f"ocsp-responder: error: {exc}", file=sys.stderr)

@@ -10,6 +10,7 @@ of queueing every writer behind it. Rules for writing migrations: docs/migration
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from dataclasses import dataclass
@@ -23,6 +24,12 @@ log = logging.getLogger(__name__)
 ADVISORY_LOCK_KEY = 0x4F43_5350_4D49_4752
 LOCK_TIMEOUT = "2s"
 NO_TRANSACTION_MARK = "-- migrate: no-transaction"
+#: An expand migration only adds what this build does not yet rely on, so ``serve`` also
+#: runs on the schema just before it (rolling deploys: migrate while the old code serves).
+EXPAND_MARK = "-- migrate: expand"
+#: Whole ``migrate`` runs tried again after lost connections (a restarted server, a
+#: terminated backend); every step is idempotent, so starting over is safe.
+CONNECTION_ATTEMPTS = 5
 
 
 class SchemaError(Exception):
@@ -40,6 +47,10 @@ class Migration:
         """CREATE INDEX CONCURRENTLY cannot run in a transaction; such files opt out."""
         return NO_TRANSACTION_MARK not in self.sql
 
+    @property
+    def expand(self) -> bool:
+        return EXPAND_MARK in self.sql
+
 
 def load_migrations() -> list[Migration]:
     files = resources.files("responder") / "migrations"
@@ -55,7 +66,18 @@ def load_migrations() -> list[Migration]:
     return found
 
 
+def minimum_version(migrations: list[Migration]) -> int:
+    """The oldest schema this build can serve on: trailing expand migrations are optional."""
+    version = len(migrations)
+    while version > 1 and migrations[version - 1].expand:
+        version -= 1
+    return version
+
+
+#: The newest schema this build knows (``migrate`` brings a database here).
 REQUIRED_VERSION = len(load_migrations())
+#: The oldest schema ``serve`` accepts (see EXPAND_MARK).
+MINIMUM_VERSION = minimum_version(load_migrations())
 
 
 async def current_version(conn: asyncpg.Connection) -> int:
@@ -68,25 +90,66 @@ async def current_version(conn: asyncpg.Connection) -> int:
 async def check_schema(conn: asyncpg.Connection) -> int:
     """Fail clearly when the schema is behind this build; never fix it from here."""
     version = await current_version(conn)
-    if version < REQUIRED_VERSION:
+    if version < MINIMUM_VERSION:
         raise SchemaError(
             f"database schema is at version {version}, this build needs {REQUIRED_VERSION}: "
             "run `ocsp-responder migrate` (as a role allowed to change the schema)"
         )
+    if version < REQUIRED_VERSION:
+        log.warning(
+            "database schema is at version %d; this build runs on it but knows %d: "
+            "run `ocsp-responder migrate`",
+            version,
+            REQUIRED_VERSION,
+        )
     return version
 
 
-async def migrate(dsn: str, *, attempts: int = 30) -> list[int]:
-    """Apply pending migrations; returns the versions applied. Safe to run concurrently."""
-    conn = await asyncpg.connect(dsn)
+#: A lost or broken connection (restart, pg_terminate_backend, a protocol left mid-way).
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+)
+
+
+async def migrate(dsn: str, *, target: int | None = None, attempts: int = 30) -> list[int]:
+    """Apply pending migrations up to ``target`` (default: all); returns the versions
+    applied. Safe to run concurrently and while serving; starts over (idempotently) when
+    its connection is lost."""
+    known = load_migrations()
+    goal = len(known) if target is None else target
+    if not 0 <= goal <= len(known):
+        raise SchemaError(f"target version {goal} is not between 0 and {len(known)}")
     applied: list[int] = []
+    for round_ in range(1, CONNECTION_ATTEMPTS + 1):
+        try:
+            await _migrate_once(dsn, known, goal, attempts, applied)
+            return applied
+        except _CONNECTION_ERRORS as exc:
+            if round_ == CONNECTION_ATTEMPTS:
+                raise SchemaError(
+                    f"migration interrupted {round_} times, last by {type(exc).__name__}: "
+                    f"{exc}; run `ocsp-responder migrate` again (it resumes where it stopped)"
+                ) from exc
+            log.warning("migrate: lost the database (%s); starting over", type(exc).__name__)
+            await asyncio.sleep(0.5 * round_)
+    raise AssertionError("unreachable")
+
+
+async def _migrate_once(
+    dsn: str, known: list[Migration], goal: int, attempts: int, applied: list[int]
+) -> None:
+    conn = await asyncpg.connect(dsn, timeout=10)
     try:
         await conn.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
-        # poll rather than block in pg_advisory_lock: a session blocked in a statement
-        # holds a snapshot, and CREATE INDEX CONCURRENTLY in the migrator holding the lock
-        # would wait for that snapshot while it waits for the lock (a deadlock)
-        while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", ADVISORY_LOCK_KEY):
-            await asyncio.sleep(0.1)
+        await _advisory_lock(conn, attempts)
         try:
             await conn.execute(
                 """CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -95,17 +158,34 @@ async def migrate(dsn: str, *, attempts: int = 30) -> list[int]:
                        applied_at timestamptz NOT NULL DEFAULT now())"""
             )
             done = await current_version(conn)
-            for migration in load_migrations():
-                if migration.version <= done:
+            for migration in known:
+                if migration.version <= done or migration.version > goal:
                     continue
                 await _apply(conn, migration, attempts)
                 applied.append(migration.version)
                 log.info("applied migration %04d_%s", migration.version, migration.name)
         finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", ADVISORY_LOCK_KEY)
+            # the lock is per session: if the connection broke, closing it releases it
+            with contextlib.suppress(*_CONNECTION_ERRORS, asyncpg.PostgresError):
+                await conn.execute("SELECT pg_advisory_unlock($1)", ADVISORY_LOCK_KEY)
     finally:
-        await conn.close()
-    return applied
+        try:
+            await conn.close(timeout=5)
+        except (*_CONNECTION_ERRORS, asyncpg.PostgresError):
+            conn.terminate()
+
+
+async def _advisory_lock(conn: asyncpg.Connection, attempts: int) -> None:
+    """One migrator at a time. A waiter polls with pg_try_advisory_lock instead of
+    blocking inside a statement: a blocked statement is an open transaction, which
+    CREATE INDEX CONCURRENTLY in the running migrator would wait for (a deadlock)."""
+    deadline = asyncio.get_running_loop().time() + attempts * 2.0
+    while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", ADVISORY_LOCK_KEY):
+        if asyncio.get_running_loop().time() > deadline:
+            raise SchemaError(
+                "another `ocsp-responder migrate` holds the migration lock; try again later"
+            )
+        await asyncio.sleep(0.2)
 
 
 async def _apply(conn: asyncpg.Connection, migration: Migration, attempts: int) -> None:
@@ -121,6 +201,7 @@ async def _apply(conn: asyncpg.Connection, migration: Migration, attempts: int) 
                         migration.name,
                     )
             else:
+                await _drop_invalid_indexes(conn, migration)
                 for statement in _statements(migration.sql):
                     await conn.execute(statement)
                 await conn.execute(
@@ -129,9 +210,17 @@ async def _apply(conn: asyncpg.Connection, migration: Migration, attempts: int) 
                     migration.name,
                 )
             return
-        except asyncpg.exceptions.LockNotAvailableError:
+        except (
+            asyncpg.exceptions.LockNotAvailableError,
+            asyncpg.exceptions.QueryCanceledError,
+            asyncpg.exceptions.DeadlockDetectedError,
+        ):
             if attempt == attempts:
-                raise
+                raise SchemaError(
+                    f"migration {migration.version:04d}_{migration.name} could not get its "
+                    f"locks in {attempts} tries of {LOCK_TIMEOUT}: the table is too busy; "
+                    "run `ocsp-responder migrate` again later"
+                ) from None
             log.warning(
                 "migration %04d waited %s for a lock; retrying (%d/%d)",
                 migration.version,
@@ -140,6 +229,25 @@ async def _apply(conn: asyncpg.Connection, migration: Migration, attempts: int) 
                 attempts,
             )
             await asyncio.sleep(min(0.2 * attempt, 2.0))
+
+
+_CONCURRENT_INDEX = re.compile(
+    r"CREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+(?:IF\s+NOT\s+EXISTS\s+)?(\w+)", re.I
+)
+
+
+async def _drop_invalid_indexes(conn: asyncpg.Connection, migration: Migration) -> None:
+    """An interrupted CREATE INDEX CONCURRENTLY leaves an INVALID index that IF NOT EXISTS
+    would then keep forever: drop those (concurrently) so the retry builds them again."""
+    for name in _CONCURRENT_INDEX.findall(migration.sql):
+        invalid = await conn.fetchval(
+            "SELECT NOT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+            "WHERE c.relname = $1 AND pg_table_is_visible(c.oid)",
+            name,
+        )
+        if invalid:
+            log.warning("dropping invalid index %s left by an interrupted migration", name)
+            await conn.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{name}"')
 
 
 def _statements(sql: str) -> list[str]:

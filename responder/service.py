@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import asyncpg
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from responder.cdn_purge import CdnPurger
@@ -19,7 +20,7 @@ from responder.replicas import connect_replicas
 from responder.response_cache import SHARED_SUFFIXES, ResponseCache
 from responder.schema import check_schema
 from responder.sources import IssuerFilter, LiveSigningSource, build_chain
-from responder.store import PresignedStore
+from responder.store import PresignedStore, StoreUnavailable
 from responder.warmup import WarmUp
 from signer.issuers import IssuerRegistry
 from signer.recording import CertificateRecorder
@@ -63,7 +64,10 @@ class ResponderService:
         """Load issuers (checking keys), connect, check the schema, register issuers."""
         self.registry = self.config.load_issuers()
         dsn = await asyncio.to_thread(resolve_database_url, self.config)
-        self.store = await PresignedStore.connect(dsn, max_size=pool_size)
+        try:
+            self.store = await PresignedStore.connect(dsn, max_size=pool_size)
+        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+            raise StoreUnavailable(f"cannot connect to the database: {exc}") from exc
         try:
             async with self.store.pool.acquire() as conn:
                 await check_schema(conn)

@@ -4,6 +4,11 @@ Writes that a CA relies on (recording a certificate, a revocation) commit with
 ``synchronous_commit = on`` whatever the server default, and are retried on transient
 errors with bounded backoff; when a write still fails the caller gets ``StoreUnavailable``
 and must tell its client so. Nothing here acknowledges an uncommitted write.
+
+A connection lost *during* COMMIT is ambiguous: the transaction may or may not have
+committed. The retry is safe because every write is idempotent (``ON CONFLICT``); the
+price is that a retried recording whose first COMMIT did land reports "already recorded"
+(``created`` False) instead of "new". Both mean "durably recorded" (docs/recording.md).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import asyncio
 import datetime as dt
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -48,10 +54,17 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.ConnectionDoesNotExistError,
     asyncpg.exceptions.InterfaceError,
     asyncpg.exceptions.InternalClientError,
+    # a migration changed a table under a statement prepared before it (the incident's
+    # ALTER TABLE race): asyncpg re-prepares, but only outside a transaction
+    asyncpg.exceptions.InvalidCachedStatementError,
+    asyncpg.exceptions.PostgresConnectionError,
     ConnectionError,
     OSError,
-    asyncio.TimeoutError,
+    asyncio.TimeoutError,  # includes a pool acquire that timed out: all connections busy
 )
+
+#: Seconds to wait for a pool connection before counting the attempt as failed (transient).
+ACQUIRE_TIMEOUT = 5.0
 
 
 #: PostgreSQL NOTIFY channel on which revocations tell every responder to drop a serial.
@@ -69,7 +82,13 @@ def parse_invalidation_payload(payload: str) -> tuple[int, int]:
 
 
 class StoreUnavailable(Exception):
-    """The database could not be reached or kept failing; nothing was committed."""
+    """The database could not be reached or kept failing; nothing was acknowledged.
+
+    ``reason`` is a metrics label: timeout, conflict, connection or database_error."""
+
+    def __init__(self, message: str, *, reason: str = "connection") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def serial_key(serial: int) -> bytes:
@@ -115,28 +134,45 @@ class CertificateRecord:
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    attempts: int = 6
+    """Bounded backoff: 0.05 s doubling to 2 s (jittered), at most ``attempts`` tries and
+    none started after ``deadline``: a caller hears 503 within ~15 s, 25 s if the last
+    statement hangs until the command timeout (the CA's own timeout should be longer)."""
+
+    attempts: int = 8
     first_delay: float = 0.05
     max_delay: float = 2.0
+    #: no new attempt starts after this many seconds (a statement can take up to the
+    #: pool's command_timeout of 10 s on its own)
+    deadline: float = 15.0
 
 
 async def with_retries(
     operation: Callable[[], Awaitable[T]], what: str, policy: RetryPolicy = RetryPolicy()
 ) -> T:
-    """Run ``operation`` (one whole transaction) again after transient failures."""
+    """Run ``operation`` (one whole idempotent transaction) again after transient failures.
+
+    Raises ``StoreUnavailable`` (with ``reason``) when the retries are exhausted or the
+    database refuses the write for a reason retrying cannot fix."""
     delay = policy.first_delay
+    give_up_at = time.monotonic() + policy.deadline
     for attempt in range(1, policy.attempts + 1):
         try:
             return await operation()
         except TRANSIENT_ERRORS as exc:
-            if attempt == policy.attempts:
+            if attempt == policy.attempts or time.monotonic() + delay > give_up_at:
                 raise StoreUnavailable(
                     f"{what}: database unavailable after {attempt} attempts: "
-                    f"{type(exc).__name__}: {exc}"
+                    f"{type(exc).__name__}: {exc}",
+                    reason=failure_reason(exc),
                 ) from exc
             log.warning("%s: transient %s, retrying (%d)", what, type(exc).__name__, attempt)
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, policy.max_delay)
+        except asyncpg.PostgresError as exc:
+            raise StoreUnavailable(
+                f"{what}: database refused the write: {type(exc).__name__}: {exc}",
+                reason="database_error",
+            ) from exc
     raise AssertionError("unreachable")
 
 
@@ -145,6 +181,21 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     release, a second round trip for each one-row read on the hot path. Nothing here
     changes session state (only SET LOCAL inside transactions); open transactions and
     listener callbacks are still cleared by asyncpg itself."""
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A small closed set of labels for recording_failures_total{reason}."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timeout"
+    if isinstance(
+        exc,
+        asyncpg.exceptions.SerializationError
+        | asyncpg.exceptions.DeadlockDetectedError
+        | asyncpg.exceptions.LockNotAvailableError
+        | asyncpg.exceptions.QueryCanceledError,
+    ):
+        return "conflict"
+    return "connection"
 
 
 class PresignedStore:
@@ -183,6 +234,8 @@ class PresignedStore:
             command_timeout=10,
             timeout=5,
             reset=_keep_session,
+            # every session commits durably; the writes also set it per transaction
+            server_settings={"synchronous_commit": "on"},
         )
         assert pool is not None
         return cls(pool)
@@ -353,47 +406,63 @@ class PresignedStore:
     ) -> list[bool]:
         """Record certificates and their signed responses in ONE transaction.
 
-        Returns, per record, True when the serial was new. The call returns only after
-        the commit is durable (synchronous_commit forced on): the CA may publish then.
+        Returns, per record, True when the serial was new (a serial given twice in one
+        call is new once). The call returns only after the commit is durable
+        (synchronous_commit forced on): the CA may publish then.
         """
+        kinds: dict[tuple[int, bytes], int] = {}
+        first: dict[tuple[int, bytes], tuple[CertificateRecord, SignedResponse]] = {}
+        for record, signed in records:
+            key = (record.issuer_id, serial_key(record.serial))
+            kind = KIND_PRECERTIFICATE if record.precertificate else KIND_CERTIFICATE
+            kinds[key] = kinds.get(key, 0) | kind
+            first.setdefault(key, (record, signed))
+        unique = list(first.items())
 
-        async def op() -> list[bool]:
-            async with self.pool.acquire() as conn, conn.transaction():
-                await conn.execute("SET LOCAL synchronous_commit = on")
+        async def op() -> dict[tuple[int, bytes], bool]:
+            # One statement (one round trip, atomic on its own): both INSERTs in CTEs.
+            # The session has synchronous_commit = on (pool server_settings) and the
+            # statement sets it for its own transaction too, whatever the server default.
+            async with self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
                 rows = await conn.fetch(
-                    "INSERT INTO certificates (issuer_id, serial, not_after, kinds) "
-                    "SELECT * FROM unnest($1::smallint[], $2::bytea[], $3::timestamptz[], "
-                    "                     $4::smallint[]) "
-                    "ON CONFLICT (issuer_id, serial) DO UPDATE "
-                    "  SET kinds = certificates.kinds | EXCLUDED.kinds "
-                    "RETURNING issuer_id, serial, (xmax = 0) AS inserted",
-                    [r.issuer_id for r, _ in records],
-                    [serial_key(r.serial) for r, _ in records],
-                    [r.not_after for r, _ in records],
-                    [
-                        KIND_PRECERTIFICATE if r.precertificate else KIND_CERTIFICATE
-                        for r, _ in records
-                    ],
+                    "WITH durable AS (SELECT set_config('synchronous_commit', 'on', true)), "
+                    "cert AS ("
+                    "  INSERT INTO certificates (issuer_id, serial, not_after, kinds) "
+                    "  SELECT * FROM unnest($1::smallint[], $2::bytea[], $3::timestamptz[], "
+                    "                       $4::smallint[]) "
+                    "  ON CONFLICT (issuer_id, serial) DO UPDATE "
+                    "    SET kinds = certificates.kinds | EXCLUDED.kinds "
+                    "    WHERE certificates.kinds | EXCLUDED.kinds <> certificates.kinds "
+                    "  RETURNING issuer_id, serial, (xmax = 0) AS inserted), "
+                    "resp AS ("
+                    "  INSERT INTO responses (issuer_id, serial, status, this_update, "
+                    "                         next_update, der, signer) "
+                    "  SELECT * FROM unnest($1::smallint[], $2::bytea[], $5::smallint[], "
+                    "                       $6::timestamptz[], $7::timestamptz[], $8::bytea[], "
+                    "                       $9::bigint[]) "
+                    "  ON CONFLICT (issuer_id, serial) DO NOTHING) "
+                    "SELECT cert.issuer_id, cert.serial, cert.inserted, "
+                    "       (SELECT count(*) FROM durable) AS durable "
+                    "FROM cert",
+                    [key[0] for key, _ in unique],
+                    [key[1] for key, _ in unique],
+                    [r.not_after for _, (r, _) in unique],
+                    [kinds[key] for key, _ in unique],
+                    [int(s.status) for _, (_, s) in unique],
+                    [to_datetime(s.this_update) for _, (_, s) in unique],
+                    [to_datetime(s.next_update) for _, (_, s) in unique],
+                    [s.der for _, (_, s) in unique],
+                    [s.signer or None for _, (_, s) in unique],
                 )
-                await conn.execute(
-                    "INSERT INTO responses (issuer_id, serial, status, this_update, "
-                    "                       next_update, der, signer) "
-                    "SELECT * FROM unnest($1::smallint[], $2::bytea[], $3::smallint[], "
-                    "                     $4::timestamptz[], $5::timestamptz[], $6::bytea[], "
-                    "                     $7::bigint[]) "
-                    "ON CONFLICT (issuer_id, serial) DO NOTHING",
-                    [r.issuer_id for r, _ in records],
-                    [serial_key(r.serial) for r, _ in records],
-                    [int(s.status) for _, s in records],
-                    [to_datetime(s.this_update) for _, s in records],
-                    [to_datetime(s.next_update) for _, s in records],
-                    [s.der for _, s in records],
-                    [s.signer or None for _, s in records],
-                )
-            inserted = {(row["issuer_id"], bytes(row["serial"])): row["inserted"] for row in rows}
-            return [inserted[(r.issuer_id, serial_key(r.serial))] for r, _ in records]
+            # rows already present with nothing to add are not returned: not new
+            return {(row["issuer_id"], bytes(row["serial"])): row["inserted"] for row in rows}
 
-        return await with_retries(op, "record certificates")
+        inserted = await with_retries(op, "record certificates")
+        created: list[bool] = []
+        for record, _ in records:
+            key = (record.issuer_id, serial_key(record.serial))
+            created.append(inserted.pop(key, False))
+        return created
 
     async def record_revocation(
         self, issuer_id: int, serial: int, revocation: Revocation, signed: SignedResponse
@@ -401,7 +470,10 @@ class PresignedStore:
         """Store a revocation and its revoked response together; False if already revoked."""
 
         async def op() -> bool:
-            async with self.pool.acquire() as conn, conn.transaction():
+            async with (
+                self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn,
+                conn.transaction(),
+            ):
                 await conn.execute("SET LOCAL synchronous_commit = on")
                 created = await conn.fetchval(
                     "INSERT INTO revocations (issuer_id, serial, revoked_at, reason) "

@@ -8,15 +8,19 @@ failure is an exception the caller must turn into a refusal, so the CA does not 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
 
-from responder.store import CertificateRecord, PresignedStore
+from responder import metrics
+from responder.store import CertificateRecord, PresignedStore, StoreUnavailable
+from signer.der import DERError, read_element
 from signer.issuers import IssuerRegistry
-from signer.response_builder import CertStatus, SignedResponse, ValidityPolicy, sign_response
+from signer.presign import PresignedSigner
+from signer.response_builder import SignedResponse, SigningError, ValidityPolicy
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +69,35 @@ def parse_serial(text: str) -> int:
 
 
 def load_certificates(data: bytes) -> list[x509.Certificate]:
-    """PEM (one or many) or a single DER certificate; strict."""
+    """PEM (one or many), or DER (one, or several concatenated); strict."""
     try:
         if data.lstrip().startswith(b"-----BEGIN"):
             certs = x509.load_pem_x509_certificates(data)
         else:
-            certs = [x509.load_der_x509_certificate(data)]
+            certs = [x509.load_der_x509_certificate(der) for der in split_der(data)]
     except ValueError as exc:
         raise CertificateRejected(f"not a PEM or DER certificate: {exc}") from exc
     if not certs:
         raise CertificateRejected("no certificate found")
     return certs
+
+
+def split_der(data: bytes) -> list[bytes]:
+    """Concatenated DER SEQUENCEs, split by their lengths (no trailing bytes allowed)."""
+    if not data:
+        raise CertificateRejected("empty body: no certificate found")
+    parts: list[bytes] = []
+    pos = 0
+    while pos < len(data):
+        try:
+            tlv = read_element(data, pos)
+        except DERError as exc:
+            raise CertificateRejected(f"not a PEM or DER certificate: {exc}") from exc
+        if tlv.tag != 0x30:
+            raise CertificateRejected("not a PEM or DER certificate: expected a SEQUENCE")
+        parts.append(data[tlv.start : tlv.end])
+        pos = tlv.end
+    return parts
 
 
 def is_precertificate(cert: x509.Certificate) -> bool:
@@ -89,6 +111,20 @@ def is_precertificate(cert: x509.Certificate) -> bool:
     return True
 
 
+@dataclass(frozen=True, slots=True)
+class PreparedRecord:
+    """A certificate ready to commit: its row and its signed good response."""
+
+    record: CertificateRecord
+    signed: SignedResponse
+    issuer: str
+
+
+#: Certificates prepared between two yields to the event loop: recording a big batch
+#: must not hold up OCSP answers served by the same process for more than a few ms.
+PREPARE_SLICE = 32
+
+
 class CertificateRecorder:
     """Parse, sign and durably store; the one code path for the API, CLI and bulk import."""
 
@@ -98,9 +134,10 @@ class CertificateRecorder:
         self.registry = registry
         self.store = store
         self.policy = policy
+        self.presigner = PresignedSigner(policy)
 
-    def prepare(self, cert: x509.Certificate) -> tuple[CertificateRecord, SignedResponse, str]:
-        """Find the issuer and sign the response (CPU only, no I/O)."""
+    def prepare(self, cert: x509.Certificate) -> PreparedRecord:
+        """Find the issuer (name and signature) and sign the response (CPU only, no I/O)."""
         issuer = self.registry.issuer_of(cert)
         if issuer is None:
             raise CertificateRejected(
@@ -110,36 +147,103 @@ class CertificateRecorder:
             )
         precert = is_precertificate(cert)
         serial = cert.serial_number
-        signed = sign_response(issuer, serial, CertStatus.GOOD, self.policy)
+        signed = self.presigner.sign_good(issuer, serial)
         record = CertificateRecord(
             issuer_id=issuer.db_id,
             serial=serial,
             not_after=cert.not_valid_after_utc,
             precertificate=precert,
         )
-        return record, signed, issuer.name
+        return PreparedRecord(record, signed, issuer.name)
 
-    async def record(self, certs: Sequence[x509.Certificate]) -> list[RecordOutcome]:
-        """Record all ``certs`` in one transaction; returns after the commit."""
-        prepared = [self.prepare(cert) for cert in certs]
-        try:
-            created = await self.store.record_certificates([(r, s) for r, s, _ in prepared])
-        except Exception:
-            for record, _, issuer in prepared:
+    async def prepare_all(
+        self, certs: Sequence[x509.Certificate]
+    ) -> tuple[list[PreparedRecord], list[tuple[int, CertificateRejected]]]:
+        """Prepare every certificate; returns the good ones and (index, why) for the rest."""
+        prepared: list[PreparedRecord] = []
+        rejected: list[tuple[int, CertificateRejected]] = []
+        for index, cert in enumerate(certs):
+            if index and index % PREPARE_SLICE == 0:
+                await asyncio.sleep(0)
+            try:
+                prepared.append(self.prepare(cert))
+            except CertificateRejected as exc:
+                rejected.append((index, exc))
+                metrics.recording_failures_total.labels(
+                    "unknown_issuer" if exc.status == 422 else "refused"
+                ).inc()
+                log.warning(
+                    "recording refused: serial=%s issuer=%r: %s",
+                    _serial_or_unknown(cert),
+                    cert.issuer.rfc4514_string(),
+                    exc,
+                )
+            except Exception as exc:
+                # the whole call fails: nothing of it is written or acknowledged
+                reason = "signing" if isinstance(exc, SigningError) else "internal"
+                metrics.recording_failures_total.labels(reason).inc(len(certs) - len(rejected))
                 log.error(
-                    "recording FAILED (not acknowledged): issuer=%s serial=%s",
-                    issuer,
-                    format_serial(record.serial),
+                    "recording FAILED (not acknowledged): could not prepare: serial=%s "
+                    "issuer=%r reason=%s: %s (and the %d other certificates of this call)",
+                    _serial_or_unknown(cert),
+                    cert.issuer.rfc4514_string(),
+                    reason,
+                    exc,
+                    len(certs) - len(rejected) - 1,
+                )
+                raise
+        return prepared, rejected
+
+    async def commit(self, prepared: Sequence[PreparedRecord]) -> list[RecordOutcome]:
+        """Store all prepared records in one transaction; returns after the durable commit.
+
+        On failure every serial is logged at ERROR and counted, and the exception
+        propagates: the caller must tell its client "not recorded"."""
+        if not prepared:
+            return []
+        try:
+            created = await self.store.record_certificates([(p.record, p.signed) for p in prepared])
+        except BaseException as exc:
+            reason = exc.reason if isinstance(exc, StoreUnavailable) else "internal"
+            if isinstance(exc, asyncio.CancelledError):
+                reason = "cancelled"
+            metrics.recording_failures_total.labels(reason).inc(len(prepared))
+            for p in prepared:
+                log.error(
+                    "recording FAILED (not acknowledged): issuer=%s serial=%s reason=%s: %s",
+                    p.issuer,
+                    format_serial(p.record.serial),
+                    reason,
+                    exc,
                 )
             raise
-        return [
-            RecordOutcome(
-                serial=record.serial,
-                issuer=issuer,
-                precertificate=record.precertificate,
-                created=new,
-                this_update=signed.this_update,
-                next_update=signed.next_update,
+        outcomes = []
+        for p, new in zip(prepared, created, strict=True):
+            metrics.recordings_total.labels(p.issuer, "created" if new else "existing").inc()
+            outcomes.append(
+                RecordOutcome(
+                    serial=p.record.serial,
+                    issuer=p.issuer,
+                    precertificate=p.record.precertificate,
+                    created=new,
+                    this_update=p.signed.this_update,
+                    next_update=p.signed.next_update,
+                )
             )
-            for (record, signed, issuer), new in zip(prepared, created, strict=True)
-        ]
+        return outcomes
+
+    async def record(self, certs: Sequence[x509.Certificate]) -> list[RecordOutcome]:
+        """Record all ``certs`` in one transaction, all or nothing; returns after the commit.
+
+        Raises ``CertificateRejected`` (the first refusal) before writing anything."""
+        prepared, rejected = await self.prepare_all(certs)
+        if rejected:
+            raise rejected[0][1]
+        return await self.commit(prepared)
+
+
+def _serial_or_unknown(cert: x509.Certificate) -> str:
+    try:
+        return format_serial(cert.serial_number)
+    except ValueError:
+        return "?"

@@ -21,7 +21,7 @@ from cryptography.x509 import ocsp
 
 from responder.metrics import signing_seconds
 from signer.external_signature import sign_with_token
-from signer.issuers import CERT_ID_HASHES, Issuer, signature_hash_for
+from signer.issuers import CERT_ID_HASHES, Issuer, ResponderIdentity, signature_hash_for
 from signer.pkcs11_key import Pkcs11Key, TokenSigningError
 
 MIN_VALIDITY = dt.timedelta(hours=8)
@@ -161,6 +161,29 @@ def whole_seconds(moment: dt.datetime) -> dt.datetime:
     return moment.replace(microsecond=0)
 
 
+def response_window(
+    issuer: Issuer,
+    policy: ValidityPolicy,
+    moment: dt.datetime,
+    revocation: Revocation | None = None,
+) -> tuple[ResponderIdentity, dt.datetime, dt.datetime]:
+    """The signer and thisUpdate/nextUpdate for a response made at ``moment`` (whole
+    seconds): backdated, never before a revocation, never past the signer's notAfter."""
+    responder = issuer.active_responder(moment)
+    this_update = moment - policy.backdate
+    if revocation is not None:
+        # never claim to have known of a revocation before it happened
+        this_update = max(this_update, min(whole_seconds(revocation.revoked_at), moment))
+    next_update = min(this_update + policy.validity, whole_seconds(responder.not_after))
+    if next_update - this_update < MIN_VALIDITY:
+        raise SigningError(
+            f"issuer {issuer.name}: responder certificate expires "
+            f"{responder.not_after:%Y-%m-%d %H:%M}Z, too soon for a response valid 8h "
+            "(BR 4.9.9): configure a new one"
+        )
+    return responder, this_update, next_update
+
+
 def sign_response(
     issuer: Issuer,
     serial: int,
@@ -174,18 +197,7 @@ def sign_response(
 ) -> SignedResponse:
     """Sign one response for ``serial`` with the issuer's active responder identity."""
     moment = whole_seconds(now or dt.datetime.now(dt.UTC))
-    responder = issuer.active_responder(moment)
-    this_update = moment - policy.backdate
-    if revocation is not None:
-        # never claim to have known of a revocation before it happened
-        this_update = max(this_update, min(whole_seconds(revocation.revoked_at), moment))
-    next_update = min(this_update + policy.validity, whole_seconds(responder.not_after))
-    if next_update - this_update < MIN_VALIDITY:
-        raise SigningError(
-            f"issuer {issuer.name}: responder certificate expires "
-            f"{responder.not_after:%Y-%m-%d %H:%M}Z, too soon for a response valid 8h "
-            "(BR 4.9.9): configure a new one"
-        )
+    responder, this_update, next_update = response_window(issuer, policy, moment, revocation)
     name_hash, key_hash = issuer.cert_id_hashes[hash_algorithm]
     builder = ocsp.OCSPResponseBuilder()
     if status is CertStatus.REVOKED:

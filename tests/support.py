@@ -176,6 +176,15 @@ class ResponderProcess:
             timeout=30,
         )
 
+    def record_batch(self, body: bytes) -> httpx.Response:
+        """POST /v1/certificates:batch with a PEM bundle or concatenated DER."""
+        return httpx.post(
+            self.admin_url + "/v1/certificates:batch",
+            content=body,
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=120,
+        )
+
     def revoke(
         self, issuer: str, serial: int, reason: str = "keyCompromise", **extra: object
     ) -> httpx.Response:

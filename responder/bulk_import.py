@@ -1,0 +1,271 @@
+"""``ocsp-responder import``: back-fill certificates from files, resumably.
+
+Inputs are PEM bundles, DER files (one or several concatenated certificates) and
+directories, walked recursively for ``*.pem``, ``*.crt``, ``*.cer`` and ``*.der``.
+Certificates go through the same ``CertificateRecorder`` as the admin API, in batches of
+``batch_size`` per transaction, and the next batch is parsed and signed while the previous
+one commits (pipelining: the CPU signs while PostgreSQL writes).
+
+Resuming: every write is idempotent (``ON CONFLICT``), so running an import again is
+always correct. To make it cheap too, a journal (``<data_dir>/import-journal.jsonl``)
+records per file (path, size, mtime) how many certificates are durably done, appended
+after each committed batch. A rerun skips files marked complete and, inside a file, the
+certificates already committed; a file whose size or mtime changed starts over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import orjson
+from cryptography import x509
+
+from responder.progress import ProgressBar
+from signer.recording import (
+    CertificateRecorder,
+    CertificateRejected,
+    RecordOutcome,
+    format_serial,
+    split_der,
+)
+
+log = logging.getLogger(__name__)
+
+CERTIFICATE_SUFFIXES = {".pem", ".crt", ".cer", ".der"}
+_PEM_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+
+
+class ImportInputError(Exception):
+    """An import input cannot be used (e.g. a path that does not exist)."""
+
+
+def discover(paths: list[Path]) -> list[Path]:
+    """Named files as given; directories walked recursively for certificate suffixes."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                for name in sorted(files):
+                    if Path(name).suffix.lower() in CERTIFICATE_SUFFIXES:
+                        found.append(Path(root) / name)
+        elif path.exists():
+            found.append(path)
+        else:
+            raise ImportInputError(f"{path}: no such file or directory")
+    return found
+
+
+def split_certificates(data: bytes) -> list[bytes]:
+    """A file's certificates as PEM blocks or DER blobs, not yet parsed."""
+    if b"-----BEGIN" in data[:1024] or data.lstrip().startswith(b"-----BEGIN"):
+        return _PEM_BLOCK.findall(data)
+    return split_der(data)
+
+
+def parse_one(blob: bytes) -> x509.Certificate:
+    try:
+        if blob.startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_certificate(blob)
+        return x509.load_der_x509_certificate(blob)
+    except ValueError as exc:
+        raise CertificateRejected(f"not a certificate: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class FileKey:
+    path: str
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileKey:
+        st = path.stat()
+        return cls(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+class ImportJournal:
+    """Append-only record of how far each input file got (see module docstring)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.progress: dict[FileKey, tuple[int, bool]] = {}
+        if path.exists():
+            for line in path.read_bytes().splitlines():
+                try:
+                    entry = orjson.loads(line)
+                    key = FileKey(entry["path"], entry["size"], entry["mtime_ns"])
+                    self.progress[key] = (int(entry["done"]), bool(entry["complete"]))
+                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                    continue  # a torn last line from an interrupted run
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._out = open(path, "ab")  # noqa: SIM115 - kept open for the whole import
+
+    def done(self, key: FileKey) -> tuple[int, bool]:
+        return self.progress.get(key, (0, False))
+
+    def mark(self, key: FileKey, done: int, complete: bool) -> None:
+        """Record progress durably: written after the batch's commit, never before."""
+        self.progress[key] = (done, complete)
+        self._out.write(
+            orjson.dumps(
+                {
+                    "path": key.path,
+                    "size": key.size,
+                    "mtime_ns": key.mtime_ns,
+                    "done": done,
+                    "complete": complete,
+                }
+            )
+            + b"\n"
+        )
+        self._out.flush()
+        os.fsync(self._out.fileno())
+
+    def close(self) -> None:
+        self._out.close()
+
+
+@dataclass
+class ImportReport:
+    files: int = 0
+    skipped_files: int = 0
+    created: int = 0
+    existing: int = 0
+    refused: int = 0
+    unreadable: int = 0
+    resumed_past: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.refused or self.unreadable)
+
+
+@dataclass
+class _Batch:
+    certs: list[x509.Certificate]
+    marks: list[tuple[FileKey, int, bool]]  # journal entries to write once committed
+    consumed: int = 0  # input certificates this batch accounts for (refused ones too)
+
+
+class Importer:
+    """Feeds files through the recorder in pipelined batches, journaling progress."""
+
+    def __init__(
+        self,
+        recorder: CertificateRecorder,
+        journal: ImportJournal | None,
+        *,
+        batch_size: int = 1000,
+        errors: TextIO | None = None,
+    ) -> None:
+        self.recorder = recorder
+        self.journal = journal
+        self.batch_size = batch_size
+        self.errors = errors
+        self.report = ImportReport()
+
+    def _problem(self, text: str) -> None:
+        self.report.problems.append(text)
+        if self.errors is not None:
+            self.errors.write(text + "\n")
+
+    def _plan(self, files: list[Path]) -> list[tuple[Path, FileKey, list[bytes], int]]:
+        plan = []
+        for path in files:
+            self.report.files += 1
+            try:
+                key = FileKey.of(path)
+                blobs = split_certificates(path.read_bytes())
+            except OSError as exc:
+                self.report.unreadable += 1
+                self._problem(f"{path}: cannot read: {exc.strerror}")
+                continue
+            except CertificateRejected as exc:
+                self.report.refused += 1
+                self._problem(f"{path}: refused: {exc}")
+                continue
+            if not blobs:
+                self.report.refused += 1
+                self._problem(f"{path}: refused: no certificate found")
+                continue
+            done, complete = self.journal.done(key) if self.journal else (0, False)
+            if complete and done == len(blobs):
+                self.report.skipped_files += 1
+                self.report.resumed_past += done
+                continue
+            done = min(done, len(blobs))
+            self.report.resumed_past += done
+            plan.append((path, key, blobs, done))
+        return plan
+
+    def _batches(self, plan: list[tuple[Path, FileKey, list[bytes], int]]) -> Iterator[_Batch]:
+        """Parsed certificates in batches; unparsable ones are reported as they appear."""
+        batch = _Batch([], [])
+        for path, key, blobs, start in plan:
+            for index in range(start, len(blobs)):
+                batch.consumed += 1
+                try:
+                    batch.certs.append(parse_one(blobs[index]))
+                except CertificateRejected as exc:
+                    self.report.refused += 1
+                    self._problem(f"{path}: certificate #{index + 1}: refused: {exc}")
+                last = index + 1 == len(blobs)
+                full = len(batch.certs) >= self.batch_size
+                if last or full:
+                    batch.marks.append((key, index + 1, last))
+                if full:
+                    yield batch
+                    batch = _Batch([], [])
+        if batch.consumed:
+            yield batch
+
+    async def run(self, files: list[Path], progress: ProgressBar | None = None) -> ImportReport:
+        """Import everything; raises StoreUnavailable (journal intact) if the database fails."""
+        plan = self._plan(files)
+        if progress is not None:
+            progress.total = sum(len(blobs) - start for _, _, blobs, start in plan)
+        in_flight: asyncio.Task[list[RecordOutcome]] | None = None
+        in_flight_batch: _Batch | None = None
+        try:
+            for batch in self._batches(plan):
+                # sign this batch while the previous one commits
+                prepared, rejected = await self.recorder.prepare_all(batch.certs)
+                for index, exc in rejected:
+                    self.report.refused += 1
+                    cert = batch.certs[index]
+                    self._problem(
+                        f"certificate serial {format_serial(cert.serial_number)} issuer "
+                        f"{cert.issuer.rfc4514_string()!r}: refused: {exc}"
+                    )
+                if in_flight is not None and in_flight_batch is not None:
+                    self._finish(await in_flight, in_flight_batch, progress)
+                in_flight = asyncio.create_task(self.recorder.commit(prepared))
+                in_flight_batch = batch
+            if in_flight is not None and in_flight_batch is not None:
+                self._finish(await in_flight, in_flight_batch, progress)
+                in_flight = None
+        finally:
+            if in_flight is not None and not in_flight.done():
+                in_flight.cancel()
+        return self.report
+
+    def _finish(
+        self, outcomes: list[RecordOutcome], batch: _Batch, progress: ProgressBar | None
+    ) -> None:
+        created = sum(o.created for o in outcomes)
+        self.report.created += created
+        self.report.existing += len(outcomes) - created
+        if self.journal is not None:
+            for key, done, complete in batch.marks:
+                self.journal.mark(key, done, complete)
+        if progress is not None:
+            progress.advance(batch.consumed)
