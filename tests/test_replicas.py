@@ -157,6 +157,10 @@ def test_replica_down_falls_back_to_primary(instances, replica, p256_issuer):  #
             assert status_of(proc, p256_issuer, cert) == "good"
             ready = httpx.get(proc.url + "/readyz")
             assert ready.status_code == 200 and "replicas 0/1 healthy" in ready.text
+            metrics = httpx.get(proc.admin_url + "/metrics").text
+            assert 'ocsp_db_replica_up{replica="replica0"} 0.0' in metrics
     finally:
         replica.start()
     wait_for(lambda: "replicas 1/1 healthy" in httpx.get(instances[0].url + "/readyz").text, 20)
+    metrics = httpx.get(instances[0].admin_url + "/metrics").text
+    assert 'ocsp_db_replica_up{replica="replica0"} 1.0' in metrics
