@@ -199,34 +199,29 @@ def sign_response(
     moment = whole_seconds(now or dt.datetime.now(dt.UTC))
     responder, this_update, next_update = response_window(issuer, policy, moment, revocation)
     name_hash, key_hash = issuer.cert_id_hashes[hash_algorithm]
-    builder = ocsp.OCSPResponseBuilder()
+    revocation_time: dt.datetime | None = None
+    revocation_reason: x509.ReasonFlags | None = None
     if status is CertStatus.REVOKED:
         if revocation is None:
             raise SigningError("a revoked response needs a revocation time")
-        reason = revocation.reason
-        builder = builder.add_response_by_hash(
-            issuer_name_hash=name_hash,
-            issuer_key_hash=key_hash,
-            serial_number=serial,
-            algorithm=CERT_ID_HASHES[hash_algorithm](),
-            cert_status=ocsp.OCSPCertStatus.REVOKED,
-            this_update=this_update,
-            next_update=next_update,
-            revocation_time=whole_seconds(revocation.revoked_at),
-            revocation_reason=None if reason is x509.ReasonFlags.unspecified else reason,
-        )
-    else:
-        builder = builder.add_response_by_hash(
-            issuer_name_hash=name_hash,
-            issuer_key_hash=key_hash,
-            serial_number=serial,
-            algorithm=CERT_ID_HASHES[hash_algorithm](),
-            cert_status=ocsp.OCSPCertStatus.GOOD,
-            this_update=this_update,
-            next_update=next_update,
-            revocation_time=None,
-            revocation_reason=None,
-        )
+        revocation_time = whole_seconds(revocation.revoked_at)
+        if revocation.reason is not x509.ReasonFlags.unspecified:  # unspecified: no code
+            revocation_reason = revocation.reason
+    builder = ocsp.OCSPResponseBuilder().add_response_by_hash(
+        issuer_name_hash=name_hash,
+        issuer_key_hash=key_hash,
+        serial_number=serial,
+        algorithm=CERT_ID_HASHES[hash_algorithm](),
+        cert_status=(
+            ocsp.OCSPCertStatus.REVOKED
+            if status is CertStatus.REVOKED
+            else ocsp.OCSPCertStatus.GOOD
+        ),
+        this_update=this_update,
+        next_update=next_update,
+        revocation_time=revocation_time,
+        revocation_reason=revocation_reason,
+    )
     if responder.delegated:
         builder = builder.certificates([responder.certificate])
     if nonce is not None:
