@@ -123,6 +123,11 @@ async def load_database(
     try:
         await store.register_issuers(registry.issuers)
         ids = {i.name: i.db_id for i in registry.issuers}
+        # which certificate signed them, as the product records it: rows without it are
+        # rollover work for the refresher, which would then re-sign them during the runs
+        p256_signer = (
+            next(i for i in registry.issuers if i.name == "p256").active_responder().fingerprint64
+        )
         not_after = dt.datetime.now(dt.UTC) + dt.timedelta(days=90)
         cert_rows = [(ids["p256"], serial_key(s), not_after, 2) for s, _, _, _ in presigned]
         for name, serials in ondemand.items():
@@ -135,6 +140,7 @@ async def load_database(
                 dt.datetime.fromtimestamp(t, dt.UTC),
                 dt.datetime.fromtimestamp(n, dt.UTC),
                 der,
+                p256_signer,
             )
             for s, der, t, n in presigned
         ]
@@ -147,7 +153,15 @@ async def load_database(
             await conn.copy_records_to_table(
                 "responses",
                 records=resp_rows,
-                columns=["issuer_id", "serial", "status", "this_update", "next_update", "der"],
+                columns=[
+                    "issuer_id",
+                    "serial",
+                    "status",
+                    "this_update",
+                    "next_update",
+                    "der",
+                    "signer",
+                ],
             )
             await conn.execute("ANALYZE")
         return ids
