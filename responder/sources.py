@@ -25,7 +25,7 @@ from responder import metrics
 from responder.ct_index_store import record_request_gap
 from responder.protocol import CertIdRequest
 from responder.response_cache import ResponseCache, ServedResponse, cache_key
-from responder.store import PresignedStore
+from responder.store import Knowledge, PresignedStore
 from responder.write_back import WriteBack
 from signer.issuers import Issuer, IssuerRegistry
 from signer.response_builder import (
@@ -225,7 +225,7 @@ class LiveSigningSource:
             raise Unavailable(f"store read failed: {type(exc).__name__}") from exc
         if not knowledge.known:
             raise SerialNotFound(req.serial)
-        await self._check_retention(issuer, req.serial)
+        self._check_retention(knowledge, req.serial)
         status = CertStatus.REVOKED if knowledge.revocation else CertStatus.GOOD
         async with self._semaphore:
             sign = functools.partial(
@@ -254,15 +254,11 @@ class LiveSigningSource:
             return Answer(self._served(echo), "live", served)
         return Answer(served, "live", served)
 
-    async def _check_retention(self, issuer: Issuer, serial: int) -> None:
+    def _check_retention(self, knowledge: Knowledge, serial: int) -> None:
         """Refuse to sign for a certificate expired beyond the retention (docs/deploy.md)."""
-        if self.expired_retention is None:
+        if self.expired_retention is None or knowledge.not_after is None:
             return
-        try:
-            not_after = await self.store.certificate_not_after(issuer.db_id, serial)
-        except Exception as exc:
-            raise Unavailable(f"store read failed: {type(exc).__name__}") from exc
-        if not_after is not None and not_after + self.expired_retention < dt.datetime.now(dt.UTC):
+        if knowledge.not_after + self.expired_retention < dt.datetime.now(dt.UTC):
             raise Retired(serial)
 
     async def drain(self, timeout: float = 5.0) -> None:

@@ -37,6 +37,10 @@ from signer.response_builder import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+#: the longest BR subscriber certificate lifetime: the notAfter bound of a serial that was
+#: revoked without ever being recorded (for the retention rule)
+MAX_CERTIFICATE_LIFETIME = dt.timedelta(days=398)
+
 KIND_PRECERTIFICATE = 1
 KIND_CERTIFICATE = 2
 
@@ -122,6 +126,9 @@ class Knowledge:
     ct_only: bool = False
     #: a signed response row exists (fresh or not)
     has_response: bool = False
+    #: for the retention rule: the recorded notAfter, else (revoked without a record)
+    #: revocation time + 398 days, the longest BR lifetime; None when neither is known
+    not_after: dt.datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,17 +320,17 @@ class PresignedStore:
 
     async def knowledge(self, issuer_id: int, serial: int) -> Knowledge:
         """Whether the serial was issued (recorded, or seen in CT) and its revocation."""
+        # one round trip for everything on-demand signing needs (retention included)
         row = await self._read(
-            "SELECT EXISTS (SELECT 1 FROM certificates WHERE issuer_id = $1 AND serial = $2) "
-            "       AS recorded, "
+            "SELECT c.not_after, c.serial IS NOT NULL AS recorded, "
             "       EXISTS (SELECT 1 FROM ct_index WHERE issuer_id = $1 AND serial = $2) "
             "       AS in_ct, "
             "       EXISTS (SELECT 1 FROM responses WHERE issuer_id = $1 AND serial = $2) "
             "       AS has_response, "
-            "       (SELECT revoked_at FROM revocations WHERE issuer_id = $1 AND serial = $2) "
-            "       AS revoked_at, "
-            "       (SELECT reason FROM revocations WHERE issuer_id = $1 AND serial = $2) "
-            "       AS reason",
+            "       r.revoked_at, r.reason "
+            "FROM (SELECT 1) AS one "
+            "LEFT JOIN certificates c ON c.issuer_id = $1 AND c.serial = $2 "
+            "LEFT JOIN revocations r ON r.issuer_id = $1 AND r.serial = $2",
             issuer_id,
             serial_key(serial),
             lambda r: bool(r["recorded"] or r["in_ct"]) or r["revoked_at"] is not None,
@@ -337,6 +344,8 @@ class PresignedStore:
             revocation=revocation,
             ct_only=bool(row["in_ct"]) and not row["recorded"],
             has_response=bool(row["has_response"]),
+            not_after=row["not_after"]
+            or (revocation.revoked_at + MAX_CERTIFICATE_LIFETIME if revocation else None),
         )
 
     async def store_response(self, issuer_id: int, serial: int, signed: SignedResponse) -> None:
@@ -359,19 +368,6 @@ class PresignedStore:
             signed.der,
             signed.signer or None,
         )
-
-    async def certificate_not_after(self, issuer_id: int, serial: int) -> dt.datetime | None:
-        """The serial's notAfter for the retention rule: recorded, else (revoked without a
-        record) revocation time + 398 days, the longest BR lifetime; None if unknown."""
-        value: dt.datetime | None = await self.pool.fetchval(
-            "SELECT coalesce("
-            "  (SELECT not_after FROM certificates WHERE issuer_id = $1 AND serial = $2), "
-            "  (SELECT revoked_at + interval '398 days' FROM revocations "
-            "   WHERE issuer_id = $1 AND serial = $2))",
-            issuer_id,
-            serial_key(serial),
-        )
-        return value
 
     async def store_responses(self, rows: Sequence[tuple[int, int, SignedResponse]]) -> None:
         """``store_response`` for many (issuer id, serial, response) in one statement, with
