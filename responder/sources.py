@@ -28,6 +28,7 @@ from responder.response_cache import ResponseCache, ServedResponse, cache_key
 from responder.store import Knowledge, PresignedStore
 from responder.write_back import WriteBack
 from signer.issuers import Issuer, IssuerRegistry
+from signer.presign import PresignedSigner
 from signer.response_builder import (
     CertStatus,
     Revocation,
@@ -203,6 +204,7 @@ class LiveSigningSource:
         self._queue_limit = queue_limit
         self._waiting = 0
         self._write_back = WriteBack(store)
+        self._presigner = PresignedSigner(policy)
 
     @property
     def waiting(self) -> int:
@@ -238,7 +240,12 @@ class LiveSigningSource:
                 hash_algorithm=req.hash_algorithm,
             )
             try:
-                signed = sign()
+                if status is CertStatus.GOOD and req.hash_algorithm == "sha1":
+                    # the common case, through the verified template (signer/presign.py):
+                    # the same bytes as the builder's, several times cheaper
+                    signed = self._presigner.sign_good(issuer, req.serial)
+                else:
+                    signed = sign()
                 # the stored/cached form has no nonce; the echo goes to this client only
                 echo = sign(nonce=req.nonce) if req.nonce is not None else None
             except Exception as exc:
