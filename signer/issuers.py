@@ -83,17 +83,19 @@ class ResponderIdentity:
     not_after: dt.datetime
     #: when the start-up signature of this key was verified (readiness reports it)
     verified_at: dt.datetime | None = None
+    #: First 8 bytes of the certificate's SHA-256 as a signed 64-bit integer: stored
+    #: with each response (``responses.signer``) so that the refresher can find, through
+    #: an index, every response a no-longer-active responder signed (key rollover).
+    #: Computed once here: every signature records it.
+    fingerprint64: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        digest = self.certificate.fingerprint(hashes.SHA256())
+        object.__setattr__(self, "fingerprint64", int.from_bytes(digest[:8], "big", signed=True))
 
     @property
     def certificate_sha256(self) -> bytes:
         return self.certificate.fingerprint(hashes.SHA256())
-
-    @property
-    def fingerprint64(self) -> int:
-        """First 8 bytes of the certificate's SHA-256 as a signed 64-bit integer: stored
-        with each response (``responses.signer``) so that the refresher can find, through
-        an index, every response a no-longer-active responder signed (key rollover)."""
-        return int.from_bytes(self.certificate_sha256[:8], "big", signed=True)
 
 
 @dataclass(eq=False, slots=True)
