@@ -284,7 +284,7 @@ class LiveSigningSource:
     async def _store_now(self, issuer: Issuer, serial: int, signed: SignedResponse) -> bool:
         """Store what we signed at once (a coverage gap's repair), reporting success."""
         try:
-            await self.store.store_response(issuer.db_id, serial, signed)
+            await self.store.store_responses([(issuer.db_id, serial, signed)])
         except Exception:
             log.warning("write-back of on-demand response failed (issuer %s)", issuer.name)
             return False

@@ -348,30 +348,10 @@ class PresignedStore:
             or (revocation.revoked_at + MAX_CERTIFICATE_LIFETIME if revocation else None),
         )
 
-    async def store_response(self, issuer_id: int, serial: int, signed: SignedResponse) -> None:
-        """Write back a response signed on demand; never replaces a revoked one with good,
-        nor a newer one with an older one."""
-        await self.pool.execute(
-            "INSERT INTO responses (issuer_id, serial, status, this_update, next_update, der, "
-            "                       signer) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7) "
-            "ON CONFLICT (issuer_id, serial) DO UPDATE SET status = EXCLUDED.status, "
-            "  this_update = EXCLUDED.this_update, next_update = EXCLUDED.next_update, "
-            "  der = EXCLUDED.der, signer = EXCLUDED.signer "
-            "WHERE responses.this_update <= EXCLUDED.this_update "
-            "  AND NOT (responses.status = 1 AND EXCLUDED.status = 0)",
-            issuer_id,
-            serial_key(serial),
-            int(signed.status),
-            to_datetime(signed.this_update),
-            to_datetime(signed.next_update),
-            signed.der,
-            signed.signer or None,
-        )
-
     async def store_responses(self, rows: Sequence[tuple[int, int, SignedResponse]]) -> None:
-        """``store_response`` for many (issuer id, serial, response) in one statement, with
-        the same rules; for one serial only the newest of the batch is offered."""
+        """Write back responses signed on demand, (issuer id, serial, response) each, in one
+        statement: never replaces a revoked one with good, nor a newer one with an older
+        one; for one serial only the newest of the batch is offered."""
         newest: dict[tuple[int, bytes], SignedResponse] = {}
         for issuer_id, serial, signed in rows:
             key = (issuer_id, serial_key(serial))
