@@ -118,10 +118,23 @@ def create_ca(kind: str = "p256", name: str = "Demo") -> DemoCA:
         .add_extension(_ski(root_key), critical=False)
         .sign(root_key, _sign_hash(root_key))
     )
-    ca = (
+    ca = make_issuing_ca_certificate(root, root_key, ca_key, _name(f"{name} Issuing CA"))
+    responder = make_responder_certificate(ca, ca_key, responder_key, name=name)
+    return DemoCA(root, root_key, ca, ca_key, responder, responder_key)
+
+
+def make_issuing_ca_certificate(
+    root_cert: x509.Certificate,
+    root_key: SigningKey,
+    ca_key: SigningKey,
+    subject: x509.Name,
+) -> x509.Certificate:
+    """An issuing CA certificate (pathlen 0, five years) for ``subject`` under the root."""
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    return (
         x509.CertificateBuilder()
-        .subject_name(_name(f"{name} Issuing CA"))
-        .issuer_name(root.subject)
+        .subject_name(subject)
+        .issuer_name(root_cert.subject)
         .public_key(ca_key.public_key())
         .serial_number(random_serial())
         .not_valid_before(now - dt.timedelta(days=1))
@@ -137,8 +150,6 @@ def create_ca(kind: str = "p256", name: str = "Demo") -> DemoCA:
         )
         .sign(root_key, _sign_hash(root_key))
     )
-    responder = make_responder_certificate(ca, ca_key, responder_key, name=name)
-    return DemoCA(root, root_key, ca, ca_key, responder, responder_key)
 
 
 def make_responder_certificate(

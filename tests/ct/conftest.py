@@ -42,3 +42,11 @@ def ct_ca() -> DemoCA:
 def ct_issuer(ct_ca: DemoCA, tmp_path_factory: pytest.TempPathFactory) -> IssuerFiles:
     """``ct_ca`` as configuration files (issuer ``ctca``)."""
     return issuer_files("ctca", ct_ca, tmp_path_factory.mktemp("ctca"))
+
+
+@pytest.fixture
+def fixture_log(fake_log: FakeLog) -> FakeLog:
+    """The real Static CT fixture tiles (1,024 precert entries), published."""
+    fake_log.add_fixture_tiles()
+    fake_log.publish()
+    return fake_log

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
@@ -14,8 +13,13 @@ from cryptography.hazmat.primitives import serialization
 
 from responder.ct import RetryPolicy
 from responder.store import PresignedStore
-from signer.demo_ca import DemoCA, _ski, create_ca, make_responder_certificate, new_key
-from signer.demo_ca import _sign_hash as sign_hash
+from signer.demo_ca import (
+    DemoCA,
+    create_ca,
+    make_issuing_ca_certificate,
+    make_responder_certificate,
+    new_key,
+)
 from signer.issuers import Issuer, IssuerRegistry, issuer_from_certificate, make_responder
 
 from .fakelog import ISSUERS, FakeLog, FakeLogServer
@@ -45,28 +49,7 @@ def twin_ca(real: x509.Certificate, kind: str) -> DemoCA:
     root, with a BR delegated responder: it can sign for serials the real issuer logged."""
     base = create_ca(kind, f"Twin {real.subject.rfc4514_string()[:20]}")
     key = new_key(kind)
-    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(real.subject)
-        .issuer_name(base.root_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=1825))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(True, False, False, False, False, True, True, False, False), True
-        )
-        .add_extension(_ski(key), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                base.root_key.public_key()  # type: ignore[arg-type]
-            ),
-            critical=False,
-        )
-        .sign(base.root_key, sign_hash(base.root_key))  # type: ignore[arg-type]
-    )
+    ca = make_issuing_ca_certificate(base.root_cert, base.root_key, key, real.subject)
     responder_key = new_key(kind)
     responder = make_responder_certificate(ca, key, responder_key, name="Twin")
     return DemoCA(base.root_cert, base.root_key, ca, key, responder, responder_key)

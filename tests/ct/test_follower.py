@@ -67,13 +67,6 @@ def check_contiguous(batches: Sequence[Batch], start: int = 0) -> None:
         start = b.end
 
 
-@pytest.fixture
-def fixture_log(fake_log: FakeLog) -> FakeLog:
-    fake_log.add_fixture_tiles()
-    fake_log.publish()
-    return fake_log
-
-
 @pytest.mark.parametrize("kind", KINDS)
 async def test_fixture_log_yields_each_of_1024_serials_once(
     fake_server: FakeLogServer, fixture_log: FakeLog, kind: str

@@ -98,13 +98,6 @@ def gap_metric(issuer: str) -> float:
     return REGISTRY.get_sample_value("coverage_gaps_total", {"issuer": issuer}) or 0.0
 
 
-@pytest.fixture
-def fixture_log(fake_log: FakeLog) -> FakeLog:
-    fake_log.add_fixture_tiles()
-    fake_log.publish()
-    return fake_log
-
-
 @pytest.mark.parametrize("kind", KINDS)
 async def test_real_fixture_every_serial_indexed_under_its_issuer(
     fake_server: FakeLogServer, fixture_log: FakeLog, database: str, kind: str
