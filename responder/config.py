@@ -123,6 +123,8 @@ class Config:
     cache_size: int = 1_000_000
     signing_concurrency: int = 4
     signing_queue_limit: int = 256
+    #: the OCSP port's HTTP server: "native" (responder/ocsp_http.py) or "uvicorn"
+    ocsp_http_server: str = "native"
     log_level: str = "info"
     issuers: list[IssuerConfig] = field(default_factory=list)
     ct_logs: list[CTLogConfig] = field(default_factory=list)
@@ -256,6 +258,7 @@ KNOWN_KEYS: dict[str, Callable[[object, str], object]] = {
     "cache_size": _int,
     "signing_concurrency": _int,
     "signing_queue_limit": _int,
+    "ocsp_http_server": _str,
     "log_level": _str,
     "issuers": _list,
     "ct_logs": _list,
@@ -364,6 +367,10 @@ def _build(v: dict[str, Any], base: Path, source: Path | None) -> Config:
             if v[key] < 0 or (key == "signing_concurrency" and v[key] < 1):
                 raise ConfigError(f"{key}: must be positive")
             setattr(cfg, key, v[key])
+    if "ocsp_http_server" in v:
+        if v["ocsp_http_server"] not in ("native", "uvicorn"):
+            raise ConfigError('ocsp_http_server: must be "native" or "uvicorn"')
+        cfg.ocsp_http_server = v["ocsp_http_server"]
     if "log_level" in v:
         cfg.log_level = v["log_level"].lower()
     cfg.issuers = [_issuer(base, item, i) for i, item in enumerate(v.get("issuers", []))]

@@ -1,5 +1,8 @@
 """Running the responder: the OCSP listener and the admin listener in one event loop.
 
+The OCSP port runs the native HTTP/1.1 server (responder/ocsp_http.py) by default; the
+admin API runs on uvicorn.
+
 With ``serve --workers N`` (responder/workers.py) each worker runs ``serve`` on the
 listening socket the supervisor bound; only worker 0 runs the admin listener.
 """
@@ -22,6 +25,8 @@ from responder.background import BackgroundTasks
 from responder.config import Config, ConfigError
 from responder.ct_indexer import BackgroundFollower, CTIndexer
 from responder.ocsp_app import OCSPApp
+from responder.ocsp_endpoint import OCSPEndpoint
+from responder.ocsp_http import OCSPHttpServer
 from responder.service import ResponderService
 
 log = logging.getLogger(__name__)
@@ -39,29 +44,34 @@ class _Server(uvicorn.Server):
 STATS_FLUSH_INTERVAL = 1.0
 
 
-async def _flush_stats(app: OCSPApp, parent: int | None) -> None:
+async def _flush_stats(endpoint: OCSPEndpoint, parent: int | None) -> None:
     """Flush metrics each second; a worker also exits when its supervisor is gone."""
     while True:
         await asyncio.sleep(STATS_FLUSH_INTERVAL)
-        app.stats.flush()
+        endpoint.stats.flush()
         if parent is not None and os.getppid() != parent:
             log.error("supervisor %d is gone: worker exiting", parent)
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def build_ocsp_app(service: ResponderService) -> OCSPApp:
+def build_ocsp_endpoint(service: ResponderService) -> OCSPEndpoint:
     async def health(path: bytes) -> tuple[int, bytes]:
         if path == b"/healthz":
             return 200, b"ok\n"
         ok, detail = await service.ready()
         return (200 if ok else 503), detail.encode() + b"\n"
 
-    return OCSPApp(
+    return OCSPEndpoint(
         service.chain,
         path_prefix=service.config.path_prefix,
         max_age=service.config.max_age,
         health=health,
     )
+
+
+def build_ocsp_app(service: ResponderService) -> OCSPApp:
+    """The endpoint as an ASGI app (``ocsp_http_server = "uvicorn"``, and the fuzz tests)."""
+    return OCSPApp(build_ocsp_endpoint(service))
 
 
 async def serve(
@@ -90,7 +100,6 @@ async def serve(
     background = BackgroundTasks(service)
     await background.start()
     service.start_warmup()
-    servers: list[_Server] = []
     host, port = config.listen
     common = {
         "lifespan": "off",
@@ -101,8 +110,13 @@ async def serve(
         "http": "httptools",
         "loop": "uvloop",
     }
-    app = build_ocsp_app(service)
-    servers.append(_Server(uvicorn.Config(app, host=host, port=port, **common)))  # type: ignore[arg-type]
+    endpoint = build_ocsp_endpoint(service)
+    # the OCSP port: the native HTTP/1.1 server, or uvicorn over the ASGI adapter
+    native = OCSPHttpServer(endpoint) if config.ocsp_http_server == "native" else None
+    servers: list[_Server] = []
+    if native is None:
+        app = OCSPApp(endpoint)
+        servers.append(_Server(uvicorn.Config(app, host=host, port=port, **common)))  # type: ignore[arg-type]
     if primary and config.admin_listen is not None and config.admin_token:
         admin = create_admin_app(
             token=config.admin_token,
@@ -117,20 +131,26 @@ async def serve(
         servers.append(_Server(uvicorn.Config(admin, host=ahost, port=aport, **common, **tls)))  # type: ignore[arg-type]
 
     loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
 
     def stop() -> None:
+        stopping.set()
         for server in servers:
             server.should_exit = True
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
+    tasks: list[asyncio.Task[None]] = []
     try:
         if follower is not None:
             follower.start()
-        sockets = [listen_socket] if listen_socket is not None else None
-        tasks = [asyncio.create_task(servers[0].serve(sockets=sockets))]
-        tasks += [asyncio.create_task(s.serve()) for s in servers[1:]]
-        flusher = asyncio.create_task(_flush_stats(app, supervisor))
+        if native is not None:
+            await native.start(host, port, sock=listen_socket)
+        for index, server in enumerate(servers):
+            on_listen_socket = index == 0 and native is None
+            sockets = [listen_socket] if on_listen_socket and listen_socket is not None else None
+            tasks.append(asyncio.create_task(server.serve(sockets=sockets)))
+        flusher = asyncio.create_task(_flush_stats(endpoint, supervisor))
         while not all(s.started for s in servers):
             if any(t.done() for t in tasks):
                 break
@@ -151,14 +171,22 @@ async def serve(
             )
             if ready is not None:
                 ready.set()
+            stopped = asyncio.create_task(stopping.wait())
+            await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+        stop()
+        if native is not None:
+            await native.close()
         await asyncio.gather(*tasks)
         flusher.cancel()
-        app.stats.flush()
+        endpoint.stats.flush()
         for server in servers:
             if not server.started:
                 raise OSError(f"listener {server.config.host}:{server.config.port} failed to start")
     finally:
         stop()
+        if native is not None:
+            await native.close()
         await background.stop()
         if follower is not None:
             await follower.stop()

@@ -85,6 +85,7 @@ def test_ct_logs(tmp_path: Path) -> None:
         ('response_validity = "10d"\nrefresh_margin = "2d"\n', "4 days after thisUpdate"),
         ('listen = "nowhere"\n', "listen: expected host:port"),
         ('path_prefix = "ocsp"\n', "must start with '/'"),
+        ('ocsp_http_server = "hypercorn"\n', 'ocsp_http_server: must be "native" or "uvicorn"'),
         ("[[issuers]]\nname = 'x'\n", "'certificate'"),
         ("[[issuers]]\ncertificate = 'x.pem'\n", "delegated responder"),
         ("listen = [\n", "invalid TOML"),

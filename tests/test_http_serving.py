@@ -6,6 +6,7 @@ import base64
 import hashlib
 import secrets
 import time
+from collections.abc import Iterator
 from email.utils import parsedate_to_datetime
 
 import httpx
@@ -20,9 +21,28 @@ from tests.support import (
     check_response,
     get_url,
     sql_sync,
+    write_config,
 )
 
 OCSP_TYPE = "application/ocsp-response"
+
+
+@pytest.fixture(scope="module", params=["native", "uvicorn"])
+def responder(  # type: ignore[no-untyped-def]
+    request, module_database: str, p256_issuer: IssuerFiles, rsa_issuer: IssuerFiles, workdir
+) -> Iterator[ResponderProcess]:
+    """Every test here runs against both HTTP servers of the OCSP port: the native one
+    (the default) and uvicorn over the ASGI adapter (``ocsp_http_server = "uvicorn"``)."""
+    proc = write_config(
+        workdir / request.param,
+        module_database,
+        [p256_issuer, rsa_issuer],
+        extra=f'ocsp_http_server = "{request.param}"',
+    ).start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,331 @@
+"""The native HTTP/1.1 server of the OCSP port (responder/ocsp_http.py), over real sockets.
+
+The server runs in-process on loopback in front of a real ``ResponderService`` (real
+PostgreSQL, real signer); the client is a raw socket, so that each HTTP/1.1 behaviour is
+observed on the wire exactly: keep-alive, pipelining (answers in order, including one
+that needs the database between two from memory), HTTP/1.0, ``Expect: 100-continue``,
+chunked bodies, the size limits, unparseable input, ``Upgrade``, and both timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.x509 import ocsp
+
+from responder.config import load_config
+from responder.ocsp_http import MAX_HEAD_BYTES, OCSPHttpServer
+from responder.server import build_ocsp_endpoint
+from responder.service import ResponderService
+from tests.support import IssuerFiles, build_request, write_config
+
+
+@dataclass
+class Wire:
+    loop: asyncio.AbstractEventLoop
+    server: OCSPHttpServer
+    port: int
+    good: bytes  # DER request for a recorded certificate
+    unknown: bytes  # DER request for a serial nobody issued (answered from the database)
+
+
+@pytest.fixture(scope="module")
+def wire(module_database: str, p256_issuer: IssuerFiles, workdir: Path) -> Iterator[Wire]:
+    proc = write_config(workdir / "native-http", module_database, [p256_issuer])
+    config = load_config(proc.config_path, {})
+    loop = asyncio.new_event_loop()
+    service = ResponderService(config)
+    loop.run_until_complete(service.start(pool_size=4))
+    cert = p256_issuer.ca.issue_leaf("native-http.test")
+    loop.run_until_complete(service.recorder.record([cert]))
+    server = OCSPHttpServer(
+        build_ocsp_endpoint(service), keep_alive_timeout=1.0, request_timeout=1.0
+    )
+    loop.run_until_complete(server.start("127.0.0.1", 0))
+    assert server._server is not None
+    port = server._server.sockets[0].getsockname()[1]
+    yield Wire(
+        loop,
+        server,
+        port,
+        build_request(cert, p256_issuer.ca.ca_cert),
+        build_request(None, p256_issuer.ca.ca_cert, serial=0x5EED),
+    )
+    loop.run_until_complete(server.close())
+    loop.run_until_complete(service.close())
+    loop.close()
+
+
+class Answer:
+    def __init__(self, status: int, headers: dict[bytes, bytes], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def cert_status(self) -> Any:
+        return ocsp.load_der_ocsp_response(self.body)
+
+
+async def read_answer(reader: asyncio.StreamReader, *, head: bool = False) -> Answer:
+    head_bytes = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    lines = head_bytes.split(b"\r\n")
+    status = int(lines[0].split(b" ")[1])
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+    length = 0 if head or status in (100, 304) else int(headers.get(b"content-length", b"0"))
+    body = await asyncio.wait_for(reader.readexactly(length), 5)
+    return Answer(status, headers, body)
+
+
+def post(der: bytes, extra: bytes = b"", version: bytes = b"1.1") -> bytes:
+    return (
+        b"POST / HTTP/" + version + b"\r\nhost: ocsp.test\r\n"
+        b"content-type: application/ocsp-request\r\n"
+        b"content-length: %d\r\n" % len(der) + extra + b"\r\n" + der
+    )
+
+
+def get(der: bytes, method: bytes = b"GET", extra: bytes = b"") -> bytes:
+    path = base64.b64encode(der).replace(b"/", b"%2F").replace(b"+", b"%2B")
+    return method + b" /" + path + b" HTTP/1.1\r\nhost: ocsp.test\r\n" + extra + b"\r\n"
+
+
+def run(wire: Wire, coro: Any) -> Any:
+    return wire.loop.run_until_complete(coro)
+
+
+async def connect(wire: Wire) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", wire.port)
+
+
+async def closed_by_server(reader: asyncio.StreamReader) -> bool:
+    return await asyncio.wait_for(reader.read(1), 5) == b""
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(wire: Wire) -> None:
+    async def scenario() -> list[Answer]:
+        reader, writer = await connect(wire)
+        answers = []
+        for request in (post(wire.good), get(wire.good), post(wire.good)):
+            writer.write(request)
+            answers.append(await read_answer(reader))
+        writer.close()
+        return answers
+
+    answers = run(wire, scenario())
+    assert [a.status for a in answers] == [200, 200, 200]
+    for answer in answers:
+        assert answer.headers[b"content-type"] == b"application/ocsp-response"
+        assert b"connection" not in answer.headers
+        assert answer.headers[b"date"].endswith(b" GMT")
+        assert answer.cert_status().certificate_status == ocsp.OCSPCertStatus.GOOD
+
+
+def test_pipelined_requests_are_answered_in_order(wire: Wire) -> None:
+    """The middle request needs the database (unknown serial): the third, answerable from
+    memory at once, must still come after it."""
+
+    async def scenario() -> list[Answer]:
+        reader, writer = await connect(wire)
+        writer.write(get(wire.good) + post(wire.unknown) + get(wire.good, method=b"HEAD"))
+        answers = [await read_answer(reader), await read_answer(reader)]
+        answers.append(await read_answer(reader, head=True))
+        writer.close()
+        return answers
+
+    first, second, third = run(wire, scenario())
+    assert first.status == 200 and first.cert_status().response_status.name == "SUCCESSFUL"
+    assert second.status == 200
+    assert ocsp.load_der_ocsp_response(second.body).response_status.name == "UNAUTHORIZED"
+    assert second.headers[b"cache-control"] == b"no-cache"
+    assert third.status == 200 and third.body == b""
+    assert third.headers[b"content-length"] == first.headers[b"content-length"]
+
+
+def test_http10_closes_unless_keep_alive_asked(wire: Wire) -> None:
+    async def scenario() -> tuple[Answer, bool, Answer]:
+        reader, writer = await connect(wire)
+        writer.write(post(wire.good, version=b"1.0"))
+        plain = await read_answer(reader)
+        closed = await closed_by_server(reader)
+        reader, writer = await connect(wire)
+        writer.write(post(wire.good, b"connection: keep-alive\r\n", version=b"1.0"))
+        kept = await read_answer(reader)
+        writer.write(post(wire.good, b"connection: keep-alive\r\n", version=b"1.0"))
+        await read_answer(reader)
+        writer.close()
+        return plain, closed, kept
+
+    plain, closed, kept = run(wire, scenario())
+    assert plain.status == 200 and plain.headers[b"connection"] == b"close" and closed
+    assert kept.status == 200 and kept.headers[b"connection"] == b"keep-alive"
+
+
+def test_expect_continue_then_body(wire: Wire) -> None:
+    async def scenario() -> tuple[Answer, Answer]:
+        reader, writer = await connect(wire)
+        whole = post(wire.good, b"expect: 100-continue\r\n")
+        head, body = whole[: -len(wire.good)], wire.good
+        writer.write(head)
+        interim = await read_answer(reader)
+        writer.write(body)
+        final = await read_answer(reader)
+        writer.close()
+        return interim, final
+
+    interim, final = run(wire, scenario())
+    assert interim.status == 100
+    assert final.status == 200
+    assert final.cert_status().certificate_status == ocsp.OCSPCertStatus.GOOD
+
+
+def test_chunked_body_is_accepted(wire: Wire) -> None:
+    async def scenario() -> Answer:
+        reader, writer = await connect(wire)
+        der = wire.good
+        writer.write(
+            b"POST / HTTP/1.1\r\nhost: x\r\ncontent-type: application/ocsp-request\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+            + b"%x\r\n" % 10
+            + der[:10]
+            + b"\r\n"
+            + b"%x\r\n" % (len(der) - 10)
+            + der[10:]
+            + b"\r\n0\r\n\r\n"
+        )
+        answer = await read_answer(reader)
+        writer.close()
+        return answer
+
+    answer = run(wire, scenario())
+    assert answer.status == 200
+    assert answer.cert_status().certificate_status == ocsp.OCSPCertStatus.GOOD
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        # declared too large: refused before the body is sent
+        (b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 20000\r\n\r\n", 413),
+        # chunked past the limit
+        (
+            b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+            + (b"1000\r\n" + b"A" * 0x1000 + b"\r\n") * 3,
+            413,
+        ),
+        (b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: ten\r\n\r\n", 400),
+        (b"GET /" + b"A" * (MAX_HEAD_BYTES + 10) + b" HTTP/1.1\r\n\r\n", 431),
+        (b"GET / HTTP/1.1\r\nx: " + b"A" * (MAX_HEAD_BYTES + 10) + b"\r\n\r\n", 431),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n", 400),
+    ],
+    ids=[
+        "declared-too-large",
+        "chunked-too-large",
+        "bad-length",
+        "long-url",
+        "long-header",
+        "tls-hello",
+        "two-lengths",
+    ],
+)
+def test_unusable_input_gets_a_4xx_and_the_connection_closes(
+    wire: Wire, request_bytes: bytes, status: int
+) -> None:
+    async def scenario() -> tuple[Answer, bool]:
+        reader, writer = await connect(wire)
+        writer.write(request_bytes)
+        answer = await read_answer(reader)
+        closed = await closed_by_server(reader)
+        writer.close()
+        return answer, closed
+
+    answer, closed = run(wire, scenario())
+    assert answer.status == status
+    assert answer.headers[b"connection"] == b"close"
+    assert answer.headers[b"content-type"].startswith(b"text/plain")
+    assert closed
+
+
+def test_upgrade_request_is_answered_then_closed(wire: Wire) -> None:
+    async def scenario() -> tuple[Answer, bool]:
+        reader, writer = await connect(wire)
+        writer.write(
+            get(wire.good, extra=b"connection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\n")
+        )
+        answer = await read_answer(reader)
+        closed = await closed_by_server(reader)
+        writer.close()
+        return answer, closed
+
+    answer, closed = run(wire, scenario())
+    assert answer.status == 200 and answer.headers[b"connection"] == b"close"
+    assert answer.cert_status().certificate_status == ocsp.OCSPCertStatus.GOOD
+    assert closed
+
+
+def test_slow_request_times_out_with_408(wire: Wire) -> None:
+    async def scenario() -> tuple[Answer, bool]:
+        reader, writer = await connect(wire)
+        writer.write(b"GET /abc HTTP/1.1\r\nhost: x\r\n")  # never finished
+        answer = await read_answer(reader)
+        closed = await closed_by_server(reader)
+        writer.close()
+        return answer, closed
+
+    answer, closed = run(wire, scenario())
+    assert answer.status == 408 and closed
+
+
+def test_idle_keep_alive_connection_is_closed(wire: Wire) -> None:
+    async def scenario() -> tuple[Answer, bool, int]:
+        reader, writer = await connect(wire)
+        writer.write(get(wire.good))
+        answer = await read_answer(reader)
+        before = len(wire.server.connections)
+        closed = await closed_by_server(reader)  # after ~1 s idle (fixture setting)
+        writer.close()
+        return answer, closed, before
+
+    answer, closed, before = run(wire, scenario())
+    assert answer.status == 200 and before >= 1 and closed
+
+
+def test_absolute_form_target_and_query_string(wire: Wire) -> None:
+    async def scenario() -> list[Answer]:
+        reader, writer = await connect(wire)
+        path = base64.b64encode(wire.good).replace(b"/", b"%2F").replace(b"+", b"%2B")
+        answers = []
+        for target in (b"http://ocsp.test/" + path, b"/" + path + b"?cache-buster=1"):
+            writer.write(b"GET " + target + b" HTTP/1.1\r\nhost: ocsp.test\r\n\r\n")
+            answers.append(await read_answer(reader))
+        writer.close()
+        return answers
+
+    for answer in run(wire, scenario()):
+        assert answer.status == 200
+        assert answer.cert_status().certificate_status == ocsp.OCSPCertStatus.GOOD
+
+
+def test_if_none_match_gets_304_without_body(wire: Wire) -> None:
+    async def scenario() -> tuple[Answer, Answer]:
+        reader, writer = await connect(wire)
+        writer.write(get(wire.good))
+        first = await read_answer(reader)
+        writer.write(get(wire.good, extra=b"if-none-match: " + first.headers[b"etag"] + b"\r\n"))
+        second = await read_answer(reader)
+        writer.close()
+        return first, second
+
+    first, second = run(wire, scenario())
+    assert first.status == 200 and second.status == 304
+    assert second.body == b"" and second.headers[b"etag"] == first.headers[b"etag"]
