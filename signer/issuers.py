@@ -11,7 +11,9 @@ checked when loaded, and a first signature is verified before the identity is us
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -51,19 +53,20 @@ def signature_hash_for(key: AnySigningKey) -> hashes.HashAlgorithm | None:
     return hashes.SHA256()
 
 
-def sign_bytes(key: AnySigningKey, data: bytes) -> bytes:
-    """The signature over ``data`` that a response signed by ``key`` carries (the algorithm
-    ``signature_hash_for`` names): for code that assembles response DER itself."""
+def signature_function(key: AnySigningKey) -> Callable[[bytes], bytes]:
+    """The call that makes the signature a response signed by ``key`` carries (the
+    algorithm ``signature_hash_for`` names), resolved once: for code that assembles
+    response DER itself and signs per request."""
     alg = signature_hash_for(key)
     if isinstance(key, Pkcs11Key):
         assert alg is not None
-        return key.sign(data, alg)
+        return functools.partial(key.sign, algorithm=alg)
     if isinstance(key, ed25519.Ed25519PrivateKey):
-        return key.sign(data)
+        return key.sign
     assert alg is not None
     if isinstance(key, ec.EllipticCurvePrivateKey):
-        return key.sign(data, ec.ECDSA(alg))
-    return key.sign(data, padding.PKCS1v15(), alg)
+        return functools.partial(key.sign, signature_algorithm=ec.ECDSA(alg))
+    return functools.partial(key.sign, padding=padding.PKCS1v15(), algorithm=alg)
 
 
 def public_keys_match(key: SigningKey, cert: x509.Certificate) -> bool:
