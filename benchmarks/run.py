@@ -16,7 +16,9 @@ requests:
 
 at 16 and 64 connections, with ``serve --workers 1`` and then ``--workers 2``. Baselines
 on the same requests in the same run: a bare uvicorn ASGI app returning fixed bytes (the
-Python ceiling, same uvicorn settings) and ``openssl ocsp`` as an on-demand responder
+Python ceiling, same uvicorn settings), the responder's own HTTP server (responder/
+ocsp_http.py) returning the same fixed bytes (benchmarks/bare_native.py: what its HTTP
+layer alone costs), and ``openssl ocsp`` as an on-demand responder
 (in a private network namespace: OpenSSL 3.0 binds every interface; a fresh process per
 measurement because it spins on a connection closed without a request, openssl#31129).
 Prints a table with ratios and writes benchmarks/results/bench-<time>.json.
@@ -451,30 +453,34 @@ class Responder:
             self.proc.wait()
 
 
-class BareUvicorn:
-    def __init__(self, body: Path, log: Path) -> None:
+class BareServer:
+    """A baseline server answering fixed bytes: bare uvicorn (the Python ceiling the issue
+    names) or the responder's own HTTP protocol with an endpoint that does nothing."""
+
+    def __init__(self, body: Path, log: Path, *, native: bool = False) -> None:
         self.port = free_port()
+        uvicorn_args = [
+            "-m",
+            "uvicorn",
+            "benchmarks.bare_app:app",
+            "--port",
+            str(self.port),
+            "--host",
+            "127.0.0.1",
+            "--http",
+            "httptools",
+            "--loop",
+            "uvloop",
+            "--no-access-log",
+            "--lifespan",
+            "off",
+            "--no-server-header",
+            "--log-level",
+            "warning",
+        ]
+        native_args = ["-m", "benchmarks.bare_native", str(self.port)]
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "benchmarks.bare_app:app",
-                "--port",
-                str(self.port),
-                "--host",
-                "127.0.0.1",
-                "--http",
-                "httptools",
-                "--loop",
-                "uvloop",
-                "--no-access-log",
-                "--lifespan",
-                "off",
-                "--no-server-header",
-                "--log-level",
-                "warning",
-            ],
+            [sys.executable, *(native_args if native else uvicorn_args)],
             cwd=REPO,
             env={**os.environ, "OCSP_BENCH_BODY": str(body), "PYTHONPATH": str(REPO)},
             stdout=open(log, "ab"),  # noqa: SIM115 (lives as long as the process)
@@ -487,7 +493,7 @@ class BareUvicorn:
                 return
             except httpx.HTTPError:
                 time.sleep(0.05)
-        raise TimeoutError("bare uvicorn did not start")
+        raise TimeoutError("bare baseline server did not start")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -718,23 +724,24 @@ def main() -> None:
         }
 
         # baselines
-        bare = BareUvicorn(body, work / "bare.log")
-        try:
-            for c in conns:
-                for key in ("a_get", "b_post"):
-                    m = measure(
-                        f"bare_uvicorn_{key[2:]}",
-                        bare.url,
-                        req[key],
-                        c,
-                        args.duration,
-                        [bare.proc.pid],
-                        db_pids,
-                    )
-                    results.append(m)
-                    print(format_row(m), flush=True)
-        finally:
-            bare.stop()
+        for kind in ("uvicorn", "native"):
+            bare = BareServer(body, work / "bare.log", native=kind == "native")
+            try:
+                for c in conns:
+                    for key in ("a_get", "b_post"):
+                        m = measure(
+                            f"bare_{kind}_{key[2:]}",
+                            bare.url,
+                            req[key],
+                            c,
+                            args.duration,
+                            [bare.proc.pid],
+                            db_pids,
+                        )
+                        results.append(m)
+                        print(format_row(m), flush=True)
+            finally:
+                bare.stop()
         for c in conns if not args.no_openssl else []:
             for name, files, key in (("p256", p256, "d_p256_post"), ("rsa", rsa, "d_rsa_post")):
                 if not wanted(key):
@@ -851,10 +858,12 @@ def report(results: list[Measurement], memory: dict[str, float], args: argparse.
     )
     for m in results:
         base = ""
-        if m.name.endswith("a_get"):
-            base = f"{m.rps / rps('bare_uvicorn_get', m.connections):.2f}x bare"
-        elif m.name.endswith("b_post"):
-            base = f"{m.rps / rps('bare_uvicorn_post', m.connections):.2f}x bare"
+        if m.name.endswith(("a_get", "b_post")) and not m.name.startswith("w2_"):
+            form = "get" if m.name.endswith("a_get") else "post"
+            base = (
+                f"{m.rps / rps(f'bare_uvicorn_{form}', m.connections):.2f}x bare uvicorn, "
+                f"{m.rps / rps(f'bare_native_{form}', m.connections):.2f}x bare native"
+            )
         elif "d_p256" in m.name:
             base = f"{m.rps / rps('openssl_ocsp_p256', m.connections):.2f}x openssl"
         elif "d_rsa" in m.name:
