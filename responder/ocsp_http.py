@@ -172,8 +172,12 @@ class OCSPHttpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
+        self.stopped = True
         self.queue.clear()
         self.server.connections.discard(self)
+        # the parser holds this protocol: break the cycle so that reference counting
+        # frees the pair now, not the cyclic GC later (after warm-up's gc.freeze, never)
+        del self.parser
 
     def data_received(self, data: bytes) -> None:
         if self.stopped:

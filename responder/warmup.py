@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 
@@ -67,10 +68,18 @@ class WarmUp:
                         )
                         self.loaded += 1
                 await asyncio.sleep(0)  # let requests in between batches
+            # The cache now holds most of this process's long-lived objects. Move them out
+            # of the cyclic collector's reach (gc.freeze): otherwise every full collection
+            # walks them all again, a pause of ~18 ms per 100,000 entries here that lands
+            # on whichever requests are in flight (p99, max). Entries cached later are
+            # still collected normally.
+            gc.freeze()
             log.info(
-                "warm-up: %d responses in memory after %.1fs",
+                "warm-up: %d responses in memory after %.1fs (%d objects frozen out of the "
+                "cyclic GC)",
                 self.loaded,
                 time.monotonic() - self.started,
+                gc.get_freeze_count(),
             )
         except Exception as exc:
             log.warning("warm-up stopped: %s: %s", type(exc).__name__, exc)

@@ -3,6 +3,7 @@ health paths before the OCSP GET prefix, warm-up."""
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -96,6 +97,8 @@ def test_warm_up_loads_recent_responses(
         while "warm-up: " not in second.log() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert "warm-up: 3 responses in memory" in second.log()
+        frozen = re.search(r"\((\d+) objects frozen out of the cyclic GC\)", second.log())
+        assert frozen is not None and int(frozen.group(1)) > 0
         assert httpx.get(second.url + "/readyz").status_code == 200
         der = build_request(certs[0], p256_issuer.ca.ca_cert)
         assert httpx.get(get_url(second.url, der)).status_code == 200
