@@ -8,7 +8,8 @@ first ``get`` of an event-loop iteration schedules a flush with ``loop.call_soon
 key asked in the same iteration joins one statement:
 
     FROM unnest($1::smallint[], $2::bytea[]) WITH ORDINALITY AS q(issuer_id, serial, i)
-    LEFT JOIN responses / certificates / revocations  (+ EXISTS on ct_index)
+    LEFT JOIN LATERAL (one primary-key probe) for responses, certificates, revocations,
+    ct_index
 
 (primary-key index probes in a nested loop). A lone request waits no timer: its flush runs
 on the next loop iteration. A batch holds at most ``max_batch`` distinct keys (a full one
@@ -48,18 +49,31 @@ log = logging.getLogger(__name__)
 #: the most distinct keys in one statement: the plan stays index probes, the reply small
 MAX_BATCH = 256
 
-#: one row per requested key, in request order (i); has_response from the LEFT JOIN
+#: One row per requested key, in request order (i). Each table is read through a LATERAL
+#: subquery with LIMIT 1 (the primary key allows one row anyway): a subquery with a LIMIT
+#: is not flattened into a join, so the plan stays one primary-key probe per key and table
+#: (nested loop, index scans) whatever the table statistics. Without it the planner chose,
+#: for a batch of 256, hash joins over sequential scans of tables of 20,000 rows (an
+#: EXISTS became a hashed subplan likewise); tests/test_store_lookup.py checks the plan.
 LOOKUP_STATEMENT = (
     "SELECT q.i, r.der, r.status, r.this_update, r.next_update, "
-    "       r.serial IS NOT NULL AS has_response, "
-    "       c.not_after, c.serial IS NOT NULL AS recorded, "
-    "       EXISTS (SELECT 1 FROM ct_index t "
-    "               WHERE t.issuer_id = q.issuer_id AND t.serial = q.serial) AS in_ct, "
+    "       r.der IS NOT NULL AS has_response, "
+    "       c.not_after, c.not_after IS NOT NULL AS recorded, "
+    "       t.seen IS NOT NULL AS in_ct, "
     "       v.revoked_at, v.reason "
     "FROM unnest($1::smallint[], $2::bytea[]) WITH ORDINALITY AS q(issuer_id, serial, i) "
-    "LEFT JOIN responses r ON r.issuer_id = q.issuer_id AND r.serial = q.serial "
-    "LEFT JOIN certificates c ON c.issuer_id = q.issuer_id AND c.serial = q.serial "
-    "LEFT JOIN revocations v ON v.issuer_id = q.issuer_id AND v.serial = q.serial"
+    "LEFT JOIN LATERAL (SELECT der, status, this_update, next_update FROM responses "
+    "                   WHERE issuer_id = q.issuer_id AND serial = q.serial LIMIT 1) r "
+    "  ON true "
+    "LEFT JOIN LATERAL (SELECT not_after FROM certificates "
+    "                   WHERE issuer_id = q.issuer_id AND serial = q.serial LIMIT 1) c "
+    "  ON true "
+    "LEFT JOIN LATERAL (SELECT revoked_at, reason FROM revocations "
+    "                   WHERE issuer_id = q.issuer_id AND serial = q.serial LIMIT 1) v "
+    "  ON true "
+    "LEFT JOIN LATERAL (SELECT true AS seen FROM ct_index "
+    "                   WHERE issuer_id = q.issuer_id AND serial = q.serial LIMIT 1) t "
+    "  ON true"
 )
 
 Key = tuple[int, bytes]  # (issuer id, serial key)
