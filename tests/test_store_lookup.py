@@ -514,3 +514,45 @@ def test_live_signer_alone_still_reads_knowledge(database: str, issuer: Issuer) 
             await store.close()
 
     asyncio.run(run())
+
+
+def test_queue_limit_counts_sha1_requests_readied_by_one_batch(
+    database: str, issuer: Issuer
+) -> None:
+    """SHA-1 on-demand requests reach the live source with their knowledge (no read in its
+    queue): those readied together by one lookup batch still fill its queue, beyond which
+    they are Overloaded (tryLater); a failed lookup is Unavailable (tryLater)."""
+    from responder.sources import Overloaded, Unavailable
+
+    async def run() -> None:
+        store = await PresignedStore.connect(database, max_size=2)
+        await store.register_issuers([issuer])
+        conn = await asyncpg.connect(database)
+        for serial in range(1, 41):
+            await put(conn, issuer.db_id, serial, "recorded")
+        await conn.close()
+        chain, live = build_chain(
+            IssuerRegistry([issuer]),
+            ResponseCache(0),
+            store,
+            ValidityPolicy(),
+            signing_concurrency=1,
+            signing_queue_limit=1,
+        )
+        name_hash, key_hash = issuer.cert_id_hashes["sha1"]
+        queries = [CertIdRequest("sha1", name_hash, key_hash, s, None) for s in range(1, 41)]
+        try:
+            answers = await asyncio.gather(
+                *(chain.response(q) for q in queries), return_exceptions=True
+            )
+            overloaded = [a for a in answers if isinstance(a, Overloaded)]
+            signed = [a for a in answers if not isinstance(a, BaseException)]
+            assert (len(signed), len(overloaded)) == (1, 39), answers
+            await store.pool.close()
+            with pytest.raises(Unavailable):
+                await chain.response(queries[0])
+        finally:
+            await live.drain()
+            await store.close()
+
+    asyncio.run(run())
