@@ -7,14 +7,15 @@ CPU than the signature it may lead to. ``BatchedLookup.get`` instead queues the 
 first ``get`` of an event-loop iteration schedules a flush with ``loop.call_soon``, so every
 key asked in the same iteration joins one statement:
 
-    FROM unnest($1::smallint[], $2::bytea[]) WITH ORDINALITY AS q(issuer_id, serial, i)
+    FROM generate_subscripts($2::bytea[], 1) AS q(i)   -- $1: issuer ids, $2: serials
     LEFT JOIN LATERAL (one primary-key probe) for responses, certificates, revocations,
     ct_index
 
 (primary-key index probes in a nested loop). A lone request waits no timer: its flush runs
-on the next loop iteration. A batch holds at most ``max_batch`` distinct keys (a full one
-is flushed at once); a key asked twice is queried once. Several batches may be in flight
-together, each on its own pool connection, so the pool bounds them.
+on the next loop iteration. A batch holds at most ``max_batch`` distinct keys; a key asked
+twice is queried once. Up to ``max_in_flight`` batches run at once, each on its own pool
+connection; while that many run, new keys wait and join the next batch, sent as soon as
+one finishes: under load batches grow instead of statements multiplying.
 
 If the statement fails, every waiter of that batch gets the exception (the chain answers
 tryLater). A waiter that is cancelled only drops its own future; the batch goes on.
@@ -49,31 +50,41 @@ log = logging.getLogger(__name__)
 #: the most distinct keys in one statement: the plan stays index probes, the reply small
 MAX_BATCH = 256
 
-#: One row per requested key, in request order (i). Each table is read through a LATERAL
-#: subquery with LIMIT 1 (the primary key allows one row anyway): a subquery with a LIMIT
-#: is not flattened into a join, so the plan stays one primary-key probe per key and table
-#: (nested loop, index scans) whatever the table statistics. Without it the planner chose,
-#: for a batch of 256, hash joins over sequential scans of tables of 20,000 rows (an
-#: EXISTS became a hashed subplan likewise); tests/test_store_lookup.py checks the plan.
+#: batches running at once: while that many run, new keys gather into the next batch, so
+#: under load batches grow instead of statements multiplying; the rest of the pool stays
+#: free for writes (write-back, recording, health checks)
+MAX_IN_FLIGHT = 4
+
+#: The primary-key condition of one table for key number q.i of the batch.
+_KEY_I = "issuer_id = ($1::smallint[])[q.i] AND serial = ($2::bytea[])[q.i]"
+
+#: One row per requested key, i being its place in the arrays. Each table is read through
+#: a LATERAL subquery with LIMIT 1 (the primary key allows one row anyway): a subquery with
+#: a LIMIT is not flattened into a join, so the plan stays one primary-key probe per key
+#: and table (nested loop, index scans) whatever the statistics. Without it the planner
+#: chose, for a batch of 256, hash joins over sequential scans of tables of 20,000 rows (an
+#: EXISTS became a hashed subplan likewise). The keys are walked with generate_subscripts,
+#: not unnest: in a custom plan unnest's row estimate is the array's length, so the
+#: generic plan (estimated for 10) always looked dearer, PostgreSQL never settled on it,
+#: and every execution was planned again (~150 us of backend CPU, more than the whole
+#: execution); generate_subscripts has the same estimate in both, so after five
+#: executions the prepared statement runs its generic plan.
+#: tests/test_store_lookup.py checks the plans.
 LOOKUP_STATEMENT = (
     "SELECT q.i, r.der, r.status, r.this_update, r.next_update, "
     "       r.der IS NOT NULL AS has_response, "
     "       c.not_after, c.not_after IS NOT NULL AS recorded, "
     "       t.seen IS NOT NULL AS in_ct, "
     "       v.revoked_at, v.reason "
-    "FROM unnest($1::smallint[], $2::bytea[]) WITH ORDINALITY AS q(issuer_id, serial, i) "
+    "FROM generate_subscripts($2::bytea[], 1) AS q(i) "
     "LEFT JOIN LATERAL (SELECT der, status, this_update, next_update FROM responses "
-    "                   WHERE issuer_id = q.issuer_id AND serial = q.serial LIMIT 1) r "
-    "  ON true "
+    f"                   WHERE {_KEY_I} LIMIT 1) r ON true "
     "LEFT JOIN LATERAL (SELECT not_after FROM certificates "
-    "                   WHERE issuer_id = q.issuer_id AND serial = q.serial LIMIT 1) c "
-    "  ON true "
+    f"                   WHERE {_KEY_I} LIMIT 1) c ON true "
     "LEFT JOIN LATERAL (SELECT revoked_at, reason FROM revocations "
-    "                   WHERE issuer_id = q.issuer_id AND serial = q.serial LIMIT 1) v "
-    "  ON true "
+    f"                   WHERE {_KEY_I} LIMIT 1) v ON true "
     "LEFT JOIN LATERAL (SELECT true AS seen FROM ct_index "
-    "                   WHERE issuer_id = q.issuer_id AND serial = q.serial LIMIT 1) t "
-    "  ON true"
+    f"                   WHERE {_KEY_I} LIMIT 1) t ON true"
 )
 
 Key = tuple[int, bytes]  # (issuer id, serial key)
@@ -102,18 +113,26 @@ def lookup_from_row(row: asyncpg.Record) -> Lookup:
 class BatchedLookup:
     """Coalesces concurrent store lookups into one statement per event-loop iteration."""
 
-    def __init__(self, store: PresignedStore, *, max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self,
+        store: PresignedStore,
+        *,
+        max_batch: int = MAX_BATCH,
+        max_in_flight: int = MAX_IN_FLIGHT,
+    ) -> None:
         self.store = store
         self.max_batch = max_batch
+        self.max_in_flight = max_in_flight
         #: statements sent (replica and primary, failed ones included), batches formed,
         #: keys asked: for tests and for judging the batching
         self.statements = 0
         self.batches = 0
         self.keys = 0
         self._pending: Waiters = {}
-        #: keys of the pending batch for which some waiter uses the response row
+        #: pending keys for which some waiter uses the response row
         self._want_response: set[Key] = set()
         self._scheduled = False
+        self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def get(self, issuer_id: int, serial: int, *, want_response: bool = True) -> Lookup:
@@ -132,29 +151,39 @@ class BatchedLookup:
             waiters.append(future)
         if want_response:
             self._want_response.add(key)
-        if len(self._pending) >= self.max_batch:
-            self._flush(loop)
-        elif not self._scheduled:
+        if not self._scheduled and self._in_flight < self.max_in_flight:
             self._scheduled = True
-            loop.call_soon(self._scheduled_flush, loop)
+            loop.call_soon(self._flush, loop)
         return await future
 
-    def _scheduled_flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._scheduled = False
-        self._flush(loop)
-
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        batch, self._pending = self._pending, {}
-        want_response, self._want_response = self._want_response, set()
-        # keys whose every waiter was cancelled meanwhile need no answer
-        batch = {k: w for k, w in batch.items() if not all(f.done() for f in w)}
-        if not batch:
-            return
-        self.batches += 1
-        self.keys += len(batch)
-        task = loop.create_task(self._answer(batch, want_response))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        """Send what is pending, in batches of at most ``max_batch`` keys, while fewer than
+        ``max_in_flight`` batches run; the rest waits for a batch to finish."""
+        self._scheduled = False
+        while self._pending and self._in_flight < self.max_in_flight:
+            if len(self._pending) <= self.max_batch:
+                taken, self._pending = self._pending, {}
+            else:
+                keys = list(self._pending)[: self.max_batch]
+                taken = {key: self._pending.pop(key) for key in keys}
+            want_response = self._want_response.intersection(taken)
+            self._want_response.difference_update(taken)
+            # keys whose every waiter was cancelled meanwhile need no answer
+            batch = {k: w for k, w in taken.items() if not all(f.done() for f in w)}
+            if not batch:
+                continue
+            self.batches += 1
+            self.keys += len(batch)
+            self._in_flight += 1
+            task = loop.create_task(self._answer(batch, want_response))
+            self._tasks.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._in_flight -= 1
+        if self._pending and not self._scheduled:
+            self._flush(task.get_loop())
 
     async def _answer(self, batch: Waiters, want_response: set[Key]) -> None:
         try:

@@ -210,6 +210,36 @@ async def blocked_on(locker: asyncpg.Connection) -> int:
     raise AssertionError("no lookup waited for the lock")
 
 
+def test_keys_gather_while_batches_are_in_flight(database: str) -> None:
+    """While ``max_in_flight`` batches run, keys asked in later loop iterations wait and
+    go together in the next batch, sent when one finishes: under load batches grow."""
+
+    async def run() -> None:
+        conn = await asyncpg.connect(database)
+        await add_issuers(conn)
+        await put(conn, 1, 5, "good")
+        store = await PresignedStore.connect(database, min_size=1, max_size=2)
+        lookup = BatchedLookup(store, max_in_flight=1)
+        try:
+            async with conn.transaction():
+                await conn.execute("LOCK TABLE certificates IN ACCESS EXCLUSIVE MODE")
+                first = asyncio.create_task(lookup.get(1, 5))
+                await blocked_on(conn)
+                later = []
+                for serial in range(100, 150):  # fifty loop iterations apart
+                    later.append(asyncio.create_task(lookup.get(1, serial)))
+                    await asyncio.sleep(0)
+                assert (lookup.batches, lookup.statements) == (1, 1)
+            assert (await first).response is not None
+            assert not any(a.knowledge.known for a in await asyncio.gather(*later))
+            assert (lookup.batches, lookup.statements, lookup.keys) == (2, 2, 51)
+        finally:
+            await store.close()
+            await conn.close()
+
+    asyncio.run(run())
+
+
 def test_failed_statement_fails_every_waiter_then_the_next_batch_works(database: str) -> None:
     async def run() -> None:
         conn = await asyncpg.connect(database)
@@ -349,7 +379,7 @@ def plan_nodes(plan: dict[str, object]) -> Iterator[dict[str, object]]:
 
 def test_plan_is_primary_key_probes_for_batches_up_to_256(database: str) -> None:
     """With tables big enough to tempt the planner into hash joins, every batch size (and
-    the generic plan a prepared statement may settle on) is index probes in nested loops."""
+    the generic plan the prepared statement settles on) is index probes in nested loops."""
     rows = 20_000
     pkeys = {"responses_pkey", "certificates_pkey", "revocations_pkey", "ct_index_pkey"}
 
@@ -378,11 +408,20 @@ def test_plan_is_primary_key_probes_for_batches_up_to_256(database: str) -> None
                 keys = [(n * 7 + 1).to_bytes(8, "big") for n in range(size)]
                 text = await conn.fetchval("EXPLAIN (FORMAT JSON) " + LOOKUP_STATEMENT, ids, keys)
                 plans.append(list(plan_nodes(json.loads(text)[0]["Plan"])))
-            await conn.execute("SET plan_cache_mode = force_generic_plan")
             await conn.execute(
                 "PREPARE lookup(smallint[], bytea[]) AS "
                 + LOOKUP_STATEMENT.replace("::smallint[]", "").replace("::bytea[]", "")
             )
+            # as the pool's prepared statement runs: after five custom plans PostgreSQL
+            # settles on the generic one instead of planning every execution again
+            for n in range(8):
+                await conn.execute(f"EXECUTE lookup('{{1}}', ARRAY['\\x{n + 1:02x}'::bytea])")
+            generic, custom = await conn.fetchrow(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
+                "WHERE name = 'lookup'"
+            )
+            assert (generic, custom) == (3, 5)
+            await conn.execute("SET plan_cache_mode = force_generic_plan")
             text = await conn.fetchval(
                 "EXPLAIN (FORMAT JSON) EXECUTE lookup('{1,2}', ARRAY['\\x01'::bytea, '\\x02'])"
             )
