@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 import asyncpg
 
+from responder import metrics
 from responder.store import (
     Knowledge,
     PresignedStore,
@@ -174,6 +175,7 @@ class BatchedLookup:
                 continue
             self.batches += 1
             self.keys += len(batch)
+            metrics.store_lookup_batch_keys.observe(len(batch))
             self._in_flight += 1
             task = loop.create_task(self._answer(batch, want_response))
             self._tasks.add(task)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import asyncpg
 import pytest
+from prometheus_client import REGISTRY
 
 from responder.protocol import CertIdRequest
 from responder.replicas import UNRESOLVED, Replica, ReplicaSet
@@ -184,8 +185,10 @@ def test_many_distinct_keys_are_cut_into_bounded_batches(
         store = await PresignedStore.connect(dsn, max_size=4)
         try:
             lookup = BatchedLookup(store)
+            counted = REGISTRY.get_sample_value("ocsp_store_lookup_batch_keys_count") or 0.0
             got = await asyncio.gather(*(lookup.get(i, s) for i, s in requests))
             assert (lookup.batches, lookup.statements, lookup.keys) == (3, 3, 600)  # 256+256+88
+            assert REGISTRY.get_sample_value("ocsp_store_lookup_batch_keys_count") == counted + 3
             for (issuer_id, serial), answer in zip(requests, got, strict=True):
                 assert answer == await one_by_one(store, issuer_id, serial)
             # a lone request is its own batch on the next loop iteration: no timer
