@@ -253,7 +253,7 @@ class LiveSigningSource:
             self._waiting -= 1
 
     async def _sign(self, query: Query) -> Answer:
-        req, issuer, knowledge = query
+        req, issuer, knowledge = query.request, query.issuer, query.knowledge
         if knowledge is None:  # not a SHA-1 CertID, or no StoreSource in front
             try:
                 if self.lookup is not None:
