@@ -129,6 +129,14 @@ db_replica_lag_seconds = Gauge(
     multiprocess_mode="max",
 )
 
+#: Batched store lookups (responder/store_lookup.py): the keys per statement show what the
+#: batching saves (all in bucket 1: nothing to batch, the responder is nearly idle).
+store_lookup_batch_keys = Histogram(
+    "ocsp_store_lookup_batch_keys",
+    "Distinct keys read by one batched store lookup",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+
 
 def render() -> tuple[bytes, str]:
     """The exposition text: aggregated across workers in multiprocess mode."""

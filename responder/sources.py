@@ -6,9 +6,10 @@ composed in a chain, cheapest first:
     IssuerFilter -> CacheSource -> StoreSource -> LiveSigningSource
 
 The filter rejects CertIDs for issuers we do not serve before any I/O. The cache answers
-from memory; the store reads the pre-signed row; the live signer signs on demand for a
-serial the store knows (recorded, revoked, or seen in CT) but holds no fresh response for,
-and writes it back. A serial nobody knows raises ``SerialNotFound``; the HTTP layer answers
+from memory; the store reads the pre-signed row and what it knows of the serial (one
+batched statement for all the lookups of a moment: responder/store_lookup.py); the live
+signer signs on demand for a serial the store knows (recorded, revoked, or seen in CT)
+but holds no fresh response for, and writes it back. A serial nobody knows raises ``SerialNotFound``; the HTTP layer answers
 it ``unauthorized`` (see README: "Unassigned serials").
 """
 
@@ -26,6 +27,7 @@ from responder.ct_index_store import record_request_gap
 from responder.protocol import CertIdRequest
 from responder.response_cache import ResponseCache, ServedResponse, cache_key
 from responder.store import Knowledge, PresignedStore
+from responder.store_lookup import BatchedLookup
 from responder.write_back import WriteBack
 from signer.issuers import Issuer, IssuerRegistry
 from signer.presign import PresignedSigner
@@ -71,6 +73,9 @@ class Unavailable(LookupError_):
 class Query(NamedTuple):
     request: CertIdRequest
     issuer: Issuer
+    #: what the store knows of the serial, when an earlier source already read it
+    #: (StoreSource's batched lookup): the live signer then reads nothing again
+    knowledge: Knowledge | None = None
 
 
 class Answer(NamedTuple):
@@ -144,23 +149,40 @@ class CacheSource:
 
 
 class StoreSource:
-    """The pre-signed row in PostgreSQL (SHA-1 CertIDs; other hashes are signed live)."""
+    """The pre-signed row in PostgreSQL (SHA-1 CertIDs; other hashes are signed live).
 
-    def __init__(self, store: PresignedStore, policy: ValidityPolicy, next_source: Source) -> None:
+    One batched read (responder/store_lookup.py) per SHA-1 request gives both the row and
+    what the store knows of the serial: an unknown serial ends here, and the live signer
+    gets the knowledge with the query instead of reading it again. A CertID of another
+    hash goes on at once, as before: the live signer makes its one batched read inside
+    its queue (so its queue limit still counts those requests while they read).
+    """
+
+    def __init__(
+        self,
+        store: PresignedStore,
+        policy: ValidityPolicy,
+        next_source: Source,
+        lookup: BatchedLookup | None = None,
+    ) -> None:
         self.store = store
         self.policy = policy
         self.next = next_source
+        self.lookup = lookup if lookup is not None else BatchedLookup(store)
 
     async def response(self, query: Query) -> Answer:
-        req = query.request
+        req, issuer = query.request, query.issuer
         if req.hash_algorithm != "sha1":
             return await self.next.response(query)
         try:
-            row = await self.store.fetch_response(query.issuer.db_id, req.serial)
+            found = await self.lookup.get(issuer.db_id, req.serial)
         except Exception as exc:
             raise Unavailable(f"store read failed: {type(exc).__name__}") from exc
+        row, knowledge = found
         if row is None:
-            return await self.next.response(query)
+            if not knowledge.known:
+                raise SerialNotFound(req.serial)
+            return await self.next.response(Query(req, issuer, knowledge))
         renew_at = renewal_point(row.this_update, row.next_update, self.policy)
         served = ServedResponse.build(
             row.der, row.status, row.this_update, row.next_update, renew_at
@@ -168,7 +190,7 @@ class StoreSource:
         if time.time() < renew_at:
             return Answer(served, "store", served)
         try:
-            return await self.next.response(query)
+            return await self.next.response(Query(req, issuer, knowledge))
         except (Unavailable, Overloaded, Retired):
             # Due for renewal but re-signing failed (or is not wanted): the stored bytes
             # are still valid until nextUpdate, so they are better than tryLater. Past
@@ -181,11 +203,17 @@ class StoreSource:
 class LiveSigningSource:
     """Sign on demand for a known serial, bounded so overload answers tryLater fast.
 
-    ``queue_limit`` caps the on-demand requests in flight (the store read included):
-    beyond it the answer is tryLater at once. The semaphore (``concurrency``) bounds the
-    signatures themselves; the database read happens outside it so a slow read does not
-    idle the signer. The write-back of what was signed happens after the answer, batched
-    (responder/write_back.py), since its failure changes nothing for this request.
+    ``queue_limit`` caps the on-demand requests in flight (the store read included, when
+    the query does not carry the knowledge): beyond it the answer is tryLater at once. The
+    semaphore (``concurrency``) bounds the signatures themselves; the database read happens
+    outside it so a slow read does not idle the signer. The read is one ``lookup.get``
+    (batched with every other lookup of the moment; ``store.knowledge`` without a
+    lookup). A SHA-1 query carries the knowledge from StoreSource's lookup: nothing is read
+    here, and the request yields once after taking its place in the queue, so the
+    requests made ready together (one lookup batch) are counted before any signs: that is
+    the queue an overload fills, and what it answers tryLater. The write-back of what was
+    signed happens after the answer, batched (responder/write_back.py), since its failure
+    changes nothing for this request.
     """
 
     def __init__(
@@ -196,10 +224,12 @@ class LiveSigningSource:
         concurrency: int = 4,
         queue_limit: int = 256,
         expired_retention: dt.timedelta | None = None,
+        lookup: BatchedLookup | None = None,
     ) -> None:
         self.store = store
         self.policy = policy
         self.expired_retention = expired_retention
+        self.lookup = lookup
         self._semaphore = asyncio.Semaphore(concurrency)
         self._queue_limit = queue_limit
         self._waiting = 0
@@ -215,16 +245,24 @@ class LiveSigningSource:
             raise Overloaded("signing queue full")
         self._waiting += 1
         try:
+            if query.knowledge is not None:
+                # let every request readied by the same lookup batch take its place first
+                await asyncio.sleep(0)
             return await self._sign(query)
         finally:
             self._waiting -= 1
 
     async def _sign(self, query: Query) -> Answer:
-        req, issuer = query.request, query.issuer
-        try:
-            knowledge = await self.store.knowledge(issuer.db_id, req.serial)
-        except Exception as exc:
-            raise Unavailable(f"store read failed: {type(exc).__name__}") from exc
+        req, issuer, knowledge = query.request, query.issuer, query.knowledge
+        if knowledge is None:  # not a SHA-1 CertID, or no StoreSource in front
+            try:
+                if self.lookup is not None:
+                    found = await self.lookup.get(issuer.db_id, req.serial, want_response=False)
+                    knowledge = found.knowledge
+                else:
+                    knowledge = await self.store.knowledge(issuer.db_id, req.serial)
+            except Exception as exc:
+                raise Unavailable(f"store read failed: {type(exc).__name__}") from exc
         if not knowledge.known:
             raise SerialNotFound(req.serial)
         self._check_retention(knowledge, req.serial)
@@ -331,13 +369,16 @@ def build_chain(
     signing_queue_limit: int,
     expired_retention: dt.timedelta | None = None,
 ) -> tuple[IssuerFilter, LiveSigningSource]:
-    """Compose the standard chain; the live source is returned too, for its queue depth."""
+    """Compose the standard chain; the live source is returned too, for its queue depth.
+    The store and live sources share one BatchedLookup, so their reads join one batch."""
+    lookup = BatchedLookup(store)
     live = LiveSigningSource(
         store,
         policy,
         concurrency=signing_concurrency,
         queue_limit=signing_queue_limit,
         expired_retention=expired_retention,
+        lookup=lookup,
     )
-    chain = IssuerFilter(registry, CacheSource(cache, StoreSource(store, policy, live)))
+    chain = IssuerFilter(registry, CacheSource(cache, StoreSource(store, policy, live, lookup)))
     return chain, live

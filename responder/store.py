@@ -131,6 +131,32 @@ class Knowledge:
     not_after: dt.datetime | None = None
 
 
+def stored_response_from_row(row: asyncpg.Record) -> StoredResponse:
+    """A ``responses`` row (der, status, this_update, next_update) as a StoredResponse."""
+    return StoredResponse(
+        der=row["der"],
+        status=CertStatus(row["status"]),
+        this_update=int(row["this_update"].timestamp()),
+        next_update=int(row["next_update"].timestamp()),
+    )
+
+
+def knowledge_from_row(row: asyncpg.Record, *, has_response: bool) -> Knowledge:
+    """Knowledge from a row of (recorded, in_ct, not_after, revoked_at, reason): one rule
+    for every reader (``PresignedStore.knowledge``, responder/store_lookup.py)."""
+    revocation = None
+    if row["revoked_at"] is not None:
+        revocation = Revocation(row["revoked_at"], REASONS_BY_CODE[row["reason"]])
+    return Knowledge(
+        known=bool(row["recorded"] or row["in_ct"]) or revocation is not None,
+        revocation=revocation,
+        ct_only=bool(row["in_ct"]) and not row["recorded"],
+        has_response=has_response,
+        not_after=row["not_after"]
+        or (revocation.revoked_at + MAX_CERTIFICATE_LIFETIME if revocation else None),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class CertificateRecord:
     issuer_id: int
@@ -282,12 +308,7 @@ class PresignedStore:
         )
         if row is None:
             return None
-        return StoredResponse(
-            der=row["der"],
-            status=CertStatus(row["status"]),
-            this_update=int(row["this_update"].timestamp()),
-            next_update=int(row["next_update"].timestamp()),
-        )
+        return stored_response_from_row(row)
 
     async def recent_responses(
         self, limit: int, batch: int = 5000
@@ -336,17 +357,7 @@ class PresignedStore:
             lambda r: bool(r["recorded"] or r["in_ct"]) or r["revoked_at"] is not None,
         )
         assert row is not None
-        revocation = None
-        if row["revoked_at"] is not None:
-            revocation = Revocation(row["revoked_at"], REASONS_BY_CODE[row["reason"]])
-        return Knowledge(
-            known=bool(row["recorded"] or row["in_ct"]) or revocation is not None,
-            revocation=revocation,
-            ct_only=bool(row["in_ct"]) and not row["recorded"],
-            has_response=bool(row["has_response"]),
-            not_after=row["not_after"]
-            or (revocation.revoked_at + MAX_CERTIFICATE_LIFETIME if revocation else None),
-        )
+        return knowledge_from_row(row, has_response=bool(row["has_response"]))
 
     async def store_responses(self, rows: Sequence[tuple[int, int, SignedResponse]]) -> None:
         """Write back responses signed on demand, (issuer id, serial, response) each, in one
