@@ -1,8 +1,11 @@
-"""``serve --workers N``: N worker processes on one listening socket, sharing only PostgreSQL.
+"""``serve --workers N``: N worker processes on one port, sharing only PostgreSQL.
 
-The supervisor (this process) binds the OCSP listener once and starts N copies of
-``ocsp-responder serve`` that inherit the socket (``--worker-of FD:INDEX``); the kernel
-hands each new connection to one of them. Each worker has its own event loop, database
+The supervisor (this process) binds the OCSP port, one listening socket per worker with
+SO_REUSEPORT, and starts N copies of ``ocsp-responder serve``, each inheriting its own
+socket (``--worker-of FD:INDEX``). The kernel spreads new connections over the sockets
+by a hash of their addresses. With one shared socket, every worker woke for each burst of
+connections and the first to run accepted them all (libuv accepts until the queue is
+empty): a benchmark's 16 connections could all land on one worker while the other idled. Each worker has its own event loop, database
 pool, in-process cache and warm-up. Worker 0 alone runs the admin API and the
 once-per-deployment background tasks (``ResponderService.primary``). The supervisor
 itself holds no database connection and no keys.
@@ -35,18 +38,30 @@ log = logging.getLogger(__name__)
 STOP_TIMEOUT = 15.0
 
 
-def bind_listener(host: str, port: int) -> socket.socket:
-    """The OCSP listening socket, inheritable by the workers."""
+def bind_listeners(host: str, port: int, count: int) -> list[socket.socket]:
+    """One OCSP listening socket per worker on the same port (SO_REUSEPORT), inheritable.
+
+    Bound here, before any worker starts, so that a port in use fails the supervisor at
+    once. SO_REUSEPORT lets only processes of the same user join the group."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=4096)
-    sock.set_inheritable(True)
-    return sock
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.create_server((host, port), family=family, backlog=4096, reuse_port=True)
+            sock.set_inheritable(True)
+            socks.append(sock)
+            port = sock.getsockname()[1]  # port 0: the others join the one the first got
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
 
 
 def run_workers(config: Config, workers: int) -> int:
     """Supervise ``workers`` worker processes until a signal or a worker's death."""
     host, port = config.listen
-    sock = bind_listener(host, port)
+    socks = bind_listeners(host, port, workers)
     own_metrics_dir = None
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         own_metrics_dir = tempfile.mkdtemp(prefix="ocsp-metrics-")
@@ -68,8 +83,8 @@ def run_workers(config: Config, workers: int) -> int:
         for index in range(workers):
             procs.append(
                 subprocess.Popen(
-                    [*base, "--worker-of", f"{sock.fileno()}:{index}:{os.getpid()}"],
-                    pass_fds=(sock.fileno(),),
+                    [*base, "--worker-of", f"{socks[index].fileno()}:{index}:{os.getpid()}"],
+                    pass_fds=(socks[index].fileno(),),
                 )
             )
         log.info("supervisor %d: %d workers on %s:%d", os.getpid(), workers, host, port)
@@ -85,7 +100,8 @@ def run_workers(config: Config, workers: int) -> int:
                 break
             time.sleep(0.2)
     finally:
-        sock.close()
+        for sock in socks:
+            sock.close()
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)

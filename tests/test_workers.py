@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.mmap_dict import MmapedDict
 
 from tests.support import (
     IssuerFiles,
@@ -92,8 +94,29 @@ def test_two_workers_answer_and_share_the_port(two_workers, p256_issuer, tmp_pat
     assert {pid for pid in workers if any(name.endswith(f"_{pid}.db") for name in files)} == set(
         workers
     )
+    # each worker has its own listening socket on the port (SO_REUSEPORT): the kernel
+    # spreads connections over them, so both answered some of the 60 connections
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # counters reach the files once a second
+        answered = {pid: answered_by(tmp_path / "metrics", pid) for pid in workers}
+        if sum(answered.values()) >= 60:
+            break
+        time.sleep(0.2)
+    assert sum(answered.values()) >= 60 and all(answered.values()), answered
     # only one admin listener: a second one would have failed to bind and killed its worker
     assert all(alive(pid) for pid in workers)
+
+
+def answered_by(metrics_dir: Path, pid: int) -> float:
+    """The OCSP answers one worker counted, read from its multiprocess counter file."""
+    path = metrics_dir / f"counter_{pid}.db"
+    if not path.exists():
+        return 0.0
+    total = 0.0
+    for key, value, *_ in MmapedDict.read_all_values_from_file(str(path)):
+        if json.loads(key)[1] == "ocsp_requests_total":
+            total += value
+    return total
 
 
 def test_sigterm_stops_every_worker(two_workers):  # type: ignore[no-untyped-def]
