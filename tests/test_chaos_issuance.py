@@ -10,7 +10,7 @@ two real `ocsp-responder serve` processes (single and batch calls), for
   (b) responder processes are SIGKILLed and restarted;
   (c) PostgreSQL backends are terminated with pg_terminate_backend;
   (d) PostgreSQL itself crashes once (immediate stop: no shutdown checkpoint) and restarts
-      after 6-9 s, longer than the write retry budget, so some writes answer 503.
+      after 9-12 s, longer than the write retry budget, so some writes answer 503.
 
 The cluster runs with fsync on and ``synchronous_commit = off`` as its *default*: an
 acknowledgement that relied on the server default would be lost by the crash.
@@ -289,9 +289,10 @@ class Chaos:
     async def crash_once(self, start: float, duration: float) -> None:
         await self.sleep_until(start + self.rng.uniform(0.3, 0.7) * duration)
         await asyncio.to_thread(self.cluster.stop, "immediate")  # a crash: no checkpoint
-        # down for longer than the writers' retry budget (~5 s with the server refusing
+        # down for longer than the writers' retry budget (RetryPolicy: 7 jittered sleeps
+        # of 0.05 s doubling to 2 s, 2.6-7.7 s in all while the server refuses
         # connections): some writes must run out of retries and answer 503
-        await asyncio.sleep(self.rng.uniform(6.0, 9.0))
+        await asyncio.sleep(self.rng.uniform(9.0, 12.0))
         await asyncio.to_thread(start_postgres, self.cluster)
         self.tally.events["PostgreSQL crashed and restarted"] += 1
 

@@ -5,12 +5,16 @@ PostgreSQL, real signer); the client is a raw socket, so that each HTTP/1.1 beha
 observed on the wire exactly: keep-alive, pipelining (answers in order, including one
 that needs the database between two from memory), HTTP/1.0, ``Expect: 100-continue``,
 chunked bodies, the size limits, unparseable input, ``Upgrade``, and both timeouts.
+A hypothesis property then feeds mutated streams of such requests, cut at random points,
+into the protocol (``OCSP_FUZZ_EXAMPLES``, default 200): only well-formed answers, never a
+5xx, nothing written after the close.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +22,11 @@ from typing import Any
 
 import pytest
 from cryptography.x509 import ocsp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from responder.config import load_config
-from responder.ocsp_http import MAX_HEAD_BYTES, OCSPHttpServer
+from responder.ocsp_http import MAX_HEAD_BYTES, OCSPHttpProtocol, OCSPHttpServer
 from responder.server import build_ocsp_endpoint
 from responder.service import ResponderService
 from tests.support import IssuerFiles, build_request, write_config
@@ -329,3 +335,120 @@ def test_if_none_match_gets_304_without_body(wire: Wire) -> None:
     first, second = run(wire, scenario())
     assert first.status == 200 and second.status == 304
     assert second.body == b"" and second.headers[b"etag"] == first.headers[b"etag"]
+
+
+# --- fuzzing the protocol: arbitrary bytes, arbitrary split points ---------------------
+
+
+class RecordingTransport:
+    """What the protocol wrote, and whether it closed (no socket: thousands of cases/s)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.closed = False
+        self.written_after_close = False
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            self.written_after_close = True
+        self.data += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def split_answers(data: bytes) -> list[tuple[int, dict[bytes, bytes]]]:
+    """Parse a byte stream of HTTP/1.1 answers; fails on anything malformed."""
+    answers = []
+    rest = bytes(data)
+    while rest:
+        head, sep, rest = rest.partition(b"\r\n\r\n")
+        assert sep, f"truncated answer head: {head[:80]!r}"
+        lines = head.split(b"\r\n")
+        version, status, _reason = lines[0].split(b" ", 2)
+        assert version == b"HTTP/1.1"
+        headers = dict(line.lower().split(b": ", 1) for line in lines[1:])
+        code = int(status)
+        length = int(headers.get(b"content-length", b"0"))
+        # an answer to HEAD has content-length but no body: the next answer (or the end)
+        # follows at once (no body here starts with "HTTP/": DER or a plain-text reason)
+        headless = rest == b"" or rest.startswith(b"HTTP/1.1 ")
+        if code not in (100, 304) and not headless:
+            assert len(rest) >= length, "truncated body"
+            rest = rest[length:]
+        answers.append((code, headers))
+    return answers
+
+
+def _pieces(wire: Wire) -> list[bytes]:
+    return [
+        get(wire.good),
+        get(wire.unknown),
+        get(wire.good, method=b"HEAD"),
+        post(wire.good),
+        post(wire.unknown),
+        post(wire.good, version=b"1.0"),
+        post(wire.good, b"expect: 100-continue\r\n"),
+        b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n",
+        b"DELETE / HTTP/1.1\r\nhost: x\r\n\r\n",
+        b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n4\r\n\x30\x03\x02\x01\r\n0\r\n\r\n",
+        b"GET /%%%zz HTTP/1.1\r\n\r\n",
+    ]
+
+
+@settings(
+    max_examples=int(os.environ.get("OCSP_FUZZ_EXAMPLES", "200")),
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_fuzzed_byte_streams_get_well_formed_answers_or_a_close(
+    wire: Wire, data: st.DataObject
+) -> None:
+    """Whatever arrives, in whatever chunks: every byte written is a well-formed HTTP/1.1
+    answer, never a 5xx, nothing after the connection closed, and the protocol never raises."""
+    pieces = _pieces(wire)
+    stream = b"".join(data.draw(st.lists(st.sampled_from(pieces), min_size=1, max_size=5)))
+    flips = data.draw(
+        st.lists(st.tuples(st.integers(0, len(stream) - 1), st.integers(0, 255)), max_size=3)
+    )
+    mutable = bytearray(stream)
+    for at, value in flips:
+        mutable[at] = value
+    stream = bytes(mutable) + data.draw(st.binary(max_size=40))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
+
+    async def scenario() -> RecordingTransport:
+        transport = RecordingTransport()
+        protocol = OCSPHttpProtocol(wire.server)
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        start = 0
+        for cut in [*cuts, len(stream)]:
+            if cut > start:
+                protocol.data_received(stream[start:cut])
+                start = cut
+            await asyncio.sleep(0)
+        for _ in range(200):  # let answers that need the database finish
+            if protocol.task is None:
+                break
+            await asyncio.sleep(0.005)
+        protocol.connection_lost(None)
+        return transport
+
+    transport = run(wire, scenario())
+    assert not transport.written_after_close
+    for code, _headers in split_answers(bytes(transport.data)):
+        assert code < 500, code
