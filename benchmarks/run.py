@@ -171,15 +171,34 @@ async def load_database(
         await store.close()
 
 
+def ondemand_key_range() -> tuple[bytes, bytes]:
+    """The stored-key range of the on-demand population (keys are DER INTEGER contents:
+    a 127-bit serial's first byte is its top byte shifted right by one)."""
+    first = serial_key(make_serial(ONDEMAND_TOP, 0))[0]
+    return bytes([first]), bytes([first + 1])
+
+
 async def reset_ondemand(dsn: str) -> None:
     """Forget responses written back by on-demand runs so the next run signs again."""
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(
-            "DELETE FROM responses WHERE serial >= $1 AND serial < $2",
-            bytes([ONDEMAND_TOP]),
-            bytes([ONDEMAND_TOP + 1]),
+            "DELETE FROM responses WHERE serial >= $1 AND serial < $2", *ondemand_key_range()
         )
+    finally:
+        await conn.close()
+
+
+async def count_ondemand(dsn: str) -> int:
+    """On-demand responses written back since the last reset: one per signed answer."""
+    await asyncio.sleep(0.5)  # the last write-back batch
+    conn = await asyncpg.connect(dsn)
+    try:
+        count: int = await conn.fetchval(
+            "SELECT count(*) FROM responses WHERE serial >= $1 AND serial < $2",
+            *ondemand_key_range(),
+        )
+        return count
     finally:
         await conn.close()
 
@@ -254,6 +273,8 @@ class Measurement:
     requests: int
     #: wrk's error counts by kind (connect, read, write, status = non-2xx/3xx, timeout)
     error_kinds: dict[str, int] | None = None
+    #: on-demand runs: responses written back / requests (1.0: every answer was signed)
+    signed_share: float | None = None
 
     def row(self) -> dict[str, object]:
         return self.__dict__.copy()
@@ -344,22 +365,33 @@ ROUNDS = 3
 
 
 def best_of(
-    run: Callable[[], Measurement], before: Callable[[], None] | None = None
+    run: Callable[[], Measurement],
+    before: Callable[[], None] | None = None,
+    signed: Callable[[], int] | None = None,
 ) -> Measurement:
-    """The round with the most requests/s (its latencies and CPU with it)."""
+    """The round with the most requests/s (its latencies and CPU with it). ``before``
+    runs before each round; ``signed`` counts the answers a round signed."""
     best = None
     for _ in range(ROUNDS):
         if before is not None:
             before()
         m = run()
+        if signed is not None:
+            m.signed_share = signed() / max(1, m.requests)
+            if m.signed_share < 0.9:
+                print(f"WARNING: {m.name} signed only {m.signed_share:.0%} of its answers")
         if best is None or m.rps > best.rps:
             best = m
     assert best is not None
     return best
 
 
-def measure(*args: Any, before: Callable[[], None] | None = None) -> Measurement:
-    return best_of(lambda: measure_once(*args), before)
+def measure(
+    *args: Any,
+    before: Callable[[], None] | None = None,
+    signed: Callable[[], int] | None = None,
+) -> Measurement:
+    return best_of(lambda: measure_once(*args), before, signed)
 
 
 def measure_openssl(*args: Any) -> Measurement:
@@ -806,6 +838,9 @@ def main() -> None:
                             before=(lambda: asyncio.run(reset_ondemand(dsn)))
                             if key.startswith("d_")
                             else None,
+                            signed=(lambda: asyncio.run(count_ondemand(dsn)))
+                            if key.startswith("d_")
+                            else None,
                         )
                         results.append(m)
                         print(format_row(m), flush=True)
@@ -836,6 +871,7 @@ def format_row(m: Measurement) -> str:
         f"{m.name:<28} c={m.connections:<3} {m.rps:>9.0f} req/s  p50 {m.p50_ms:6.2f}  "
         f"p99 {m.p99_ms:6.2f}  max {m.max_ms:7.2f} ms  cpu srv {m.server_cpu_s:5.2f} "
         f"wrk {m.loadgen_cpu_s:5.2f} db {m.db_cpu_s:5.2f}  err {m.errors}"
+        + (f"  signed {m.signed_share:.0%}" if m.signed_share is not None else "")
     )
 
 
@@ -871,6 +907,8 @@ def report(results: list[Measurement], memory: dict[str, float], args: argparse.
         elif m.name.startswith("w2_"):
             one = rps("w1_" + m.name[3:], m.connections)
             base = f"{m.rps / one:.2f}x w1"
+        if m.signed_share is not None:
+            base += f", {m.signed_share:.0%} signed"
         out.write(
             f"| {m.name} | {m.connections} | {m.rps:,.0f} | {base} | {m.p50_ms:.2f} | "
             f"{m.p99_ms:.2f} | {m.max_ms:.2f} | {m.server_cpu_s:.2f} | {m.loadgen_cpu_s:.2f} | "
