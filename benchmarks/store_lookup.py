@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import sys
 import time
@@ -32,6 +31,7 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.run import cpu_seconds
 from responder.store import PresignedStore
 from responder.store_lookup import BatchedLookup
 from tests.pgcluster import PgCluster
@@ -52,19 +52,6 @@ ANALYZE;
 """
 
 
-def backend_cpu(pids: list[int]) -> float:
-    """CPU seconds (user + system) of the given processes so far."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / ticks
-
-
 async def measure(
     pool: asyncpg.Pool,
     lookup_once: Callable[[int], Awaitable[object]],
@@ -83,9 +70,9 @@ async def measure(
             await lookup_once(serials())
             done += 1
 
-    cpu0, pg0, t0 = time.process_time(), backend_cpu(pids), time.monotonic()
+    cpu0, pg0, t0 = time.process_time(), cpu_seconds(pids), time.monotonic()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    cpu1, pg1, t1 = time.process_time(), backend_cpu(pids), time.monotonic()
+    cpu1, pg1, t1 = time.process_time(), cpu_seconds(pids), time.monotonic()
     return done / (t1 - t0), (cpu1 - cpu0) / done * 1e6, (pg1 - pg0) / done * 1e6
 
 
