@@ -31,7 +31,6 @@ class OCSPApp:
 
     def __init__(self, endpoint: OCSPEndpoint) -> None:
         self.endpoint = endpoint
-        self.stats = endpoint.stats
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

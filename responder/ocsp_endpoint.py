@@ -69,7 +69,9 @@ class Reply(NamedTuple):
     body: bytes
 
 
-def plain_reply(status: int, text: bytes, *, head: bool = False, extra: list[Header] = []) -> Reply:  # noqa: B006
+def plain_reply(
+    status: int, text: bytes, *, head: bool = False, extra: tuple[Header, ...] = ()
+) -> Reply:
     """A short text answer for HTTP-level refusals (never cached)."""
     headers = [
         (b"content-type", b"text/plain; charset=utf-8"),
@@ -85,7 +87,7 @@ BAD_CONTENT_LENGTH = plain_reply(400, b"bad content-length\n")
 _NOT_FOUND_GET = plain_reply(404, b"not found: OCSP GET requests live under the prefix\n")
 _NOT_FOUND_POST = plain_reply(404, b"not found: OCSP POST requests go to the prefix\n")
 _BAD_MEDIA_TYPE = plain_reply(415, b"unsupported media type: use application/ocsp-request\n")
-_NOT_ALLOWED = plain_reply(405, b"method not allowed\n", extra=[(b"allow", b"GET, HEAD, POST")])
+_NOT_ALLOWED = plain_reply(405, b"method not allowed\n", extra=((b"allow", b"GET, HEAD, POST"),))
 
 
 def _cache_control(max_age: int) -> Header:

@@ -371,13 +371,12 @@ class OCSPHttpProtocol(asyncio.Protocol):
             self.closing = True
             self.transport.close()
 
-    def close_if_idle(self) -> bool:
+    def close_if_idle(self) -> None:
+        """At shutdown: close now unless an answer is in progress or owed."""
         if self.task is None and not self.queue and self.request is None:
             self.closing = True
             if self.transport is not None:
                 self.transport.close()
-            return True
-        return False
 
 
 class OCSPHttpServer:

@@ -9,8 +9,9 @@ The filter rejects CertIDs for issuers we do not serve before any I/O. The cache
 from memory; the store reads the pre-signed row and what it knows of the serial (one
 batched statement for all the lookups of a moment: responder/store_lookup.py); the live
 signer signs on demand for a serial the store knows (recorded, revoked, or seen in CT)
-but holds no fresh response for, and writes it back. A serial nobody knows raises ``SerialNotFound``; the HTTP layer answers
-it ``unauthorized`` (see README: "Unassigned serials").
+but holds no fresh response for, and writes it back. A serial nobody knows raises
+``SerialNotFound``; the HTTP layer answers it ``unauthorized`` (see README: "Unassigned
+serials").
 """
 
 from __future__ import annotations

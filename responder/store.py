@@ -329,12 +329,7 @@ class PresignedStore:
                     (
                         row["issuer_id"],
                         serial_from_key(row["serial"]),
-                        StoredResponse(
-                            der=row["der"],
-                            status=CertStatus(row["status"]),
-                            this_update=int(row["this_update"].timestamp()),
-                            next_update=int(row["next_update"].timestamp()),
-                        ),
+                        stored_response_from_row(row),
                     )
                     for row in rows
                 ]
