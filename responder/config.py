@@ -125,6 +125,11 @@ class Config:
     signing_queue_limit: int = 256
     #: the OCSP port's HTTP server: "native" (responder/ocsp_http.py) or "uvicorn"
     ocsp_http_server: str = "native"
+    #: an idle keep-alive connection on the OCSP port is closed after this long (a CDN
+    #: that pools connections longer may want more)
+    ocsp_keep_alive_timeout: dt.timedelta = dt.timedelta(seconds=5)
+    #: a request not fully received in this long is answered 408 and closed (native)
+    ocsp_request_read_timeout: dt.timedelta = dt.timedelta(seconds=10)
     log_level: str = "info"
     issuers: list[IssuerConfig] = field(default_factory=list)
     ct_logs: list[CTLogConfig] = field(default_factory=list)
@@ -259,6 +264,8 @@ KNOWN_KEYS: dict[str, Callable[[object, str], object]] = {
     "signing_concurrency": _int,
     "signing_queue_limit": _int,
     "ocsp_http_server": _str,
+    "ocsp_keep_alive_timeout": parse_duration,
+    "ocsp_request_read_timeout": parse_duration,
     "log_level": _str,
     "issuers": _list,
     "ct_logs": _list,
@@ -371,6 +378,11 @@ def _build(v: dict[str, Any], base: Path, source: Path | None) -> Config:
         if v["ocsp_http_server"] not in ("native", "uvicorn"):
             raise ConfigError('ocsp_http_server: must be "native" or "uvicorn"')
         cfg.ocsp_http_server = v["ocsp_http_server"]
+    for key in ("ocsp_keep_alive_timeout", "ocsp_request_read_timeout"):
+        if key in v:
+            if not dt.timedelta(seconds=1) <= v[key] <= dt.timedelta(hours=1):
+                raise ConfigError(f"{key}: must be between 1s and 1h")
+            setattr(cfg, key, v[key])
     if "log_level" in v:
         cfg.log_level = v["log_level"].lower()
     cfg.issuers = [_issuer(base, item, i) for i, item in enumerate(v.get("issuers", []))]

@@ -38,6 +38,12 @@ signing_seconds = Histogram(
 signing_queue_depth = Gauge(
     "ocsp_signing_queue_depth", "On-demand signatures waiting or running", multiprocess_mode="sum"
 )
+#: HTTP-level refusals on the OCSP port, before any OCSP request existed (status: 400
+#: unparseable, 408 too slow, 413 body too large, 431 head too large); each closes the
+#: connection. Not in ocsp_requests_total.
+http_refusals_total = Counter(
+    "ocsp_http_refusals_total", "HTTP requests refused before OCSP parsing", ["status"]
+)
 recordings_total = Counter("ocsp_recordings_total", "Certificates recorded", ["issuer", "result"])
 recording_failures_total = Counter(
     "ocsp_recording_failures_total", "Recordings that were refused or failed", ["reason"]

@@ -21,7 +21,10 @@ What it implements of HTTP/1.1 (RFC 9112), and its limits:
 - unparseable input: 400 and close; an ``Upgrade`` request is answered, then closed;
 - a request not complete within ``request_timeout`` seconds: 408 and close (slow
   clients cannot hold connections open); an idle keep-alive connection is closed after
-  ``keep_alive_timeout`` seconds;
+  ``keep_alive_timeout`` seconds (config: ``ocsp_request_read_timeout``,
+  ``ocsp_keep_alive_timeout``);
+- each refusal (400/408/413/431) is counted in ``ocsp_http_refusals_total{status}`` and
+  logged, at most one line a minute with the counts since the last;
 - on shutdown: stop accepting, close idle connections, let answers in progress finish
   (bounded), then close the rest.
 """
@@ -40,6 +43,7 @@ from typing import Any, cast
 
 import httptools
 
+from responder import metrics
 from responder.ocsp_endpoint import (
     BAD_CONTENT_LENGTH,
     TOO_LARGE,
@@ -56,6 +60,8 @@ log = logging.getLogger(__name__)
 MAX_HEAD_BYTES = 64 * 1024
 #: parsed requests waiting behind a slow answer on one connection (pipelining)
 MAX_QUEUED = 32
+#: seconds between two log lines about HTTP-level refusals (each is counted in metrics)
+REFUSAL_LOG_INTERVAL = 60
 
 _REASONS = {
     200: b"OK",
@@ -334,6 +340,7 @@ class OCSPHttpProtocol(asyncio.Protocol):
 
     def _refuse(self, reply: Reply) -> None:
         """Unusable input: answer it after what is already queued, then close."""
+        self.server.refused(reply.status, self.transport)
         self._stop_reading()
         if self.task is None and not self.queue:
             self._write(reply, False)
@@ -365,6 +372,7 @@ class OCSPHttpProtocol(asyncio.Protocol):
         busy = self.task is not None or bool(self.queue)
         if self.request is not None and not busy:
             if now - self.started_at > request_timeout:
+                self.server.refused(_TIMEOUT.status, self.transport)
                 self._stop_reading()
                 self._write(_TIMEOUT, False)
         elif not busy and now - self.last_active > keep_alive_timeout:
@@ -396,6 +404,28 @@ class OCSPHttpServer:
         self.tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        #: refusals not yet logged, by status, and when the last log line was written
+        self._unlogged: dict[int, int] = {}
+        self._refusal_logged_at = -float(REFUSAL_LOG_INTERVAL)
+
+    def refused(self, status: int, transport: asyncio.BaseTransport | None) -> None:
+        """Count an HTTP-level refusal; log refusals at most once per
+        ``REFUSAL_LOG_INTERVAL`` (a flood of garbage must not flood the log too)."""
+        metrics.http_refusals_total.labels(str(status)).inc()
+        self._unlogged[status] = self._unlogged.get(status, 0) + 1
+        now = monotonic()
+        if now - self._refusal_logged_at < REFUSAL_LOG_INTERVAL:
+            return
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        counts = ", ".join(f"{n} x {code}" for code, n in sorted(self._unlogged.items()))
+        log.warning(
+            "OCSP port refused HTTP requests: %s (latest from %s; logged at most every %ds)",
+            counts,
+            peer[0] if isinstance(peer, tuple) else "unknown",
+            REFUSAL_LOG_INTERVAL,
+        )
+        self._unlogged.clear()
+        self._refusal_logged_at = now
 
     async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
         """Listen (on ``sock`` when a supervisor bound it); raises OSError if it cannot."""

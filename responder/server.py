@@ -112,11 +112,24 @@ async def serve(
     }
     endpoint = build_ocsp_endpoint(service)
     # the OCSP port: the native HTTP/1.1 server, or uvicorn over the ASGI adapter
-    native = OCSPHttpServer(endpoint) if config.ocsp_http_server == "native" else None
+    native = (
+        OCSPHttpServer(
+            endpoint,
+            keep_alive_timeout=config.ocsp_keep_alive_timeout.total_seconds(),
+            request_timeout=config.ocsp_request_read_timeout.total_seconds(),
+        )
+        if config.ocsp_http_server == "native"
+        else None
+    )
     servers: list[_Server] = []
     if native is None:
         app = OCSPApp(endpoint)
-        servers.append(_Server(uvicorn.Config(app, host=host, port=port, **common)))  # type: ignore[arg-type]
+        keep_alive = int(config.ocsp_keep_alive_timeout.total_seconds())
+        servers.append(
+            _Server(
+                uvicorn.Config(app, host=host, port=port, timeout_keep_alive=keep_alive, **common)  # type: ignore[arg-type]
+            )
+        )
     if primary and config.admin_listen is not None and config.admin_token:
         admin = create_admin_app(
             token=config.admin_token,

@@ -179,6 +179,8 @@ def test_cli_reports_config_errors_cleanly(tmp_path: Path) -> None:
         ('admin_client_ca = "ca.pem"\n', "admin_client_ca needs admin_tls_cert"),
         ('health_check_interval = "0s"\n', "health_check_interval: must be at least 1s"),
         ('refresh_deadline_slack = "2d"\n', "refresh_deadline_slack: must be shorter"),
+        ('ocsp_keep_alive_timeout = "0s"\n', "ocsp_keep_alive_timeout: must be between 1s"),
+        ('ocsp_request_read_timeout = "2h"\n', "ocsp_request_read_timeout: must be between"),
     ],
 )
 def test_operations_keys_refused(tmp_path: Path, text: str, message: str) -> None:
@@ -206,3 +208,14 @@ def test_operations_keys(tmp_path: Path) -> None:
     )
     assert short.refresh_deadline_slack == dt.timedelta(hours=1)
     assert load_config(None, {}).refresh_deadline_slack == dt.timedelta(hours=6)
+
+
+def test_ocsp_port_timeouts(tmp_path: Path) -> None:
+    defaults = load_config(None, {})
+    assert defaults.ocsp_keep_alive_timeout == dt.timedelta(seconds=5)
+    assert defaults.ocsp_request_read_timeout == dt.timedelta(seconds=10)
+    path = tmp_path / "c.toml"
+    path.write_text('ocsp_keep_alive_timeout = "2m"\n')
+    cfg = load_config(path, {"OCSP_RESPONDER_OCSP_REQUEST_READ_TIMEOUT": "3s"})
+    assert cfg.ocsp_keep_alive_timeout == dt.timedelta(minutes=2)
+    assert cfg.ocsp_request_read_timeout == dt.timedelta(seconds=3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
+import socket
 import time
 from collections.abc import Iterator
 from email.utils import parsedate_to_datetime
@@ -37,7 +38,7 @@ def responder(  # type: ignore[no-untyped-def]
         workdir / request.param,
         module_database,
         [p256_issuer, rsa_issuer],
-        extra=f'ocsp_http_server = "{request.param}"',
+        extra=f'ocsp_http_server = "{request.param}"\nocsp_keep_alive_timeout = "2s"',
     ).start()
     try:
         yield proc
@@ -343,3 +344,27 @@ def test_health_on_ocsp_port(responder):  # type: ignore[no-untyped-def]
     # the admin API is not on the public port
     resp = httpx.post(responder.url + "/v1/certificates", content=b"x")
     assert resp.status_code == 404
+
+
+def test_idle_keep_alive_closes_after_the_configured_timeout(  # type: ignore[no-untyped-def]
+    responder, p256_issuer, good_cert
+) -> None:
+    """``ocsp_keep_alive_timeout = "2s"`` (the fixture), not the 5 s default, on both servers:
+    the connection stays open after an answer, then the server closes it."""
+    der = build_request(good_cert, p256_issuer.ca.ca_cert)
+    path = base64.b64encode(der).decode()
+    with socket.create_connection(("127.0.0.1", responder.port), timeout=5) as sock:
+        sock.sendall(f"GET /{path} HTTP/1.1\r\nHost: ocsp.test\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(65536)
+        assert head.startswith(b"HTTP/1.1 200")
+        opened = time.monotonic()
+        sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):  # kept alive: nothing more, no close yet
+            while sock.recv(65536):
+                pass
+        sock.settimeout(4.0)
+        while sock.recv(65536):  # rest of the body, then the server's close (b"")
+            pass
+        assert time.monotonic() - opened < 4.5

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import pytest
 from cryptography.x509 import ocsp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import REGISTRY
 
 from responder.config import load_config
 from responder.ocsp_http import MAX_HEAD_BYTES, OCSPHttpProtocol, OCSPHttpServer
@@ -247,6 +249,9 @@ def test_chunked_body_is_accepted(wire: Wire) -> None:
 def test_unusable_input_gets_a_4xx_and_the_connection_closes(
     wire: Wire, request_bytes: bytes, status: int
 ) -> None:
+    labels = {"status": str(status)}
+    before = REGISTRY.get_sample_value("ocsp_http_refusals_total", labels) or 0.0
+
     async def scenario() -> tuple[Answer, bool]:
         reader, writer = await connect(wire)
         writer.write(request_bytes)
@@ -260,6 +265,8 @@ def test_unusable_input_gets_a_4xx_and_the_connection_closes(
     assert answer.headers[b"connection"] == b"close"
     assert answer.headers[b"content-type"].startswith(b"text/plain")
     assert closed
+    # counted for the operator (ocsp_http_refusals_total), once
+    assert REGISTRY.get_sample_value("ocsp_http_refusals_total", labels) == before + 1
 
 
 def test_upgrade_request_is_answered_then_closed(wire: Wire) -> None:
@@ -279,7 +286,10 @@ def test_upgrade_request_is_answered_then_closed(wire: Wire) -> None:
     assert closed
 
 
-def test_slow_request_times_out_with_408(wire: Wire) -> None:
+def test_slow_request_times_out_with_408(wire: Wire, caplog: pytest.LogCaptureFixture) -> None:
+    before = REGISTRY.get_sample_value("ocsp_http_refusals_total", {"status": "408"}) or 0.0
+    wire.server._refusal_logged_at = -1e9  # the once-a-minute log line is due
+
     async def scenario() -> tuple[Answer, bool]:
         reader, writer = await connect(wire)
         writer.write(b"GET /abc HTTP/1.1\r\nhost: x\r\n")  # never finished
@@ -288,8 +298,33 @@ def test_slow_request_times_out_with_408(wire: Wire) -> None:
         writer.close()
         return answer, closed
 
-    answer, closed = run(wire, scenario())
+    with caplog.at_level(logging.WARNING, logger="responder.ocsp_http"):
+        answer, closed = run(wire, scenario())
     assert answer.status == 408 and closed
+    assert REGISTRY.get_sample_value("ocsp_http_refusals_total", {"status": "408"}) == before + 1
+    [line] = [r.getMessage() for r in caplog.records if "refused HTTP requests" in r.getMessage()]
+    assert "1 x 408" in line and "127.0.0.1" in line
+
+
+def test_refusals_are_logged_at_most_once_a_minute(
+    wire: Wire, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A flood of garbage is counted in full but logged as one line with the counts."""
+    wire.server._refusal_logged_at = -1e9
+    wire.server._unlogged.clear()
+
+    async def garbage(times: int) -> None:
+        for _ in range(times):
+            reader, writer = await connect(wire)
+            writer.write(b"\x16\x03\x01 not http\r\n\r\n")
+            assert (await read_answer(reader)).status == 400
+            writer.close()
+
+    with caplog.at_level(logging.WARNING, logger="responder.ocsp_http"):
+        run(wire, garbage(5))
+    lines = [r.getMessage() for r in caplog.records if "refused HTTP requests" in r.getMessage()]
+    assert len(lines) == 1 and "1 x 400" in lines[0]  # the first; the next 4 wait
+    assert wire.server._unlogged == {400: 4}
 
 
 def test_idle_keep_alive_connection_is_closed(wire: Wire) -> None:
