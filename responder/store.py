@@ -18,7 +18,7 @@ import datetime as dt
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -312,7 +312,7 @@ class PresignedStore:
 
     async def recent_responses(
         self, limit: int, batch: int = 5000
-    ) -> AsyncIterator[list[tuple[int, int, StoredResponse]]]:
+    ) -> AsyncGenerator[list[tuple[int, int, StoredResponse]], None]:
         """The ``limit`` most recently signed responses (latest nextUpdate first), in
         batches of (issuer id, serial, response): what the warm-up loads into memory."""
         async with self.pool.acquire() as conn, conn.transaction(readonly=True):

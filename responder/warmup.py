@@ -16,7 +16,7 @@ import logging
 import time
 
 from responder.response_cache import ResponseCache, ServedResponse, cache_key
-from responder.store import PresignedStore
+from responder.store import PresignedStore, StoredResponse
 
 log = logging.getLogger(__name__)
 
@@ -51,23 +51,24 @@ class WarmUp:
         return not self.done.is_set() and time.monotonic() - self.started < READY_WAIT
 
     async def _run(self) -> None:
+        # The rows come from one snapshot, taken after this moment. A revocation committed
+        # after it is not in the rows, and its invalidation (which bumps the generation)
+        # may arrive while a batch is on its way: putting that batch would cache the
+        # "good" the revocation replaced. So once anything was invalidated the warm-up
+        # stops; what it did not load is read from the store on demand.
+        generation = self.cache.generation
         try:
-            async for batch in self.store.recent_responses(self.limit):
-                now = time.time()
-                for issuer_id, serial, row in batch:
-                    renew_at = row.next_update - self.margin
-                    if now >= renew_at:
-                        continue
-                    key = cache_key(issuer_id, serial, "sha1")
-                    if self.cache.get(key) is None:  # never replace a newer answer
-                        self.cache.put(
-                            key,
-                            ServedResponse.build(
-                                row.der, row.status, row.this_update, row.next_update, renew_at
-                            ),
+            async with contextlib.aclosing(self.store.recent_responses(self.limit)) as batches:
+                async for batch in batches:
+                    if self.cache.generation != generation:
+                        log.info(
+                            "warm-up stopped after %d responses: a cache invalidation "
+                            "arrived (a revocation); the rest is read on demand",
+                            self.loaded,
                         )
-                        self.loaded += 1
-                await asyncio.sleep(0)  # let requests in between batches
+                        break
+                    self._put(batch)
+                    await asyncio.sleep(0)  # let requests in between batches
             # The cache now holds most of this process's long-lived objects. Move them out
             # of the cyclic collector's reach (gc.freeze): otherwise every full collection
             # walks them all again, a pause of ~18 ms per 100,000 entries here that lands
@@ -85,6 +86,22 @@ class WarmUp:
             log.warning("warm-up stopped: %s: %s", type(exc).__name__, exc)
         finally:
             self.done.set()
+
+    def _put(self, batch: list[tuple[int, int, StoredResponse]]) -> None:
+        now = time.time()
+        for issuer_id, serial, row in batch:
+            renew_at = row.next_update - self.margin
+            if now >= renew_at:
+                continue
+            key = cache_key(issuer_id, serial, "sha1")
+            if self.cache.get(key) is None:  # never replace a newer answer
+                self.cache.put(
+                    key,
+                    ServedResponse.build(
+                        row.der, row.status, row.this_update, row.next_update, renew_at
+                    ),
+                )
+                self.loaded += 1
 
     async def stop(self) -> None:
         if self._task is not None and not self._task.done():

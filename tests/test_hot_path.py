@@ -175,3 +175,73 @@ def test_batched_write_back_keeps_the_store_rules(database: str, demo_ca: DemoCA
 
     stored = asyncio.run(run())
     assert stored == {b"\x07": newer.der, b"\x08": revoked.der}
+
+
+def test_warm_up_never_caches_a_response_a_revocation_replaced(
+    database: str, demo_ca: DemoCA, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The warm-up reads one snapshot in batches. A revocation committed after that
+    snapshot is not in the rows; if its invalidation arrives while a batch is on its way,
+    that batch must not go into the cache (it holds the "good" the revocation replaced).
+
+    Real PostgreSQL and a real WarmUp; the test only picks the moment the invalidation
+    lands: right after the rows were read, before the warm-up puts them."""
+    import asyncio
+    import datetime as dt
+    import logging
+    from collections.abc import AsyncGenerator
+
+    from cryptography import x509
+
+    from responder.response_cache import ResponseCache
+    from responder.store import PresignedStore, StoredResponse
+    from responder.warmup import WarmUp
+    from signer.issuers import issuer_from_certificate, make_responder
+    from signer.response_builder import CertStatus, Revocation, ValidityPolicy, sign_response
+
+    issuer = issuer_from_certificate("w", demo_ca.ca_cert)
+    issuer.responders.append(
+        make_responder(issuer, demo_ca.responder_cert, demo_ca.responder_key, delegated=True)
+    )
+    policy = ValidityPolicy()
+    good = {serial: sign_response(issuer, serial, CertStatus.GOOD, policy) for serial in (1, 2)}
+    revocation = Revocation(dt.datetime.now(dt.UTC), x509.ReasonFlags.key_compromise)
+    revoked = sign_response(issuer, 2, CertStatus.REVOKED, policy, revocation=revocation)
+
+    class RevokedMidway:
+        """The real store; serial 2 is revoked (stored, then invalidated) right after
+        the warm-up's snapshot was read."""
+
+        def __init__(self, store: PresignedStore, cache: ResponseCache) -> None:
+            self.store, self.cache = store, cache
+
+        async def recent_responses(
+            self, limit: int
+        ) -> AsyncGenerator[list[tuple[int, int, StoredResponse]], None]:
+            async for batch in self.store.recent_responses(limit):
+                await self.store.store_responses([(1, 2, revoked)])
+                self.cache.drop_serial(1, 2)  # what the invalidation listener does
+                yield batch
+
+    async def run(invalidate: bool) -> ResponseCache:
+        store = await PresignedStore.connect(database, max_size=2)
+        try:
+            await store.pool.execute("DELETE FROM responses")
+            await store.store_responses([(1, s, r) for s, r in good.items()])
+            cache = ResponseCache(100)
+            source = RevokedMidway(store, cache) if invalidate else store
+            warm = WarmUp(source, cache, 100, 3600)  # type: ignore[arg-type]
+            warm.start()
+            await asyncio.wait_for(warm.done.wait(), 10)
+            return cache
+        finally:
+            await store.close()
+
+    # without an invalidation both load
+    plain = asyncio.run(run(False))
+    assert plain.get(cache_key(1, 2, "sha1")) is not None and len(plain) == 2
+    with caplog.at_level(logging.INFO, logger="responder.warmup"):
+        cache = asyncio.run(run(True))
+    entry = cache.get(cache_key(1, 2, "sha1"))
+    assert entry is None or entry.der != good[2].der, "the replaced 'good' was cached"
+    assert any("warm-up stopped after 0 responses" in r.getMessage() for r in caplog.records)
