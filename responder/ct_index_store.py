@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from responder.schema import ct_index_has_not_after
 from responder.store import serial_from_key, serial_key, to_datetime
 from signer.response_builder import REASONS_BY_CODE, Revocation, SignedResponse
 
@@ -42,6 +43,7 @@ class IndexRow:
     leaf_index: int
     kind: str  # "x509" | "precert"
     logged_at_ms: int
+    not_after: int | None = None  # POSIX seconds, from the logged (pre)certificate
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,8 @@ class BatchOutcome:
 class CTIndexStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+        #: ct_index has not_after (migration 0005): looked up at the first commit
+        self.ct_not_after: bool | None = None
 
     async def ensure_log(self, log_id: bytes, name: str, url: str) -> LogPosition:
         """The log's row (created on first use; name and URL follow the configuration)."""
@@ -117,13 +121,18 @@ class CTIndexStore:
                 return BatchOutcome(0, [])
             # One statement: insert the index rows; of those that were new (first
             # sighting), record the ones without a stored response as coverage gaps.
+            if self.ct_not_after is None:
+                self.ct_not_after = await ct_index_has_not_after(conn)
+            # with migration 0005 the logged notAfter goes in too ($7, POSIX seconds)
+            not_after = (", not_after", ", to_timestamp(n)", ", $7::bigint[]", ", n")
+            extra = not_after if self.ct_not_after else ("", "", "", "")
             result = await conn.fetch(
                 "WITH ins AS ("
                 "  INSERT INTO ct_index (issuer_id, serial, log, leaf_index, entry_kind, "
-                "                        logged_at) "
-                "  SELECT i, s, $1, l, k, to_timestamp(t / 1000.0) "
+                f"                        logged_at{extra[0]}) "
+                f"  SELECT i, s, $1, l, k, to_timestamp(t / 1000.0){extra[1]} "
                 "  FROM unnest($2::smallint[], $3::bytea[], $4::bigint[], $5::smallint[], "
-                "              $6::bigint[]) AS u(i, s, l, k, t) "
+                f"              $6::bigint[]{extra[2]}) AS u(i, s, l, k, t{extra[3]}) "
                 "  ON CONFLICT (issuer_id, serial) DO NOTHING "
                 "  RETURNING issuer_id, serial, leaf_index), "
                 "gaps AS ("
@@ -142,6 +151,7 @@ class CTIndexStore:
                 [r.leaf_index for r in rows],
                 [ENTRY_KINDS[r.kind] for r in rows],
                 [r.logged_at_ms for r in rows],
+                *([[r.not_after for r in rows]] if self.ct_not_after else []),
             )
         inserted = next(int(r["inserted"]) for r in result if r["inserted"] is not None)
         return BatchOutcome(

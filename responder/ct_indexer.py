@@ -226,7 +226,12 @@ class CTIndexer:
                 continue
             rows.append(
                 IndexRow(
-                    issuer.db_id, entry.serial, entry.leaf_index, entry.kind, entry.timestamp_ms
+                    issuer.db_id,
+                    entry.serial,
+                    entry.leaf_index,
+                    entry.kind,
+                    entry.timestamp_ms,
+                    entry.not_after,
                 )
             )
         for bad in batch.malformed:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from responder.schema import ct_index_has_not_after
 from responder.store import serial_from_key, serial_key, to_datetime
 from signer.response_builder import (
     REASONS_BY_CODE,
@@ -61,63 +62,97 @@ _RENEWAL_POINT = f"""
 
 _JITTER = ":spread::interval * (0.25 + 0.75 * get_byte(r.serial, length(r.serial) - 1) / 255.0)"
 
+
 #: True while the certificate is in the refresh cycle: not expired longer than the
-#: retention (no known notAfter and not revoked: kept)
-_IN_CYCLE = """
-    coalesce(c.not_after, v.revoked_at + :lifetime::interval, 'infinity'::timestamptz)
+#: retention. Its notAfter is the recorded one, else (a serial known only from CT) the
+#: logged certificate's, else (revoked without either) revocation + the longest BR
+#: lifetime; with none known it is kept.
+def _in_cycle(ct_not_after: bool) -> str:
+    ct = "t.not_after, " if ct_not_after else ""
+    return f"""
+    coalesce(c.not_after, {ct}v.revoked_at + :lifetime::interval, 'infinity'::timestamptz)
         + :retention::interval > :now::timestamptz"""
 
-_JOINS = """
+
+def _joins(ct_not_after: bool) -> str:
+    ct = (
+        "\n    LEFT JOIN ct_index t ON t.issuer_id = r.issuer_id AND t.serial = r.serial"
+        if ct_not_after
+        else ""
+    )
+    return f"""
     FROM responses r
     LEFT JOIN certificates c ON c.issuer_id = r.issuer_id AND c.serial = r.serial
-    LEFT JOIN revocations v ON v.issuer_id = r.issuer_id AND v.serial = r.serial"""
+    LEFT JOIN revocations v ON v.issuer_id = r.issuer_id AND v.serial = r.serial{ct}"""
+
 
 _COLUMNS = "r.serial, r.status, r.this_update, r.next_update, v.revoked_at, v.reason"
 
-_DUE_WHERE = f"""
+_WINDOW = ("issuer", "now", "margin", "spread", "validity", "retention", "lifetime")
+
+
+@dataclass(frozen=True, slots=True)
+class _Statements:
+    """The refresher's queries, for a schema with or without ``ct_index.not_after``
+    (migration 0005, expand-only: used once it has run; ``RefreshStore`` looks)."""
+
+    claim_due: str
+    claim_stale_signer: str
+    count_due: str
+    count_stale_signer: str
+    count_past_deadline: str
+    age_quantiles: str
+
+    @classmethod
+    def build(cls, ct_not_after: bool) -> _Statements:
+        joins, in_cycle = _joins(ct_not_after), _in_cycle(ct_not_after)
+        due_where = f"""
     WHERE r.issuer_id = :issuer
       AND r.next_update <= :now::timestamptz + :margin::interval + :spread::interval
       AND {_RENEWAL_POINT} - {_JITTER} <= :now::timestamptz
-      AND {_IN_CYCLE}"""
-
-#: :stale: fingerprints of this issuer's responders that are no longer the active one
-_STALE_WHERE = f"""
+      AND {in_cycle}"""
+        #: :stale: fingerprints of this issuer's responders that are no longer the active one
+        stale_where = f"""
     WHERE r.issuer_id = :issuer
       AND (r.signer = ANY(:stale::bigint[]) OR r.signer IS NULL)
       AND r.next_update > :now::timestamptz
-      AND {_IN_CYCLE}"""
+      AND {in_cycle}"""
+        stale_names = ("issuer", "now", "retention", "lifetime", "stale")
+        return cls(
+            claim_due=_numbered(
+                f"SELECT {_COLUMNS} {joins} {due_where} "
+                "ORDER BY r.next_update LIMIT :limit FOR UPDATE OF r SKIP LOCKED",
+                (*_WINDOW, "limit"),
+            ),
+            claim_stale_signer=_numbered(
+                f"SELECT {_COLUMNS} {joins} {stale_where} LIMIT :limit FOR UPDATE OF r SKIP LOCKED",
+                ("issuer", "now", "retention", "lifetime", "limit", "stale"),
+            ),
+            count_due=_numbered(f"SELECT count(*) {joins} {due_where}", _WINDOW),
+            count_stale_signer=_numbered(f"SELECT count(*) {joins} {stale_where}", stale_names),
+            # BR 4.9.9 deadline passed (the candidate bound holds because the deadline is
+            # never earlier than nextUpdate - refresh_margin, see
+            # signer.response_builder.renewal_point)
+            count_past_deadline=_numbered(
+                f"SELECT count(*) {joins} "
+                "WHERE r.next_update <= :now::timestamptz + :margin::interval "
+                f"AND {_BR_DEADLINE} < :now::timestamptz AND {in_cycle}",
+                ("now", "margin", "retention", "lifetime"),
+            ),
+            age_quantiles=_numbered(
+                "SELECT percentile_disc(ARRAY[0.5, 0.9, 0.99, 1.0]::float8[]) "
+                "       WITHIN GROUP (ORDER BY extract(epoch FROM :now::timestamptz - "
+                "r.this_update)) "
+                + joins.replace(
+                    "FROM responses r", "FROM responses r TABLESAMPLE SYSTEM (:percent::float8)"
+                )
+                + f" WHERE {in_cycle}",
+                ("now", "percent", "retention", "lifetime"),
+            ),
+        )
 
-_WINDOW = ("issuer", "now", "margin", "spread", "validity", "retention", "lifetime")
 
-_CLAIM_DUE = _numbered(
-    f"SELECT {_COLUMNS} {_JOINS} {_DUE_WHERE} "
-    "ORDER BY r.next_update LIMIT :limit FOR UPDATE OF r SKIP LOCKED",
-    (*_WINDOW, "limit"),
-)
-_CLAIM_STALE_SIGNER = _numbered(
-    f"SELECT {_COLUMNS} {_JOINS} {_STALE_WHERE} LIMIT :limit FOR UPDATE OF r SKIP LOCKED",
-    ("issuer", "now", "retention", "lifetime", "limit", "stale"),
-)
-_COUNT_DUE = _numbered(f"SELECT count(*) {_JOINS} {_DUE_WHERE}", _WINDOW)
-_COUNT_STALE_SIGNER = _numbered(
-    f"SELECT count(*) {_JOINS} {_STALE_WHERE}", ("issuer", "now", "retention", "lifetime", "stale")
-)
-#: BR 4.9.9 deadline passed (the candidate bound holds because the deadline is never
-#: earlier than nextUpdate - refresh_margin, see signer.response_builder.renewal_point)
-_COUNT_PAST_DEADLINE = _numbered(
-    f"SELECT count(*) {_JOINS} WHERE r.next_update <= :now::timestamptz + :margin::interval "
-    f"AND {_BR_DEADLINE} < :now::timestamptz AND {_IN_CYCLE}",
-    ("now", "margin", "retention", "lifetime"),
-)
-_AGE_QUANTILES = _numbered(
-    "SELECT percentile_disc(ARRAY[0.5, 0.9, 0.99, 1.0]::float8[]) "
-    "       WITHIN GROUP (ORDER BY extract(epoch FROM :now::timestamptz - r.this_update)) "
-    "FROM responses r TABLESAMPLE SYSTEM (:percent::float8) "
-    "LEFT JOIN certificates c ON c.issuer_id = r.issuer_id AND c.serial = r.serial "
-    "LEFT JOIN revocations v ON v.issuer_id = r.issuer_id AND v.serial = r.serial "
-    f"WHERE {_IN_CYCLE}",
-    ("now", "percent", "retention", "lifetime"),
-)
+_STATEMENTS = {flag: _Statements.build(flag) for flag in (False, True)}
 
 _WRITE = """
     UPDATE responses r
@@ -184,6 +219,13 @@ BatchSigner = Callable[[list[DueResponse]], Awaitable[list[SignedResponse | None
 class RefreshStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+        self._statements: _Statements | None = None
+
+    async def _sql(self) -> _Statements:
+        """The queries for this schema (looked up once: ``ct_index.not_after`` or not)."""
+        if self._statements is None:
+            self._statements = _STATEMENTS[await ct_index_has_not_after(self.pool)]
+        return self._statements
 
     async def refresh_batch(
         self,
@@ -197,12 +239,13 @@ class RefreshStore:
         """Claim up to ``limit`` due rows (or, with ``stale_signers``, rows signed by a
         retired responder), sign them, write them back; one transaction. Returns the
         number of rows claimed (0: nothing left to do for this issuer)."""
+        sql = await self._sql()
         async with self.pool.acquire() as conn, conn.transaction():
             if stale_signers is None:
-                rows = await conn.fetch(_CLAIM_DUE, *window.args(issuer_id), limit)
+                rows = await conn.fetch(sql.claim_due, *window.args(issuer_id), limit)
             else:
                 rows = await conn.fetch(
-                    _CLAIM_STALE_SIGNER,
+                    sql.claim_stale_signer,
                     issuer_id,
                     window.now,
                     window.retention,
@@ -232,13 +275,14 @@ class RefreshStore:
         self, window: Window, stale_signers: dict[int, list[int]], sample_rows: int
     ) -> Freshness:
         """Backlog, rows past their BR deadline, and the age distribution of a sample."""
+        sql = await self._sql()
         async with self.pool.acquire() as conn:
             backlog = 0
             for issuer_id, stale in stale_signers.items():
-                backlog += int(await conn.fetchval(_COUNT_DUE, *window.args(issuer_id)))
+                backlog += int(await conn.fetchval(sql.count_due, *window.args(issuer_id)))
                 backlog += int(
                     await conn.fetchval(
-                        _COUNT_STALE_SIGNER,
+                        sql.count_stale_signer,
                         issuer_id,
                         window.now,
                         window.retention,
@@ -248,7 +292,7 @@ class RefreshStore:
                 )
             past = int(
                 await conn.fetchval(
-                    _COUNT_PAST_DEADLINE,
+                    sql.count_past_deadline,
                     window.now,
                     window.policy.refresh_margin,
                     window.retention,
@@ -262,7 +306,7 @@ class RefreshStore:
             )
             percent = min(100.0, 100.0 * sample_rows / estimate)
             quantiles = await conn.fetchval(
-                _AGE_QUANTILES, window.now, percent, window.retention, MAX_CERTIFICATE_LIFETIME
+                sql.age_quantiles, window.now, percent, window.retention, MAX_CERTIFICATE_LIFETIME
             )
         ages = dict(zip(AGE_QUANTILES, quantiles or [], strict=False))
         return Freshness(backlog, past, {q: float(a) for q, a in ages.items() if a is not None})

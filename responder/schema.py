@@ -87,6 +87,18 @@ async def current_version(conn: asyncpg.Connection) -> int:
     return int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations"))
 
 
+async def ct_index_has_not_after(executor: asyncpg.Pool | asyncpg.Connection) -> bool:
+    """Whether migration 0005 (expand-only) has run: ``ct_index.not_after`` is read and
+    written only then; a process looks once, at its first use (restart after migrate)."""
+    return bool(
+        await executor.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = 'ct_index' "
+            "AND column_name = 'not_after')"
+        )
+    )
+
+
 async def check_schema(conn: asyncpg.Connection) -> int:
     """Fail clearly when the schema is behind this build; never fix it from here."""
     version = await current_version(conn)

@@ -25,6 +25,7 @@ from typing import TypeVar
 import asyncpg
 
 from responder.replicas import ReplicaSet
+from responder.schema import ct_index_has_not_after
 from signer.issuers import Issuer
 from signer.response_builder import (
     REASON_CODES,
@@ -237,6 +238,9 @@ class PresignedStore:
     def __init__(self, pool: asyncpg.Pool, replicas: ReplicaSet | None = None) -> None:
         self.pool = pool  # the primary: every write, and reads the replicas cannot answer
         self.replicas = replicas
+        #: the schema has ct_index.not_after (migration 0005, expand-only): ``connect``
+        #: looks once; a serial known only from CT then has a notAfter
+        self.ct_not_after = False
 
     async def _read(
         self, query: str, issuer_id: int, key: bytes, found: Callable[[asyncpg.Record], bool]
@@ -271,7 +275,13 @@ class PresignedStore:
             server_settings={"synchronous_commit": "on"},
         )
         assert pool is not None
-        return cls(pool)
+        store = cls(pool)
+        try:
+            store.ct_not_after = await ct_index_has_not_after(pool)
+        except BaseException:
+            await pool.close()
+            raise
+        return store
 
     async def close(self) -> None:
         if self.replicas is not None:
@@ -337,15 +347,16 @@ class PresignedStore:
     async def knowledge(self, issuer_id: int, serial: int) -> Knowledge:
         """Whether the serial was issued (recorded, or seen in CT) and its revocation."""
         # one round trip for everything on-demand signing needs (retention included)
+        ct_not_after = "t.not_after" if self.ct_not_after else "NULL::timestamptz"
         row = await self._read(
-            "SELECT c.not_after, c.serial IS NOT NULL AS recorded, "
-            "       EXISTS (SELECT 1 FROM ct_index WHERE issuer_id = $1 AND serial = $2) "
-            "       AS in_ct, "
+            f"SELECT coalesce(c.not_after, {ct_not_after}) AS not_after, "
+            "       c.serial IS NOT NULL AS recorded, t.serial IS NOT NULL AS in_ct, "
             "       EXISTS (SELECT 1 FROM responses WHERE issuer_id = $1 AND serial = $2) "
             "       AS has_response, "
             "       r.revoked_at, r.reason "
             "FROM (SELECT 1) AS one "
             "LEFT JOIN certificates c ON c.issuer_id = $1 AND c.serial = $2 "
+            "LEFT JOIN ct_index t ON t.issuer_id = $1 AND t.serial = $2 "
             "LEFT JOIN revocations r ON r.issuer_id = $1 AND r.serial = $2",
             issuer_id,
             serial_key(serial),

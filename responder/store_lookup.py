@@ -59,6 +59,7 @@ MAX_IN_FLIGHT = 4
 #: The primary-key condition of one table for key number q.i of the batch.
 _KEY_I = "issuer_id = ($1::smallint[])[q.i] AND serial = ($2::bytea[])[q.i]"
 
+
 #: One row per requested key, i being its place in the arrays. Each table is read through
 #: a LATERAL subquery with LIMIT 1 (the primary key allows one row anyway): a subquery with
 #: a LIMIT is not flattened into a join, so the plan stays one primary-key probe per key
@@ -71,22 +72,31 @@ _KEY_I = "issuer_id = ($1::smallint[])[q.i] AND serial = ($2::bytea[])[q.i]"
 #: execution); generate_subscripts has the same estimate in both, so after five
 #: executions the prepared statement runs its generic plan.
 #: tests/test_store_lookup.py checks the plans.
-LOOKUP_STATEMENT = (
-    "SELECT q.i, r.der, r.status, r.this_update, r.next_update, "
-    "       r.der IS NOT NULL AS has_response, "
-    "       c.not_after, c.not_after IS NOT NULL AS recorded, "
-    "       t.seen IS NOT NULL AS in_ct, "
-    "       v.revoked_at, v.reason "
-    "FROM generate_subscripts($2::bytea[], 1) AS q(i) "
-    "LEFT JOIN LATERAL (SELECT der, status, this_update, next_update FROM responses "
-    f"                   WHERE {_KEY_I} LIMIT 1) r ON true "
-    "LEFT JOIN LATERAL (SELECT not_after FROM certificates "
-    f"                   WHERE {_KEY_I} LIMIT 1) c ON true "
-    "LEFT JOIN LATERAL (SELECT revoked_at, reason FROM revocations "
-    f"                   WHERE {_KEY_I} LIMIT 1) v ON true "
-    "LEFT JOIN LATERAL (SELECT true AS seen FROM ct_index "
-    f"                   WHERE {_KEY_I} LIMIT 1) t ON true"
-)
+def lookup_statement(ct_not_after: bool) -> str:
+    """The statement, for a schema with ``ct_index.not_after`` (migration 0005, expand-
+    only) or without: with it, a serial known only from CT gets its logged notAfter (the
+    retention rule applies to it too)."""
+    not_after = "coalesce(c.not_after, t.not_after)" if ct_not_after else "c.not_after"
+    ct_columns = "true AS seen, not_after" if ct_not_after else "true AS seen"
+    return (
+        "SELECT q.i, r.der, r.status, r.this_update, r.next_update, "
+        "       r.der IS NOT NULL AS has_response, "
+        f"       {not_after} AS not_after, c.not_after IS NOT NULL AS recorded, "
+        "       t.seen IS NOT NULL AS in_ct, "
+        "       v.revoked_at, v.reason "
+        "FROM generate_subscripts($2::bytea[], 1) AS q(i) "
+        "LEFT JOIN LATERAL (SELECT der, status, this_update, next_update FROM responses "
+        f"                   WHERE {_KEY_I} LIMIT 1) r ON true "
+        "LEFT JOIN LATERAL (SELECT not_after FROM certificates "
+        f"                   WHERE {_KEY_I} LIMIT 1) c ON true "
+        "LEFT JOIN LATERAL (SELECT revoked_at, reason FROM revocations "
+        f"                   WHERE {_KEY_I} LIMIT 1) v ON true "
+        f"LEFT JOIN LATERAL (SELECT {ct_columns} FROM ct_index "
+        f"                   WHERE {_KEY_I} LIMIT 1) t ON true"
+    )
+
+
+LOOKUP_STATEMENTS = {flag: lookup_statement(flag) for flag in (False, True)}
 
 Key = tuple[int, bytes]  # (issuer id, serial key)
 Waiters = dict[Key, list["asyncio.Future[Lookup]"]]
@@ -105,7 +115,7 @@ class LookupInterrupted(Exception):
 
 
 def lookup_from_row(row: asyncpg.Record) -> Lookup:
-    """One row of ``LOOKUP_STATEMENT`` as what ``fetch_response`` + ``knowledge`` give."""
+    """One row of ``lookup_statement`` as what ``fetch_response`` + ``knowledge`` give."""
     has_response = bool(row["has_response"])
     response = stored_response_from_row(row) if has_response else None
     return Lookup(response, knowledge_from_row(row, has_response=has_response))
@@ -244,7 +254,9 @@ class BatchedLookup:
         """One statement for ``keys`` (distinct); asyncpg prepares it once per connection."""
         self.statements += 1
         rows = await pool.fetch(
-            LOOKUP_STATEMENT, [issuer_id for issuer_id, _ in keys], [key for _, key in keys]
+            LOOKUP_STATEMENTS[self.store.ct_not_after],
+            [issuer_id for issuer_id, _ in keys],
+            [key for _, key in keys],
         )
         return {keys[row["i"] - 1]: lookup_from_row(row) for row in rows}
 

@@ -11,6 +11,7 @@ encoded INTEGER serials. Every defect raises :class:`DERError`, never IndexError
 
 from __future__ import annotations
 
+import calendar
 from typing import NamedTuple
 
 
@@ -21,6 +22,8 @@ class DERError(ValueError):
 TAG_INTEGER = 0x02
 TAG_SEQUENCE = 0x30
 TAG_VERSION = 0xA0  # [0] EXPLICIT Version in TBSCertificate
+TAG_UTC_TIME = 0x17
+TAG_GENERALIZED_TIME = 0x18
 
 
 def read_tlv(buf: bytes, pos: int, end: int) -> tuple[int, int, int]:
@@ -98,6 +101,70 @@ def _tbs_fields_in(buf: bytes, start: int, end: int) -> TBSFields:
     return TBSFields(serial, (i0, i1), (v1, sub1), (sub1, k1))
 
 
+def decode_time(buf: bytes, tag: int, start: int, end: int) -> int:
+    """An RFC 5280 (4.1.2.5) Time as POSIX seconds: UTCTime ``YYMMDDHHMMSSZ`` (YY >= 50
+    is 19YY) or GeneralizedTime ``YYYYMMDDHHMMSSZ``; any other form is a DERError."""
+    text = buf[start:end]
+    if tag == TAG_UTC_TIME and len(text) == 13:
+        year = int(text[:2]) if text[:2].isdigit() else -1
+        year += 1900 if year >= 50 else 2000
+        rest = text[2:]
+    elif tag == TAG_GENERALIZED_TIME and len(text) == 15:
+        year = int(text[:4]) if text[:4].isdigit() else -1
+        rest = text[4:]
+    else:
+        raise DERError(f"not an RFC 5280 Time (tag 0x{tag:02x}, {len(text)} bytes)")
+    if rest[-1:] != b"Z" or not rest[:-1].isdigit() or year < 0:
+        raise DERError("Time is not digits ending in Z")
+    month, day, hour, minute, second = (int(rest[i : i + 2]) for i in range(0, 10, 2))
+    if not (1 <= month <= 12 and 1 <= day <= calendar.monthrange(year, month)[1]):
+        raise DERError("Time has no such date")
+    if hour > 23 or minute > 59 or second > 59:
+        raise DERError("Time has no such time of day")
+    return calendar.timegm((year, month, day, hour, minute, second))
+
+
+def _not_after(buf: bytes, pos: int, end: int) -> int:
+    """notAfter (POSIX seconds) of the Validity SEQUENCE at ``pos``."""
+    v0, v1 = expect(buf, pos, end, TAG_SEQUENCE)
+    _, _, after_start = read_tlv(buf, v0, v1)  # notBefore
+    tag, t0, t1 = read_tlv(buf, after_start, v1)
+    if t1 != v1:
+        raise DERError("Validity has more than two Times")
+    return decode_time(buf, tag, t0, t1)
+
+
+def tbs_serial_and_not_after(
+    tbs: bytes, start: int = 0, end: int | None = None
+) -> tuple[int, int | None]:
+    """Serial and notAfter (POSIX seconds) of a DER TBSCertificate at ``tbs[start:end]``.
+    A Validity that does not parse gives None: the serial still counts (an issued serial
+    is never dropped for a defect elsewhere in its certificate)."""
+    end = len(tbs) if end is None else end
+    c0, c1 = expect(tbs, start, end, TAG_SEQUENCE)
+    if c1 != end:
+        raise DERError("trailing bytes after TBSCertificate")
+    serial, _, i1 = _serial_and_issuer(tbs, c0, c1)
+    try:
+        return serial, _not_after(tbs, i1, c1)
+    except DERError:
+        return serial, None
+
+
+def certificate_serial_issuer_not_after(
+    cert: bytes, start: int = 0, end: int | None = None
+) -> tuple[int, int, int, int | None]:
+    """(serial, issuer_start, issuer_end, notAfter or None) of a DER Certificate at
+    ``cert[start:end]`` (None as in ``tbs_serial_and_not_after``)."""
+    t0, t1 = certificate_tbs(cert, start, end)
+    c0, c1 = expect(cert, t0, t1, TAG_SEQUENCE)
+    serial, i0, i1 = _serial_and_issuer(cert, c0, c1)
+    try:
+        return serial, i0, i1, _not_after(cert, i1, c1)
+    except DERError:
+        return serial, i0, i1, None
+
+
 def tbs_serial(tbs: bytes, start: int = 0, end: int | None = None) -> int:
     """Serial number of a DER TBSCertificate occupying exactly ``tbs[start:end]``."""
     end = len(tbs) if end is None else end
@@ -105,15 +172,6 @@ def tbs_serial(tbs: bytes, start: int = 0, end: int | None = None) -> int:
     if c1 != end:
         raise DERError("trailing bytes after TBSCertificate")
     return _serial_and_issuer(tbs, c0, c1)[0]
-
-
-def certificate_serial_and_issuer(
-    cert: bytes, start: int = 0, end: int | None = None
-) -> tuple[int, int, int]:
-    """(serial, issuer_start, issuer_end) of a DER Certificate at ``cert[start:end]``."""
-    t0, t1 = certificate_tbs(cert, start, end)
-    c0, c1 = expect(cert, t0, t1, TAG_SEQUENCE)
-    return _serial_and_issuer(cert, c0, c1)
 
 
 def tbs_fields(tbs: bytes, start: int = 0, end: int | None = None) -> TBSFields:

@@ -172,3 +172,49 @@ def test_an_interrupted_concurrent_index_is_rebuilt(pg_admin_dsn: str) -> None:
         index,
     )[0]
     assert row["indisvalid"] and "UNIQUE" not in row["def"]
+
+
+def test_ct_not_after_is_used_only_once_its_expand_migration_ran(pg_admin_dsn: str) -> None:
+    """Migration 0005 (ct_index.not_after) is expand-only: before it, the CT index, the
+    batched lookup, the single-row knowledge read and the refresher's queries run as
+    before; after it (a new connection looks again), the logged notAfter is stored and
+    read back as the knowledge's notAfter."""
+    import datetime as dt
+
+    from responder.ct_index_store import CTIndexStore, IndexRow
+    from responder.refresh_store import RefreshStore, Window
+    from responder.store import PresignedStore
+    from responder.store_lookup import BatchedLookup
+    from signer.response_builder import ValidityPolicy
+
+    [before_0005] = [m.version - 1 for m in load_migrations() if "ct_index_not_after" in m.name]
+    dsn = create_database(pg_admin_dsn, migrated=False)
+    asyncio.run(migrate(dsn, target=before_0005))
+    not_after = dt.datetime(2031, 5, 17, 12, 0, tzinfo=dt.UTC)
+
+    async def exercise(serial: int) -> tuple[bool, dt.datetime | None, dt.datetime | None]:
+        store = await PresignedStore.connect(dsn, max_size=2)
+        try:
+            await store.pool.execute(
+                "INSERT INTO issuers (id, spki_sha256, name, subject) "
+                "VALUES (1, $1, 'i', 'CN=i') ON CONFLICT DO NOTHING",
+                bytes(32),
+            )
+            ct = CTIndexStore(store.pool)
+            log = await ct.ensure_log(bytes(32), "log", "http://log.test")
+            row = IndexRow(1, serial, 0, "precert", 1_700_000_000_000, int(not_after.timestamp()))
+            await ct.commit_batch(log.db_id, "log", log.next_index, [row], "{}", 1, 1)
+            found = await BatchedLookup(store).get(1, serial)
+            single = await store.knowledge(1, serial)
+            assert found.knowledge.known and found.knowledge.ct_only and single.ct_only
+            window = Window(
+                dt.datetime.now(dt.UTC), ValidityPolicy(), dt.timedelta(0), dt.timedelta(days=7)
+            )
+            await RefreshStore(store.pool).freshness(window, {1: []}, 100)
+            return store.ct_not_after, found.knowledge.not_after, single.not_after
+        finally:
+            await store.close()
+
+    assert asyncio.run(exercise(0x0A11)) == (False, None, None)
+    asyncio.run(migrate(dsn))
+    assert asyncio.run(exercise(0x0B22)) == (True, not_after, not_after)

@@ -293,3 +293,58 @@ def test_serve_refreshes_in_background_and_exports_freshness(  # type: ignore[no
         assert httpx.get(proc.admin_url + "/metrics", timeout=10).status_code == 200
     finally:
         proc.stop()
+
+
+def test_serials_known_only_from_ct_leave_the_cycle_by_their_logged_not_after(  # type: ignore[no-untyped-def]
+    recorder, seasoned_issuer, database
+):
+    """A serial the CA never recorded but CT logged (its write was lost) has the logged
+    certificate's notAfter (ct_index.not_after, migration 0005): beyond it + the
+    retention its response is no longer re-signed, and with no stored response it is not
+    signed on demand (unauthorized). Unknown notAfter (rows indexed before 0005): kept."""
+    registry = registry_for(recorder, database, seasoned_issuer.name)
+    issuer = registry.issuers[0]
+    now = dt.datetime.now(dt.UTC)
+    [log_id] = sql_sync(
+        database,
+        "INSERT INTO ct_logs (log_id, name, url) VALUES ($1, 'test', 'http://log.test') "
+        "RETURNING id",
+        bytes(32),
+    )
+    expired, current, unknown, expired_unsigned, current_unsigned = (
+        random_serial() for _ in range(5)
+    )
+    logged = {
+        expired: now - dt.timedelta(days=30),  # beyond the 7-day retention
+        current: now + dt.timedelta(days=60),
+        unknown: None,
+        expired_unsigned: now - dt.timedelta(days=30),
+        current_unsigned: now + dt.timedelta(days=60),
+    }
+    for leaf_index, (serial, not_after) in enumerate(logged.items()):
+        sql_sync(
+            database,
+            "INSERT INTO ct_index (issuer_id, serial, log, leaf_index, entry_kind, logged_at, "
+            "                      not_after) VALUES ($1, $2, $3, $4, 1, now(), $5)",
+            issuer.db_id,
+            serial_key(serial),
+            log_id["id"],
+            leaf_index,
+            not_after,
+        )
+    for serial in (expired, current, unknown):  # due: signed 3 days ago
+        put_row(database, issuer, serial, sign_at(issuer, serial, now - dt.timedelta(days=3)))
+    before = {s: stored(database, issuer, s) for s in (expired, current, unknown)}
+
+    [report] = asyncio.run(run_refreshers(database, registry, 1, RefresherSettings()))
+    assert report.total == 2 and not report.failures
+    assert stored(database, issuer, expired) == before[expired]  # out of the cycle
+    for serial in (current, unknown):
+        assert stored(database, issuer, serial)["this_update"] > now.timestamp() - 2 * HOUR
+
+    def answer(serial: int) -> bytes:
+        der = build_request(None, seasoned_issuer.ca.ca_cert, serial=serial)
+        return httpx.get(get_url(recorder.url, der), timeout=10).content
+
+    assert answer(expired_unsigned) == UNAUTHORIZED  # retired: never signed on demand
+    check_response(answer(current_unsigned), issuer=seasoned_issuer, serial=current_unsigned)

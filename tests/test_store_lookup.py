@@ -22,7 +22,7 @@ from responder.replicas import UNRESOLVED, Replica, ReplicaSet
 from responder.response_cache import ResponseCache
 from responder.sources import SerialNotFound, build_chain
 from responder.store import Knowledge, PresignedStore, StoredResponse, serial_key
-from responder.store_lookup import LOOKUP_STATEMENT, BatchedLookup, Lookup
+from responder.store_lookup import LOOKUP_STATEMENTS, BatchedLookup, Lookup
 from signer.demo_ca import DemoCA
 from signer.issuers import Issuer, IssuerRegistry, issuer_from_certificate, make_responder
 from signer.response_builder import CertStatus, ValidityPolicy, sign_response
@@ -380,9 +380,14 @@ def plan_nodes(plan: dict[str, object]) -> Iterator[dict[str, object]]:
         yield from plan_nodes(child)
 
 
-def test_plan_is_primary_key_probes_for_batches_up_to_256(database: str) -> None:
+@pytest.mark.parametrize("ct_not_after", [False, True], ids=["before-0005", "with-0005"])
+def test_plan_is_primary_key_probes_for_batches_up_to_256(
+    database: str, ct_not_after: bool
+) -> None:
     """With tables big enough to tempt the planner into hash joins, every batch size (and
-    the generic plan the prepared statement settles on) is index probes in nested loops."""
+    the generic plan the prepared statement settles on) is index probes in nested loops;
+    for both forms of the statement (with and without ct_index.not_after)."""
+    statement = LOOKUP_STATEMENTS[ct_not_after]
     rows = 20_000
     pkeys = {"responses_pkey", "certificates_pkey", "revocations_pkey", "ct_index_pkey"}
 
@@ -409,11 +414,11 @@ def test_plan_is_primary_key_probes_for_batches_up_to_256(database: str) -> None
             for size in (1, 16, 256):
                 ids = [1 + n % 2 for n in range(size)]
                 keys = [(n * 7 + 1).to_bytes(8, "big") for n in range(size)]
-                text = await conn.fetchval("EXPLAIN (FORMAT JSON) " + LOOKUP_STATEMENT, ids, keys)
+                text = await conn.fetchval("EXPLAIN (FORMAT JSON) " + statement, ids, keys)
                 plans.append(list(plan_nodes(json.loads(text)[0]["Plan"])))
             await conn.execute(
                 "PREPARE lookup(smallint[], bytea[]) AS "
-                + LOOKUP_STATEMENT.replace("::smallint[]", "").replace("::bytea[]", "")
+                + statement.replace("::smallint[]", "").replace("::bytea[]", "")
             )
             # as the pool's prepared statement runs: after five custom plans PostgreSQL
             # settles on the generic one instead of planning every execution again

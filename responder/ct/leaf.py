@@ -57,6 +57,8 @@ class IndexedEntry:
     kind: EntryKind
     serial: int
     issuer_key_hash: bytes  # SHA-256 of the issuer's DER SubjectPublicKeyInfo
+    #: the certificate's notAfter, POSIX seconds (None: its Validity did not parse)
+    not_after: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,12 +310,14 @@ def extract(
         if ikh not in issuers.by_key_hash:
             return None
         try:
-            serial = der.tbs_serial(buf, raw.body_start, raw.body_end)
+            serial, not_after = der.tbs_serial_and_not_after(buf, raw.body_start, raw.body_end)
         except DERError as exc:
             return MalformedEntry(leaf_index, f"precert TBSCertificate: {exc}", ikh)
-        return IndexedEntry(leaf_index, raw.timestamp_ms, "precert", serial, ikh)
+        return IndexedEntry(leaf_index, raw.timestamp_ms, "precert", serial, ikh, not_after)
     try:
-        serial, i0, i1 = der.certificate_serial_and_issuer(buf, raw.body_start, raw.body_end)
+        serial, i0, i1, not_after = der.certificate_serial_issuer_not_after(
+            buf, raw.body_start, raw.body_end
+        )
         if buf[i0:i1] not in issuers.by_subject:
             return None
         key_hash = issuers.x509_issuer(buf[raw.body_start : raw.body_end], buf[i0:i1])
@@ -321,4 +325,4 @@ def extract(
         return MalformedEntry(leaf_index, f"x509 certificate: {exc}", None)
     if key_hash is None:
         return None
-    return IndexedEntry(leaf_index, raw.timestamp_ms, "x509", serial, key_hash)
+    return IndexedEntry(leaf_index, raw.timestamp_ms, "x509", serial, key_hash, not_after)

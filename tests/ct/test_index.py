@@ -75,6 +75,16 @@ def expected_fixture_serials(log: FakeLog) -> dict[tuple[str, int], int]:
     return out
 
 
+def expected_not_after(log: FakeLog) -> dict[int, dt.datetime]:
+    """serial -> notAfter of each fixture precertificate, read by cryptography."""
+    out = {}
+    for entry in log.entries:
+        n = int.from_bytes(entry.tail[:3], "big")
+        pre = x509.load_der_x509_certificate(entry.tail[3 : 3 + n])
+        out[pre.serial_number] = pre.not_valid_after_utc
+    return out
+
+
 async def index_rows(dsn: str) -> list[asyncpg.Record]:
     conn = await asyncpg.connect(dsn)
     try:
@@ -118,6 +128,13 @@ async def test_real_fixture_every_serial_indexed_under_its_issuer(
         got = {(r["name"], serial_from_key(r["serial"])): r["leaf_index"] for r in rows}
         assert len(rows) == 1024 and got == want
         assert {r["entry_kind"] for r in rows} == {1}  # precert_entry
+        # each row keeps its precertificate's notAfter (migration 0005), as cryptography
+        # reads it from the submitted precertificate
+        not_after = {
+            serial_from_key(r["serial"]): r["not_after"]
+            for r in await fetch(database, "SELECT serial, not_after FROM ct_index")
+        }
+        assert not_after == expected_not_after(fixture_log)
         # No key of ours: every serial is an open gap, counted once per serial.
         gaps = await fetch(database, "SELECT repaired_at, detected_by FROM coverage_gaps")
         assert len(gaps) == 1024 and all(g["repaired_at"] is None for g in gaps)

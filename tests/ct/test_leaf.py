@@ -59,6 +59,8 @@ def test_every_fixture_entry_parses_hashes_and_matches_its_issuer_by_key() -> No
             n = int.from_bytes(tile[raw.te_end : raw.te_end + 3], "big")
             pre = x509.load_der_x509_certificate(tile[raw.te_end + 3 : raw.te_end + 3 + n])
             assert pre.serial_number == got.serial
+            # notAfter from our DER walk of the TBS = cryptography's, of the precertificate
+            assert got.not_after == int(pre.not_valid_after_utc.timestamp())
             name = by_hash[got.issuer_key_hash]
             pre.verify_directly_issued_by(issuers[name].certificate)  # the key really signed it
             seen[name] = seen.get(name, 0) + 1
@@ -112,6 +114,7 @@ def test_rfc6962_fixture_x509_entries_parse_with_issuer_from_extra_data() -> Non
         got = leaf.extract(li, raw, 7, leaf.IssuerSet([issuer]))
         assert isinstance(got, leaf.IndexedEntry), got
         assert got.kind == "x509" and got.serial == cert.serial_number
+        assert got.not_after == int(cert.not_valid_after_utc.timestamp())  # a 2013 UTCTime
         assert got.issuer_key_hash == issuer.key_hash
         assert got.timestamp_ms == raw.timestamp_ms
         # Not ours when only an unrelated CA is configured.
@@ -168,6 +171,51 @@ def test_der_walk_is_strict() -> None:
     assert der.decode_integer(b"\xff", 0, 1) == -1
     with pytest.raises(DERError):
         der.read_tlv(b"\x30\x81\x05abcde", 0, 8)  # long form for a short length
+
+
+@pytest.mark.parametrize(
+    ("tag", "text", "expected"),
+    [
+        (0x17, b"491231235959Z", "2049-12-31T23:59:59"),  # UTCTime: YY < 50 is 20YY
+        (0x17, b"500101000000Z", "1950-01-01T00:00:00"),  # YY >= 50 is 19YY
+        (0x18, b"20500101000000Z", "2050-01-01T00:00:00"),  # GeneralizedTime from 2050
+        (0x17, b"240229120000Z", "2024-02-29T12:00:00"),  # a leap day
+    ],
+)
+def test_times_decode_as_rfc5280_says(tag: int, text: bytes, expected: str) -> None:
+    import datetime as dt
+
+    moment = dt.datetime.fromisoformat(expected).replace(tzinfo=dt.UTC)
+    assert der.decode_time(text, tag, 0, len(text)) == int(moment.timestamp())
+
+
+@pytest.mark.parametrize(
+    ("tag", "text"),
+    [
+        (0x17, b"4912312359Z"),  # no seconds
+        (0x17, b"491231235959+0000"),  # an offset, not Z
+        (0x18, b"20500101000000.5Z"),  # fractional seconds
+        (0x17, b"230229120000Z"),  # no Feb 29 in 2023
+        (0x17, b"491331235959Z"),  # month 13
+        (0x17, b"49123124595aZ"),  # not digits
+        (0x13, b"491231235959Z"),  # not a Time tag
+    ],
+)
+def test_times_are_strict(tag: int, text: bytes) -> None:
+    with pytest.raises(DERError):
+        der.decode_time(text, tag, 0, len(text))
+
+
+def test_unparseable_validity_keeps_the_serial() -> None:
+    """A defect in the Validity must not drop an issued serial from the index: its
+    notAfter is unknown (None), the serial counts."""
+    tbs = make_leaf_tbs()
+    serial, not_after = der.tbs_serial_and_not_after(tbs)
+    assert serial == 0x0102 and not_after is not None
+    not_before = tbs.index(b"\x17\x0d")  # UTCTime, 13 bytes
+    at = tbs.index(b"\x17\x0d", not_before + 15)  # notAfter: make it a PrintableString
+    broken = tbs[:at] + b"\x13" + tbs[at + 1 :]
+    assert der.tbs_serial_and_not_after(broken) == (0x0102, None)
 
 
 def make_leaf_tbs() -> bytes:
