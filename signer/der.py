@@ -101,27 +101,39 @@ def _tbs_fields_in(buf: bytes, start: int, end: int) -> TBSFields:
     return TBSFields(serial, (i0, i1), (v1, sub1), (sub1, k1))
 
 
+#: (year, month) -> (POSIX seconds at its first midnight, days in it): the CT index decodes
+#: a notAfter per logged entry, and most fall in a handful of months
+_MONTHS: dict[tuple[int, int], tuple[int, int]] = {}
+
+
 def decode_time(buf: bytes, tag: int, start: int, end: int) -> int:
     """An RFC 5280 (4.1.2.5) Time as POSIX seconds: UTCTime ``YYMMDDHHMMSSZ`` (YY >= 50
     is 19YY) or GeneralizedTime ``YYYYMMDDHHMMSSZ``; any other form is a DERError."""
-    text = buf[start:end]
-    if tag == TAG_UTC_TIME and len(text) == 13:
-        year = int(text[:2]) if text[:2].isdigit() else -1
-        year += 1900 if year >= 50 else 2000
-        rest = text[2:]
-    elif tag == TAG_GENERALIZED_TIME and len(text) == 15:
-        year = int(text[:4]) if text[:4].isdigit() else -1
-        rest = text[4:]
+    length = end - start
+    if tag == TAG_UTC_TIME and length == 13:
+        digits = 2
+    elif tag == TAG_GENERALIZED_TIME and length == 15:
+        digits = 4
     else:
-        raise DERError(f"not an RFC 5280 Time (tag 0x{tag:02x}, {len(text)} bytes)")
-    if rest[-1:] != b"Z" or not rest[:-1].isdigit() or year < 0:
+        raise DERError(f"not an RFC 5280 Time (tag 0x{tag:02x}, {length} bytes)")
+    # isdigit first: int() alone would take " 1", "+1" or "1_0"
+    if buf[end - 1] != 0x5A or not buf[start : end - 1].isdigit():
         raise DERError("Time is not digits ending in Z")
-    month, day, hour, minute, second = (int(rest[i : i + 2]) for i in range(0, 10, 2))
-    if not (1 <= month <= 12 and 1 <= day <= calendar.monthrange(year, month)[1]):
-        raise DERError("Time has no such date")
-    if hour > 23 or minute > 59 or second > 59:
-        raise DERError("Time has no such time of day")
-    return calendar.timegm((year, month, day, hour, minute, second))
+    year = int(buf[start : start + digits])
+    if digits == 2:
+        year += 1900 if year >= 50 else 2000
+    rest = int(buf[start + digits : end - 1])  # MMDDHHMMSS
+    month, day = rest // 100_000_000, rest // 1_000_000 % 100
+    hour, minute, second = rest // 10_000 % 100, rest // 100 % 100, rest % 100
+    if not 1 <= month <= 12:
+        raise DERError("Time has no such month")
+    known = _MONTHS.get((year, month))
+    if known is None:
+        first = calendar.timegm((year, month, 1, 0, 0, 0))
+        known = _MONTHS[(year, month)] = (first, calendar.monthrange(year, month)[1])
+    if not 1 <= day <= known[1] or hour > 23 or minute > 59 or second > 59:
+        raise DERError("Time has no such day or time of day")
+    return known[0] + (day - 1) * 86_400 + hour * 3_600 + minute * 60 + second
 
 
 def _not_after(buf: bytes, pos: int, end: int) -> int:

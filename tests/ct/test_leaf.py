@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import json
 import random
@@ -10,6 +11,8 @@ import random
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from hypothesis import given
+from hypothesis import strategies as st
 
 from responder.ct import leaf
 from responder.ct.errors import CTParseError, DERError, MalformedEntryError, MalformedTileError
@@ -183,9 +186,24 @@ def test_der_walk_is_strict() -> None:
     ],
 )
 def test_times_decode_as_rfc5280_says(tag: int, text: bytes, expected: str) -> None:
-    import datetime as dt
-
     moment = dt.datetime.fromisoformat(expected).replace(tzinfo=dt.UTC)
+    assert der.decode_time(text, tag, 0, len(text)) == int(moment.timestamp())
+
+
+@given(
+    st.datetimes(
+        min_value=dt.datetime(1950, 1, 1),
+        max_value=dt.datetime(2200, 12, 31, 23, 59, 59),
+        timezones=st.just(dt.UTC),
+    )
+)
+def test_times_match_the_calendar(moment: dt.datetime) -> None:
+    """Every second from 1950 on: UTCTime up to 2049, GeneralizedTime after (RFC 5280)."""
+    moment = moment.replace(microsecond=0)
+    if moment.year < 2050:
+        tag, text = 0x17, moment.strftime("%y%m%d%H%M%SZ").encode()
+    else:
+        tag, text = 0x18, moment.strftime("%Y%m%d%H%M%SZ").encode()
     assert der.decode_time(text, tag, 0, len(text)) == int(moment.timestamp())
 
 
@@ -198,6 +216,8 @@ def test_times_decode_as_rfc5280_says(tag: int, text: bytes, expected: str) -> N
         (0x17, b"230229120000Z"),  # no Feb 29 in 2023
         (0x17, b"491331235959Z"),  # month 13
         (0x17, b"49123124595aZ"),  # not digits
+        (0x17, b"4912312359_5Z"),  # int() would take this one
+        (0x17, b"491231 35959Z"),  # and this
         (0x13, b"491231235959Z"),  # not a Time tag
     ],
 )
