@@ -164,6 +164,13 @@ def cmd_import(args: argparse.Namespace) -> None:
         progress = None if args.quiet else ProgressBar(0)
         try:
             report = await importer.run(files, progress)
+            if report.created and not await service.store.refresh_statistics():
+                print(
+                    "ocsp-responder: this role may not ANALYZE certificates and responses; "
+                    "until autovacuum does (minutes), lookups may use plans made for "
+                    "smaller tables: run ANALYZE as their owner after a large import",
+                    file=sys.stderr,
+                )
         except StoreUnavailable as exc:
             print(
                 f"ocsp-responder: import stopped, the rest is NOT recorded: {exc}; "
