@@ -63,6 +63,40 @@ class BatchOutcome:
     gaps: list[Gap]  # of those, the ones without a stored response
 
 
+def _index_statement(with_not_after: bool) -> str:
+    """One statement: insert the index rows; of those that were new (first sighting),
+    record the ones without a stored response as coverage gaps. With migration 0005 the
+    logged notAfter ($7, POSIX seconds) goes in too."""
+    column, value, array, name = (
+        (", not_after", ", to_timestamp(n)", ", $7::bigint[]", ", n")
+        if with_not_after
+        else ("", "", "", "")
+    )
+    return (
+        "WITH ins AS ("
+        "  INSERT INTO ct_index (issuer_id, serial, log, leaf_index, entry_kind, "
+        f"                        logged_at{column}) "
+        f"  SELECT i, s, $1, l, k, to_timestamp(t / 1000.0){value} "
+        "  FROM unnest($2::smallint[], $3::bytea[], $4::bigint[], $5::smallint[], "
+        f"              $6::bigint[]{array}) AS u(i, s, l, k, t{name}) "
+        "  ON CONFLICT (issuer_id, serial) DO NOTHING "
+        "  RETURNING issuer_id, serial, leaf_index), "
+        "gaps AS ("
+        "  INSERT INTO coverage_gaps (issuer_id, serial, log, leaf_index, detected_by) "
+        "  SELECT ins.issuer_id, ins.serial, $1, ins.leaf_index, 'ct-follower' "
+        "  FROM ins WHERE NOT EXISTS (SELECT 1 FROM responses r "
+        "    WHERE r.issuer_id = ins.issuer_id AND r.serial = ins.serial) "
+        "  ON CONFLICT (issuer_id, serial) DO NOTHING "
+        "  RETURNING issuer_id, serial, leaf_index) "
+        "SELECT NULL::smallint AS issuer_id, NULL::bytea AS serial, "
+        "       NULL::bigint AS leaf_index, (SELECT count(*) FROM ins) AS inserted "
+        "UNION ALL SELECT issuer_id, serial, leaf_index, NULL FROM gaps"
+    )
+
+
+_INDEX_STATEMENTS = {flag: _index_statement(flag) for flag in (False, True)}
+
+
 class CTIndexStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
@@ -119,32 +153,10 @@ class CTIndexStore:
                 raise PositionConflict(f"position of log {log_name} moved under us")
             if not rows:
                 return BatchOutcome(0, [])
-            # One statement: insert the index rows; of those that were new (first
-            # sighting), record the ones without a stored response as coverage gaps.
             if self.ct_not_after is None:
                 self.ct_not_after = await ct_index_has_not_after(conn)
-            # with migration 0005 the logged notAfter goes in too ($7, POSIX seconds)
-            not_after = (", not_after", ", to_timestamp(n)", ", $7::bigint[]", ", n")
-            extra = not_after if self.ct_not_after else ("", "", "", "")
             result = await conn.fetch(
-                "WITH ins AS ("
-                "  INSERT INTO ct_index (issuer_id, serial, log, leaf_index, entry_kind, "
-                f"                        logged_at{extra[0]}) "
-                f"  SELECT i, s, $1, l, k, to_timestamp(t / 1000.0){extra[1]} "
-                "  FROM unnest($2::smallint[], $3::bytea[], $4::bigint[], $5::smallint[], "
-                f"              $6::bigint[]{extra[2]}) AS u(i, s, l, k, t{extra[3]}) "
-                "  ON CONFLICT (issuer_id, serial) DO NOTHING "
-                "  RETURNING issuer_id, serial, leaf_index), "
-                "gaps AS ("
-                "  INSERT INTO coverage_gaps (issuer_id, serial, log, leaf_index, detected_by) "
-                "  SELECT ins.issuer_id, ins.serial, $1, ins.leaf_index, 'ct-follower' "
-                "  FROM ins WHERE NOT EXISTS (SELECT 1 FROM responses r "
-                "    WHERE r.issuer_id = ins.issuer_id AND r.serial = ins.serial) "
-                "  ON CONFLICT (issuer_id, serial) DO NOTHING "
-                "  RETURNING issuer_id, serial, leaf_index) "
-                "SELECT NULL::smallint AS issuer_id, NULL::bytea AS serial, "
-                "       NULL::bigint AS leaf_index, (SELECT count(*) FROM ins) AS inserted "
-                "UNION ALL SELECT issuer_id, serial, leaf_index, NULL FROM gaps",
+                _INDEX_STATEMENTS[self.ct_not_after],
                 log_db_id,
                 [r.issuer_id for r in rows],
                 [serial_key(r.serial) for r in rows],
