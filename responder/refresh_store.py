@@ -25,7 +25,11 @@ from dataclasses import dataclass
 import asyncpg
 
 from responder.schema import ct_index_has_not_after
-from responder.store import serial_from_key, serial_key, to_datetime
+
+# A serial revoked without any certificate record has no known notAfter; its certificate
+# was issued before the revocation and lives at most 398 days (BR 6.3.2), so it has
+# certainly expired MAX_CERTIFICATE_LIFETIME after the revocation time.
+from responder.store import MAX_CERTIFICATE_LIFETIME, serial_from_key, serial_key, to_datetime
 from signer.response_builder import (
     REASONS_BY_CODE,
     CertStatus,
@@ -33,11 +37,6 @@ from signer.response_builder import (
     SignedResponse,
     ValidityPolicy,
 )
-
-#: A serial revoked without any certificate record has no known notAfter; its certificate
-#: was issued before the revocation and lives at most 398 days (BR 6.3.2), so it has
-#: certainly expired 398 days after the revocation time.
-MAX_CERTIFICATE_LIFETIME = dt.timedelta(days=398)
 
 
 def _numbered(template: str, names: Sequence[str]) -> str:

@@ -341,6 +341,18 @@ def test_serials_known_only_from_ct_leave_the_cycle_by_their_logged_not_after(  
     assert stored(database, issuer, expired) == before[expired]  # out of the cycle
     for serial in (current, unknown):
         assert stored(database, issuer, serial)["this_update"] > now.timestamp() - 2 * HOUR
+    # readiness does not count the retired one as overdue (it would stay not ready for
+    # good): the health check reckons notAfter as the refresher does
+    from responder.health import past_deadline_query
+    from responder.store import MAX_CERTIFICATE_LIFETIME
+
+    threshold = now + dt.timedelta(days=2) - dt.timedelta(hours=6)  # margin - slack
+    overdue = {
+        flag: sql_sync(database, past_deadline_query(flag), threshold, MAX_CERTIFICATE_LIFETIME)
+        for flag in (True, False)
+    }
+    assert overdue[True][0]["count"] == 0
+    assert overdue[False][0]["count"] == 1  # without the logged notAfter it would count
 
     def answer(serial: int) -> bytes:
         der = build_request(None, seasoned_issuer.ca.ca_cert, serial=serial)
