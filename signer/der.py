@@ -122,6 +122,8 @@ def decode_time(buf: bytes, tag: int, start: int, end: int) -> int:
     year = int(buf[start : start + digits])
     if digits == 2:
         year += 1900 if year >= 50 else 2000
+    elif year < 1950:  # RFC 5280: UTCTime until 2049; and no year 0 for the calendar
+        raise DERError("GeneralizedTime before 1950")
     rest = int(buf[start + digits : end - 1])  # MMDDHHMMSS
     month, day = rest // 100_000_000, rest // 1_000_000 % 100
     hour, minute, second = rest // 10_000 % 100, rest // 100 % 100, rest % 100
@@ -129,8 +131,9 @@ def decode_time(buf: bytes, tag: int, start: int, end: int) -> int:
         raise DERError("Time has no such month")
     known = _MONTHS.get((year, month))
     if known is None:
-        first = calendar.timegm((year, month, 1, 0, 0, 0))
-        known = _MONTHS[(year, month)] = (first, calendar.monthrange(year, month)[1])
+        known = (calendar.timegm((year, month, 1, 0, 0, 0)), calendar.monthrange(year, month)[1])
+        if year < 2200:  # bounded: years far out come from odd certificates, rarely
+            _MONTHS[(year, month)] = known
     if not 1 <= day <= known[1] or hour > 23 or minute > 59 or second > 59:
         raise DERError("Time has no such day or time of day")
     return known[0] + (day - 1) * 86_400 + hour * 3_600 + minute * 60 + second
@@ -163,18 +166,25 @@ def tbs_serial_and_not_after(
         return serial, None
 
 
-def certificate_serial_issuer_not_after(
+def certificate_serial_and_issuer(
     cert: bytes, start: int = 0, end: int | None = None
-) -> tuple[int, int, int, int | None]:
-    """(serial, issuer_start, issuer_end, notAfter or None) of a DER Certificate at
-    ``cert[start:end]`` (None as in ``tbs_serial_and_not_after``)."""
+) -> tuple[int, int, int]:
+    """(serial, issuer_start, issuer_end) of a DER Certificate at ``cert[start:end]``."""
     t0, t1 = certificate_tbs(cert, start, end)
     c0, c1 = expect(cert, t0, t1, TAG_SEQUENCE)
-    serial, i0, i1 = _serial_and_issuer(cert, c0, c1)
+    return _serial_and_issuer(cert, c0, c1)
+
+
+def certificate_not_after(cert: bytes, start: int = 0, end: int | None = None) -> int | None:
+    """notAfter (POSIX seconds) of a DER Certificate at ``cert[start:end]``; None when its
+    Validity does not parse (as in ``tbs_serial_and_not_after``)."""
     try:
-        return serial, i0, i1, _not_after(cert, i1, c1)
+        t0, t1 = certificate_tbs(cert, start, end)
+        c0, c1 = expect(cert, t0, t1, TAG_SEQUENCE)
+        _, _, i1 = _serial_and_issuer(cert, c0, c1)
+        return _not_after(cert, i1, c1)
     except DERError:
-        return serial, i0, i1, None
+        return None
 
 
 def tbs_serial(tbs: bytes, start: int = 0, end: int | None = None) -> int:

@@ -315,9 +315,7 @@ def extract(
             return MalformedEntry(leaf_index, f"precert TBSCertificate: {exc}", ikh)
         return IndexedEntry(leaf_index, raw.timestamp_ms, "precert", serial, ikh, not_after)
     try:
-        serial, i0, i1, not_after = der.certificate_serial_issuer_not_after(
-            buf, raw.body_start, raw.body_end
-        )
+        serial, i0, i1 = der.certificate_serial_and_issuer(buf, raw.body_start, raw.body_end)
         if buf[i0:i1] not in issuers.by_subject:
             return None
         key_hash = issuers.x509_issuer(buf[raw.body_start : raw.body_end], buf[i0:i1])
@@ -325,4 +323,6 @@ def extract(
         return MalformedEntry(leaf_index, f"x509 certificate: {exc}", None)
     if key_hash is None:
         return None
+    # only for our certificates: another CA's Validity is never decoded
+    not_after = der.certificate_not_after(buf, raw.body_start, raw.body_end)
     return IndexedEntry(leaf_index, raw.timestamp_ms, "x509", serial, key_hash, not_after)

@@ -193,7 +193,7 @@ def test_times_decode_as_rfc5280_says(tag: int, text: bytes, expected: str) -> N
 @given(
     st.datetimes(
         min_value=dt.datetime(1950, 1, 1),
-        max_value=dt.datetime(2200, 12, 31, 23, 59, 59),
+        max_value=dt.datetime(9999, 12, 31, 23, 59, 59),
         timezones=st.just(dt.UTC),
     )
 )
@@ -219,6 +219,8 @@ def test_times_match_the_calendar(moment: dt.datetime) -> None:
         (0x17, b"4912312359_5Z"),  # int() would take this one
         (0x17, b"491231 35959Z"),  # and this
         (0x13, b"491231235959Z"),  # not a Time tag
+        (0x18, b"00000101000000Z"),  # year 0: no such year (and not before 1950)
+        (0x18, b"19491231235959Z"),  # GeneralizedTime before 2050 is UTCTime's, until 1950
     ],
 )
 def test_times_are_strict(tag: int, text: bytes) -> None:
@@ -236,6 +238,12 @@ def test_unparseable_validity_keeps_the_serial() -> None:
     at = tbs.index(b"\x17\x0d", not_before + 15)  # notAfter: make it a PrintableString
     broken = tbs[:at] + b"\x13" + tbs[at + 1 :]
     assert der.tbs_serial_and_not_after(broken) == (0x0102, None)
+    # a GeneralizedTime of year 0 (the calendar would raise ValueError) is a defect like
+    # any other: a minimal TBSCertificate (serial, algorithm, issuer, Validity)
+    validity = b"\x17\x0d491231235959Z" + b"\x18\x0f00000101000000Z"
+    body = b"\x02\x01\x05" + b"\x30\x00" + b"\x30\x00" + b"\x30" + bytes([len(validity)])
+    year0 = b"\x30" + bytes([len(body) + len(validity)]) + body + validity
+    assert der.tbs_serial_and_not_after(year0) == (5, None)
 
 
 def make_leaf_tbs() -> bytes:
