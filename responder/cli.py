@@ -20,7 +20,7 @@ import asyncpg
 from responder.config import Config, ConfigError, load_config
 from responder.embedded_db import EmbeddedDatabaseError
 from responder.schema import SchemaError, migrate
-from responder.store import StoreUnavailable
+from responder.store import PresignedStore, StoreUnavailable
 
 log = logging.getLogger("ocsp_responder")
 
@@ -164,13 +164,8 @@ def cmd_import(args: argparse.Namespace) -> None:
         progress = None if args.quiet else ProgressBar(0)
         try:
             report = await importer.run(files, progress)
-            if report.created and not await service.store.refresh_statistics():
-                print(
-                    "ocsp-responder: this role may not ANALYZE certificates and responses; "
-                    "until autovacuum does (minutes), lookups may use plans made for "
-                    "smaller tables: run ANALYZE as their owner after a large import",
-                    file=sys.stderr,
-                )
+            if report.created:
+                await _refresh_statistics(service.store)
         except StoreUnavailable as exc:
             print(
                 f"ocsp-responder: import stopped, the rest is NOT recorded: {exc}; "
@@ -195,6 +190,21 @@ def cmd_import(args: argparse.Namespace) -> None:
     status = asyncio.run(run())
     if status:
         raise SystemExit(status)
+
+
+async def _refresh_statistics(store: PresignedStore) -> None:
+    """After an import: ANALYZE, or say why not (the import itself has succeeded)."""
+    hint = (
+        "until autovacuum does (minutes), lookups may use plans made for smaller tables: "
+        "run ANALYZE certificates, responses as their owner after a large import"
+    )
+    try:
+        analyzed = await store.refresh_statistics()
+    except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+        print(f"ocsp-responder: ANALYZE failed ({type(exc).__name__}); {hint}", file=sys.stderr)
+        return
+    if not analyzed:
+        print(f"ocsp-responder: this role may not ANALYZE the tables; {hint}", file=sys.stderr)
 
 
 def cmd_revoke(args: argparse.Namespace) -> None:

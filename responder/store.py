@@ -337,7 +337,9 @@ class PresignedStore:
             )
             if not owner:
                 return False
-            await conn.execute("ANALYZE certificates, responses")
+            # a sample of each table, but a cold or busy one may take longer than the
+            # pool's 10 s command timeout
+            await conn.execute("ANALYZE certificates, responses", timeout=600)
         return True
 
     async def recent_responses(
