@@ -82,11 +82,14 @@ class InvalidationListener:
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(INVALIDATION_CHANNEL, self._on_notification)
+                # Notifications may have been missed before this LISTEN: while we were
+                # away, or (the first time) if serving began before it was in place
+                # (serve waits for it at most 10 s). The first time the cache is usually
+                # still empty and the clear costs nothing.
+                self.cache.clear()
                 if not first:
-                    # notifications may have been missed while we were away
                     if self.replicas is not None:
                         self.replicas.pin_everything_now()
-                    self.cache.clear()
                     metrics.invalidation_listener_reconnects_total.inc()
                     log.warning("invalidation: listener reconnected; cache cleared")
                 first = False

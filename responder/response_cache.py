@@ -116,10 +116,15 @@ class ResponseCache:
         #: bumped by every invalidation: a lookup that started before one must not put
         #: what it found (it may be the "good" a revocation just replaced)
         self.generation = 0
+        #: whole-cache clears (the invalidation listener reconnected): a loader of an
+        #: older snapshot must stop then
+        self.clears = 0
         # insertion order for eviction, kept apart from the dict: deleting a dict's first
         # items leaves holes that ``next(iter(dict))`` walks over, O(n) per eviction once
         # a full cache churns; a deque pops in O(1) for 8 bytes an entry
         self._order: deque[CacheKey] = deque()
+        #: while a warm-up loads an older snapshot: the serials invalidated meanwhile
+        self._dropped: set[tuple[int, int]] | None = None
 
     def get(self, key: CacheKey) -> ServedResponse | None:
         return self._entries.get(key)
@@ -134,9 +139,20 @@ class ResponseCache:
             self._order.append(key)
         entries[key] = entry
 
+    def watch_drops(self) -> set[tuple[int, int]]:
+        """Start recording the (issuer id, serial) of every ``drop_serial`` from now on,
+        into the set returned (for a loader of an older snapshot; ``unwatch`` ends it)."""
+        self._dropped = set()
+        return self._dropped
+
+    def unwatch(self) -> None:
+        self._dropped = None
+
     def drop_serial(self, issuer_id: int, serial: int) -> int:
         """Forget every hash-algorithm variant of one serial (after a revocation)."""
         self.generation += 1
+        if self._dropped is not None:
+            self._dropped.add((issuer_id, serial))
         dropped = 0
         for alg in ALGORITHM_BITS:
             if self._entries.pop(cache_key(issuer_id, serial, alg), None) is not None:
@@ -145,6 +161,7 @@ class ResponseCache:
 
     def clear(self) -> None:
         self.generation += 1
+        self.clears += 1
         self._entries.clear()
         self._order.clear()
 

@@ -52,22 +52,24 @@ class WarmUp:
 
     async def _run(self) -> None:
         # The rows come from one snapshot, taken after this moment. A revocation committed
-        # after it is not in the rows, and its invalidation (which bumps the generation)
-        # may arrive while a batch is on its way: putting that batch would cache the
-        # "good" the revocation replaced. So once anything was invalidated the warm-up
-        # stops; what it did not load is read from the store on demand.
-        generation = self.cache.generation
+        # after it is not in the rows, and its invalidation may arrive while a batch is on
+        # its way: putting that batch as read would cache the "good" the revocation
+        # replaced. So the serials invalidated from now on are skipped (read on demand
+        # instead), and a whole-cache clear (the listener reconnected: anything may have
+        # been missed) stops the warm-up.
+        dropped = self.cache.watch_drops()
+        clears = self.cache.clears
         try:
             async with contextlib.aclosing(self.store.recent_responses(self.limit)) as batches:
                 async for batch in batches:
-                    if self.cache.generation != generation:
+                    if self.cache.clears != clears:
                         log.info(
-                            "warm-up stopped after %d responses: a cache invalidation "
-                            "arrived (a revocation); the rest is read on demand",
+                            "warm-up stopped after %d responses: the cache was cleared (the "
+                            "invalidation listener reconnected); the rest is read on demand",
                             self.loaded,
                         )
                         break
-                    self._put(batch)
+                    self._put(batch, dropped)
                     await asyncio.sleep(0)  # let requests in between batches
             # The cache now holds most of this process's long-lived objects. Move them out
             # of the cyclic collector's reach (gc.freeze): otherwise every full collection
@@ -85,13 +87,16 @@ class WarmUp:
         except Exception as exc:
             log.warning("warm-up stopped: %s: %s", type(exc).__name__, exc)
         finally:
+            self.cache.unwatch()
             self.done.set()
 
-    def _put(self, batch: list[tuple[int, int, StoredResponse]]) -> None:
+    def _put(
+        self, batch: list[tuple[int, int, StoredResponse]], dropped: set[tuple[int, int]]
+    ) -> None:
         now = time.time()
         for issuer_id, serial, row in batch:
             renew_at = row.next_update - self.margin
-            if now >= renew_at:
+            if now >= renew_at or (issuer_id, serial) in dropped:
                 continue
             key = cache_key(issuer_id, serial, "sha1")
             if self.cache.get(key) is None:  # never replace a newer answer

@@ -182,7 +182,8 @@ def test_warm_up_never_caches_a_response_a_revocation_replaced(
 ) -> None:
     """The warm-up reads one snapshot in batches. A revocation committed after that
     snapshot is not in the rows; if its invalidation arrives while a batch is on its way,
-    that batch must not go into the cache (it holds the "good" the revocation replaced).
+    that serial must not go into the cache (the batch holds the "good" the revocation
+    replaced); the rest of the batch may. A whole-cache clear stops the warm-up.
 
     Real PostgreSQL and a real WarmUp; the test only picks the moment the invalidation
     lands: right after the rows were read, before the warm-up puts them."""
@@ -212,24 +213,27 @@ def test_warm_up_never_caches_a_response_a_revocation_replaced(
         """The real store; serial 2 is revoked (stored, then invalidated) right after
         the warm-up's snapshot was read."""
 
-        def __init__(self, store: PresignedStore, cache: ResponseCache) -> None:
-            self.store, self.cache = store, cache
+        def __init__(self, store: PresignedStore, cache: ResponseCache, clear: bool) -> None:
+            self.store, self.cache, self.clear = store, cache, clear
 
         async def recent_responses(
             self, limit: int
         ) -> AsyncGenerator[list[tuple[int, int, StoredResponse]], None]:
             async for batch in self.store.recent_responses(limit):
-                await self.store.store_responses([(1, 2, revoked)])
-                self.cache.drop_serial(1, 2)  # what the invalidation listener does
+                if self.clear:  # the listener reconnected: it clears the whole cache
+                    self.cache.clear()
+                else:
+                    await self.store.store_responses([(1, 2, revoked)])
+                    self.cache.drop_serial(1, 2)  # what the listener does on a NOTIFY
                 yield batch
 
-    async def run(invalidate: bool) -> ResponseCache:
+    async def run(invalidate: bool, clear: bool = False) -> ResponseCache:
         store = await PresignedStore.connect(database, max_size=2)
         try:
             await store.pool.execute("DELETE FROM responses")
             await store.store_responses([(1, s, r) for s, r in good.items()])
             cache = ResponseCache(100)
-            source = RevokedMidway(store, cache) if invalidate else store
+            source = RevokedMidway(store, cache, clear) if invalidate else store
             warm = WarmUp(source, cache, 100, 3600)  # type: ignore[arg-type]
             warm.start()
             await asyncio.wait_for(warm.done.wait(), 10)
@@ -240,8 +244,15 @@ def test_warm_up_never_caches_a_response_a_revocation_replaced(
     # without an invalidation both load
     plain = asyncio.run(run(False))
     assert plain.get(cache_key(1, 2, "sha1")) is not None and len(plain) == 2
-    with caplog.at_level(logging.INFO, logger="responder.warmup"):
-        cache = asyncio.run(run(True))
+    cache = asyncio.run(run(True))
     entry = cache.get(cache_key(1, 2, "sha1"))
     assert entry is None or entry.der != good[2].der, "the replaced 'good' was cached"
+    # only the invalidated serial is left to the store: the rest of the batch loads
+    kept = cache.get(cache_key(1, 1, "sha1"))
+    assert kept is not None and kept.der == good[1].der and len(cache) == 1
+    # a whole-cache clear (the listener reconnected: anything may have been missed)
+    # stops the warm-up
+    with caplog.at_level(logging.INFO, logger="responder.warmup"):
+        stopped = asyncio.run(run(True, clear=True))
+    assert len(stopped) == 0
     assert any("warm-up stopped after 0 responses" in r.getMessage() for r in caplog.records)
