@@ -287,6 +287,7 @@ class OCSPHttpProtocol(asyncio.Protocol):
             try:
                 path = httptools.parse_url(url).path or b"/"
             except httptools.HttpParserInvalidURLError:
+                self.server.refused(_BAD_REQUEST.status, self.transport)
                 self._write(_BAD_REQUEST, False)
                 return
         try:
@@ -407,21 +408,27 @@ class OCSPHttpServer:
         #: refusals not yet logged, by status, and when the last log line was written
         self._unlogged: dict[int, int] = {}
         self._refusal_logged_at = -float(REFUSAL_LOG_INTERVAL)
+        self._latest_refused_peer = "unknown"
 
     def refused(self, status: int, transport: asyncio.BaseTransport | None) -> None:
         """Count an HTTP-level refusal; log refusals at most once per
-        ``REFUSAL_LOG_INTERVAL`` (a flood of garbage must not flood the log too)."""
+        ``REFUSAL_LOG_INTERVAL`` (a flood of garbage must not flood the log too): the
+        counts held back are logged by the sweeper once the interval has passed."""
         metrics.http_refusals_total.labels(str(status)).inc()
         self._unlogged[status] = self._unlogged.get(status, 0) + 1
-        now = monotonic()
-        if now - self._refusal_logged_at < REFUSAL_LOG_INTERVAL:
-            return
         peer = transport.get_extra_info("peername") if transport is not None else None
+        self._latest_refused_peer = peer[0] if isinstance(peer, tuple) else "unknown"
+        self.log_refusals(monotonic())
+
+    def log_refusals(self, now: float) -> None:
+        """One line with the refusals not logged yet, if the interval has passed."""
+        if not self._unlogged or now - self._refusal_logged_at < REFUSAL_LOG_INTERVAL:
+            return
         counts = ", ".join(f"{n} x {code}" for code, n in sorted(self._unlogged.items()))
         log.warning(
             "OCSP port refused HTTP requests: %s (latest from %s; logged at most every %ds)",
             counts,
-            peer[0] if isinstance(peer, tuple) else "unknown",
+            self._latest_refused_peer,
             REFUSAL_LOG_INTERVAL,
         )
         self._unlogged.clear()
@@ -446,6 +453,7 @@ class OCSPHttpServer:
             now = monotonic()
             for connection in list(self.connections):
                 connection.sweep(now, self.keep_alive_timeout, self.request_timeout)
+            self.log_refusals(now)  # counts held back during the last interval
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop accepting; let answers in progress finish (at most ``grace`` s); close."""

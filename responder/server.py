@@ -124,7 +124,7 @@ async def serve(
     servers: list[_Server] = []
     if native is None:
         app = OCSPApp(endpoint)
-        keep_alive = int(config.ocsp_keep_alive_timeout.total_seconds())
+        keep_alive = max(1, round(config.ocsp_keep_alive_timeout.total_seconds()))
         servers.append(
             _Server(
                 uvicorn.Config(app, host=host, port=port, timeout_keep_alive=keep_alive, **common)  # type: ignore[arg-type]

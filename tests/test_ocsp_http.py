@@ -289,6 +289,7 @@ def test_upgrade_request_is_answered_then_closed(wire: Wire) -> None:
 def test_slow_request_times_out_with_408(wire: Wire, caplog: pytest.LogCaptureFixture) -> None:
     before = REGISTRY.get_sample_value("ocsp_http_refusals_total", {"status": "408"}) or 0.0
     wire.server._refusal_logged_at = -1e9  # the once-a-minute log line is due
+    wire.server._unlogged.clear()  # (what earlier tests held back)
 
     async def scenario() -> tuple[Answer, bool]:
         reader, writer = await connect(wire)
@@ -325,6 +326,14 @@ def test_refusals_are_logged_at_most_once_a_minute(
     lines = [r.getMessage() for r in caplog.records if "refused HTTP requests" in r.getMessage()]
     assert len(lines) == 1 and "1 x 400" in lines[0]  # the first; the next 4 wait
     assert wire.server._unlogged == {400: 4}
+    # once the interval has passed, the sweeper logs what was held back, with no new
+    # refusal needed
+    wire.server._refusal_logged_at = -1e9
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="responder.ocsp_http"):
+        run(wire, asyncio.sleep(1.5))
+    lines = [r.getMessage() for r in caplog.records if "refused HTTP requests" in r.getMessage()]
+    assert len(lines) == 1 and "4 x 400" in lines[0] and not wire.server._unlogged
 
 
 def test_idle_keep_alive_connection_is_closed(wire: Wire) -> None:
