@@ -383,6 +383,12 @@ def _build(v: dict[str, Any], base: Path, source: Path | None) -> Config:
             if not dt.timedelta(seconds=1) <= v[key] <= dt.timedelta(hours=1):
                 raise ConfigError(f"{key}: must be between 1s and 1h")
             setattr(cfg, key, v[key])
+    if "ocsp_request_read_timeout" in v and cfg.ocsp_http_server != "native":
+        # uvicorn has no such limit: never accept a setting that would do nothing
+        raise ConfigError(
+            'ocsp_request_read_timeout: only the native server has it (ocsp_http_server = "'
+            f'{cfg.ocsp_http_server}")'
+        )
     if "log_level" in v:
         cfg.log_level = v["log_level"].lower()
     cfg.issuers = [_issuer(base, item, i) for i, item in enumerate(v.get("issuers", []))]

@@ -181,6 +181,10 @@ def test_cli_reports_config_errors_cleanly(tmp_path: Path) -> None:
         ('refresh_deadline_slack = "2d"\n', "refresh_deadline_slack: must be shorter"),
         ('ocsp_keep_alive_timeout = "0s"\n', "ocsp_keep_alive_timeout: must be between 1s"),
         ('ocsp_request_read_timeout = "2h"\n', "ocsp_request_read_timeout: must be between"),
+        (
+            'ocsp_http_server = "uvicorn"\nocsp_request_read_timeout = "5s"\n',
+            "ocsp_request_read_timeout: only the native server has it",
+        ),
     ],
 )
 def test_operations_keys_refused(tmp_path: Path, text: str, message: str) -> None:
