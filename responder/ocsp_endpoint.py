@@ -222,7 +222,8 @@ class OCSPEndpoint:
         started: float,
     ) -> Reply:
         der = entry.head + entry.tail if entry.tail else entry.head
-        left = entry.next_update - int(time()) - NEXT_UPDATE_SLACK
+        now = int(time())
+        left = entry.next_update - now - NEXT_UPDATE_SLACK
         cache_control = (
             self._full_cache_control if left >= self.max_age else _cache_control(max(0, left))
         )
@@ -241,7 +242,7 @@ class OCSPEndpoint:
             reply = Reply(200, headers, b"" if head else der)
             result = _STATUS_RESULTS[entry.status]
         seconds = perf_counter() - started
-        self.stats.count(method, result, source, seconds)
+        self.stats.count(method, result, source, seconds, now - entry.this_update)
         log_answer(
             request_id=next_request_id(),
             method=method,

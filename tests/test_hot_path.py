@@ -60,9 +60,12 @@ def test_answer_stats_reach_prometheus() -> None:
     sum_before = REGISTRY.get_sample_value("ocsp_request_seconds_sum") or 0.0
     le = {"le": "0.001"}
     bucket_before = REGISTRY.get_sample_value("ocsp_request_seconds_bucket", le) or 0.0
+    age_le = {"le": "3600.0"}
+    age_count_before = REGISTRY.get_sample_value("ocsp_response_age_seconds_count") or 0.0
+    age_bucket_before = REGISTRY.get_sample_value("ocsp_response_age_seconds_bucket", age_le)
     stats = AnswerStats()
-    stats.count("GET", "revoked", "store", 0.0004)
-    stats.count("GET", "revoked", "store", 0.02)
+    stats.count("GET", "revoked", "store", 0.0004, 120)  # a response signed 2 min ago
+    stats.count("GET", "revoked", "store", 0.02, 4 * 86400)
     assert REGISTRY.get_sample_value("ocsp_requests_total", labels) in (None, before)
     stats.flush()
     assert REGISTRY.get_sample_value("ocsp_requests_total", labels) == before + 2
@@ -70,6 +73,12 @@ def test_answer_stats_reach_prometheus() -> None:
     assert REGISTRY.get_sample_value("ocsp_request_seconds_bucket", le) == bucket_before + 1
     assert REGISTRY.get_sample_value("ocsp_request_seconds_sum") == pytest.approx(
         sum_before + 0.0204
+    )
+    # the served responses' age, which the "response too old" alert watches
+    assert REGISTRY.get_sample_value("ocsp_response_age_seconds_count") == age_count_before + 2
+    assert (
+        REGISTRY.get_sample_value("ocsp_response_age_seconds_bucket", age_le)
+        == (age_bucket_before or 0.0) + 1
     )
 
 

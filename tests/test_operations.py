@@ -102,6 +102,15 @@ def test_metrics_on_admin_listener(ops_responder, p256_issuer):  # type: ignore[
     assert metric(text, "ocsp_db_pool_connections", pool="main", state="open") >= 1
     assert ("ocsp_signing_queue_depth", ()) in samples(text)
     assert metric(text, "ocsp_responses_overdue_refresh") == 0
+    # the age of the responses served (docs/deploy.md's "response too old" alert), counted
+    # by the hot path and flushed each second
+    deadline = time.monotonic() + 5
+    while metric(text, "ocsp_response_age_seconds_count") < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        text = httpx.get(ops_responder.admin_url + "/metrics").text
+    assert metric(text, "ocsp_response_age_seconds_count") >= 1
+    # just signed (thisUpdate backdated by this_update_backdate, 1 h): within 6 h
+    assert metric(text, "ocsp_response_age_seconds_bucket", le="21600.0") >= 1
 
 
 def test_metrics_not_on_ocsp_port(ops_responder):  # type: ignore[no-untyped-def]
