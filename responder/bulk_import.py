@@ -136,7 +136,6 @@ class ImportJournal:
 @dataclass
 class ImportReport:
     files: int = 0
-    skipped_files: int = 0
     created: int = 0
     existing: int = 0
     refused: int = 0
@@ -199,7 +198,6 @@ class Importer:
                 continue
             done, complete = self.journal.done(key) if self.journal else (0, False)
             if complete and done == len(blobs):
-                self.report.skipped_files += 1
                 self.report.resumed_past += done
                 continue
             done = min(done, len(blobs))

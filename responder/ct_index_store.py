@@ -20,7 +20,6 @@ from responder.store import serial_from_key, serial_key, to_datetime
 from signer.response_builder import REASONS_BY_CODE, Revocation, SignedResponse
 
 ENTRY_KINDS = {"x509": 0, "precert": 1}
-ENTRY_KIND_NAMES = {code: name for name, code in ENTRY_KINDS.items()}
 
 
 class PositionConflict(Exception):

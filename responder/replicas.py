@@ -108,7 +108,8 @@ class ReplicaSet:
         self._spawn(self._resolve_pin(key))
 
     def pin_everything_now(self) -> None:
-        """Like :meth:`pin_everything`, usable from a synchronous callback."""
+        """After notifications may have been lost: primary only until the replicas catch
+        up (usable from a synchronous callback)."""
         if not self.replicas:
             return
         self.global_barrier = UNRESOLVED
@@ -142,11 +143,6 @@ class ReplicaSet:
         """Read this serial from the primary until the replicas have replayed its change."""
         if self.replicas:
             self.pins[(issuer_id, serial_key)] = await self.barrier()
-
-    async def pin_everything(self) -> None:
-        """After notifications may have been lost: primary only until replicas catch up."""
-        if self.replicas:
-            self.global_barrier = await self.barrier()
 
     def ready_detail(self) -> str:
         healthy = sum(r.healthy for r in self.replicas)
@@ -193,9 +189,6 @@ class ReplicaSet:
             self.global_barrier = 0
         if self.pins:
             self.pins = {k: lsn for k, lsn in self.pins.items() if lsn > slowest}
-
-    def pool_for(self, key: tuple[int, bytes] | None = None) -> asyncpg.Pool:
-        return self.pick(key) or self.primary
 
 
 async def connect_replicas(

@@ -98,14 +98,6 @@ class ServedResponse:
         """The whole DER response (the shared certificate appended)."""
         return self.head + self.tail if self.tail else self.head
 
-    @property
-    def last_modified(self) -> bytes:
-        return http_date(self.this_update)
-
-    @property
-    def expires(self) -> bytes:
-        return http_date(self.next_update)
-
 
 class ResponseCache:
     """Response bytes by :func:`cache_key` (issuer, serial, hash algorithm)."""

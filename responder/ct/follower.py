@@ -222,7 +222,6 @@ class LogFollower:
         self.client = client_cls(
             config.url, http=http, retry=config.retry, max_body=config.max_body
         )
-        self.last_head: TreeHead | None = None
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -250,7 +249,6 @@ class LogFollower:
             raise LogRollbackError("two different signed roots for the same tree size")
         if head.tree_size == st.next_index and st.compact_range().root() != head.root_hash:
             raise RootMismatchError("signed root does not extend the verified tree")
-        self.last_head = head
         return head
 
     async def poll_once(self) -> AsyncIterator[Batch]:
