@@ -149,60 +149,63 @@ def _not_after(buf: bytes, pos: int, end: int) -> int:
     return decode_time(buf, tag, t0, t1)
 
 
-def tbs_serial_and_not_after(
-    tbs: bytes, start: int = 0, end: int | None = None
-) -> tuple[int, int | None]:
-    """Serial and notAfter (POSIX seconds) of a DER TBSCertificate at ``tbs[start:end]``.
-    A Validity that does not parse gives None: the serial still counts (an issued serial
-    is never dropped for a defect elsewhere in its certificate)."""
+def _not_after_or_none(buf: bytes, validity: int, end: int) -> int | None:
+    """notAfter of the Validity at ``validity`` (TBSCertificate content ends at ``end``);
+    None when it does not parse: the serial still counts (an issued serial is never
+    dropped for a defect elsewhere in its certificate)."""
+    try:
+        return _not_after(buf, validity, end)
+    except DERError:
+        return None
+
+
+def _tbs_content(tbs: bytes, start: int, end: int | None) -> tuple[int, int]:
+    """The content [start, end) of a DER TBSCertificate occupying exactly tbs[start:end]."""
     end = len(tbs) if end is None else end
     c0, c1 = expect(tbs, start, end, TAG_SEQUENCE)
     if c1 != end:
         raise DERError("trailing bytes after TBSCertificate")
-    serial, _, i1 = _serial_and_issuer(tbs, c0, c1)
-    try:
-        return serial, _not_after(tbs, i1, c1)
-    except DERError:
-        return serial, None
+    return c0, c1
+
+
+def _certificate_tbs_content(cert: bytes, start: int, end: int | None) -> tuple[int, int]:
+    """The content [start, end) of the TBSCertificate of a DER Certificate at
+    cert[start:end]."""
+    t0, t1 = certificate_tbs(cert, start, end)
+    return expect(cert, t0, t1, TAG_SEQUENCE)
+
+
+def tbs_serial_and_not_after(
+    tbs: bytes, start: int = 0, end: int | None = None
+) -> tuple[int, int | None]:
+    """Serial and notAfter (POSIX seconds, or None: ``_not_after_or_none``) of a DER
+    TBSCertificate occupying exactly ``tbs[start:end]``."""
+    c0, c1 = _tbs_content(tbs, start, end)
+    serial, _, validity = _serial_and_issuer(tbs, c0, c1)
+    return serial, _not_after_or_none(tbs, validity, c1)
 
 
 def certificate_serial_and_issuer(
     cert: bytes, start: int = 0, end: int | None = None
 ) -> tuple[int, int, int]:
     """(serial, issuer_start, issuer_end) of a DER Certificate at ``cert[start:end]``."""
-    t0, t1 = certificate_tbs(cert, start, end)
-    c0, c1 = expect(cert, t0, t1, TAG_SEQUENCE)
-    return _serial_and_issuer(cert, c0, c1)
+    return _serial_and_issuer(cert, *_certificate_tbs_content(cert, start, end))
 
 
 def certificate_not_after(cert: bytes, start: int = 0, end: int | None = None) -> int | None:
-    """notAfter (POSIX seconds) of a DER Certificate at ``cert[start:end]``; None when its
-    Validity does not parse (as in ``tbs_serial_and_not_after``)."""
+    """notAfter (POSIX seconds, or None: ``_not_after_or_none``) of a DER Certificate at
+    ``cert[start:end]``."""
     try:
-        t0, t1 = certificate_tbs(cert, start, end)
-        c0, c1 = expect(cert, t0, t1, TAG_SEQUENCE)
-        _, _, i1 = _serial_and_issuer(cert, c0, c1)
-        return _not_after(cert, i1, c1)
+        c0, c1 = _certificate_tbs_content(cert, start, end)
+        validity = _serial_and_issuer(cert, c0, c1)[2]
     except DERError:
         return None
-
-
-def tbs_serial(tbs: bytes, start: int = 0, end: int | None = None) -> int:
-    """Serial number of a DER TBSCertificate occupying exactly ``tbs[start:end]``."""
-    end = len(tbs) if end is None else end
-    c0, c1 = expect(tbs, start, end, TAG_SEQUENCE)
-    if c1 != end:
-        raise DERError("trailing bytes after TBSCertificate")
-    return _serial_and_issuer(tbs, c0, c1)[0]
+    return _not_after_or_none(cert, validity, c1)
 
 
 def tbs_fields(tbs: bytes, start: int = 0, end: int | None = None) -> TBSFields:
     """Walk a DER TBSCertificate occupying exactly ``tbs[start:end]``."""
-    end = len(tbs) if end is None else end
-    c0, c1 = expect(tbs, start, end, TAG_SEQUENCE)
-    if c1 != end:
-        raise DERError("trailing bytes after TBSCertificate")
-    return _tbs_fields_in(tbs, c0, c1)
+    return _tbs_fields_in(tbs, *_tbs_content(tbs, start, end))
 
 
 def certificate_tbs(cert: bytes, start: int = 0, end: int | None = None) -> tuple[int, int]:
@@ -217,9 +220,7 @@ def certificate_tbs(cert: bytes, start: int = 0, end: int | None = None) -> tupl
 
 def certificate_fields(cert: bytes, start: int = 0, end: int | None = None) -> TBSFields:
     """Walk a DER Certificate occupying exactly ``cert[start:end]``."""
-    t0, t1 = certificate_tbs(cert, start, end)
-    c0, c1 = expect(cert, t0, t1, TAG_SEQUENCE)
-    return _tbs_fields_in(cert, c0, c1)
+    return _tbs_fields_in(cert, *_certificate_tbs_content(cert, start, end))
 
 
 def children(buf: bytes, start: int, end: int) -> list[tuple[int, int, int, int]]:

@@ -158,7 +158,7 @@ def test_x509_issuer_confirmed_by_key_not_just_name(pki: Pki) -> None:
 
 def test_der_walk_is_strict() -> None:
     tbs = make_leaf_tbs()
-    assert der.tbs_serial(tbs) == 0x0102
+    assert der.tbs_serial_and_not_after(tbs)[0] == 0x0102
     bad = [
         tbs[:-1],  # truncated
         tbs + b"\x00",  # trailing
@@ -166,7 +166,7 @@ def test_der_walk_is_strict() -> None:
     ]
     for b in bad:
         with pytest.raises(DERError):
-            der.tbs_serial(b)
+            der.tbs_serial_and_not_after(b)
     # non-minimal INTEGER 00 01
     with pytest.raises(DERError):
         der.decode_integer(b"\x00\x01", 0, 2)
