@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from responder import metrics
+from responder.refresh_store import overdue_query
 from responder.sources import LiveSigningSource
 from responder.store import MAX_CERTIFICATE_LIFETIME, PresignedStore
 from signer.issuers import IssuerConfigError, IssuerRegistry
@@ -41,30 +42,6 @@ log = logging.getLogger(__name__)
 
 READY_DB_TIMEOUT = 1.0
 SAMPLE_INTERVAL = 5.0
-
-
-def past_deadline_query(ct_not_after: bool) -> str:
-    """Responses overdue for refresh, of certificates not yet expired: the notAfter is the
-    recorded one, else the one CT logged (migration 0005, when present), else (revoked
-    without a record) revocation + the longest BR lifetime, as the refresher reckons it
-    (responder/refresh_store.py); with none known the response counts. A certificate the
-    refresher has let go must not count, or readiness would fail for good."""
-    ct_join, ct_not_after_term = (
-        (
-            "LEFT JOIN ct_index t ON t.issuer_id = r.issuer_id AND t.serial = r.serial ",
-            "t.not_after, ",
-        )
-        if ct_not_after
-        else ("", "")
-    )
-    return (
-        "SELECT count(*) FROM responses r "
-        "LEFT JOIN certificates c ON c.issuer_id = r.issuer_id AND c.serial = r.serial "
-        "LEFT JOIN revocations v ON v.issuer_id = r.issuer_id AND v.serial = r.serial "
-        f"{ct_join}"
-        "WHERE r.next_update < $1 AND coalesce(c.not_after, "
-        f"{ct_not_after_term}v.revoked_at + $2::interval, 'infinity'::timestamptz) > now()"
-    )
 
 
 @dataclass
@@ -144,12 +121,16 @@ class HealthMonitor:
 
     async def check_responses(self) -> None:
         """Count stored responses past their refresh deadline (see the module docstring)."""
-        threshold = dt.datetime.now(dt.UTC) + self.refresh_margin - self.deadline_slack
+        now = dt.datetime.now(dt.UTC)
+        threshold = now + self.refresh_margin - self.deadline_slack
         try:
             count = await asyncio.wait_for(
+                # certificates not yet expired: the refresher's reckoning with no retention
                 self.store.pool.fetchval(
-                    past_deadline_query(self.store.ct_not_after),
+                    overdue_query(self.store.ct_not_after),
                     threshold,
+                    now,
+                    dt.timedelta(0),
                     MAX_CERTIFICATE_LIFETIME,
                 ),
                 timeout=5.0,

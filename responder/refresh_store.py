@@ -101,6 +101,9 @@ class _Statements:
     count_stale_signer: str
     count_past_deadline: str
     age_quantiles: str
+    #: readiness (responder/health.py): rows whose nextUpdate is before :threshold, of
+    #: certificates in the cycle (with retention 0: not yet expired)
+    count_overdue: str
 
     @classmethod
     def build(cls, ct_not_after: bool) -> _Statements:
@@ -148,10 +151,23 @@ class _Statements:
                 + f" WHERE {in_cycle}",
                 ("now", "percent", "retention", "lifetime"),
             ),
+            count_overdue=_numbered(
+                f"SELECT count(*) {joins} WHERE r.next_update < :threshold::timestamptz "
+                f"AND {in_cycle}",
+                ("threshold", "now", "retention", "lifetime"),
+            ),
         )
 
 
 _STATEMENTS = {flag: _Statements.build(flag) for flag in (False, True)}
+
+
+def overdue_query(ct_not_after: bool) -> str:
+    """Readiness's count of responses overdue for refresh, reckoning which certificates
+    are still in the cycle exactly as the refresher does: $1 threshold, $2 now, $3
+    retention, $4 MAX_CERTIFICATE_LIFETIME."""
+    return _STATEMENTS[ct_not_after].count_overdue
+
 
 _WRITE = """
     UPDATE responses r

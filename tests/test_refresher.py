@@ -343,12 +343,20 @@ def test_serials_known_only_from_ct_leave_the_cycle_by_their_logged_not_after(  
         assert stored(database, issuer, serial)["this_update"] > now.timestamp() - 2 * HOUR
     # readiness does not count the retired one as overdue (it would stay not ready for
     # good): the health check reckons notAfter as the refresher does
-    from responder.health import past_deadline_query
+    from responder.refresh_store import overdue_query
     from responder.store import MAX_CERTIFICATE_LIFETIME
 
     threshold = now + dt.timedelta(days=2) - dt.timedelta(hours=6)  # margin - slack
+    check_now = dt.datetime.now(dt.UTC)
     overdue = {
-        flag: sql_sync(database, past_deadline_query(flag), threshold, MAX_CERTIFICATE_LIFETIME)
+        flag: sql_sync(
+            database,
+            overdue_query(flag),
+            threshold,
+            check_now,
+            dt.timedelta(0),
+            MAX_CERTIFICATE_LIFETIME,
+        )
         for flag in (True, False)
     }
     assert overdue[True][0]["count"] == 0
