@@ -206,8 +206,9 @@ class LiveSigningSource:
 
     ``queue_limit`` caps the on-demand requests in flight (the store read included, when
     the query does not carry the knowledge): beyond it the answer is tryLater at once. The
-    semaphore (``concurrency``) bounds the signatures themselves; the database read happens
-    outside it so a slow read does not idle the signer. The read is one ``lookup.get``
+    semaphore (``concurrency``) would bound signatures that wait; today every signature is
+    made synchronously in the event loop (file key or PKCS#11 call), one at a time, so it
+    never waits and ``queue_limit`` is the bound that acts. The read is one ``lookup.get``
     (batched with every other lookup of the moment; ``store.knowledge`` without a
     lookup). A SHA-1 query carries the knowledge from StoreSource's lookup: nothing is read
     here, and the request yields once after taking its place in the queue, so the
