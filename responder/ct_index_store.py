@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from responder.schema import ct_index_has_not_after
-from responder.store import serial_from_key, serial_key, to_datetime
+from responder.store import response_arrays, serial_from_key, serial_key
 from signer.response_builder import REASONS_BY_CODE, Revocation, SignedResponse
 
 ENTRY_KINDS = {"x509": 0, "precert": 1}
@@ -234,11 +234,7 @@ class CTIndexStore:
                 "ON CONFLICT (issuer_id, serial) DO NOTHING",
                 issuer_ids,
                 serials,
-                [int(s.status) for _, s in repairs],
-                [to_datetime(s.this_update) for _, s in repairs],
-                [to_datetime(s.next_update) for _, s in repairs],
-                [s.der for _, s in repairs],
-                [s.signer or None for _, s in repairs],
+                *response_arrays([s for _, s in repairs]),
             )
             await conn.execute(
                 "UPDATE coverage_gaps g SET repaired_at = now() "

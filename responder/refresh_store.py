@@ -29,7 +29,12 @@ from responder.schema import ct_index_has_not_after
 # A serial revoked without any certificate record has no known notAfter; its certificate
 # was issued before the revocation and lives at most 398 days (BR 6.3.2), so it has
 # certainly expired MAX_CERTIFICATE_LIFETIME after the revocation time.
-from responder.store import MAX_CERTIFICATE_LIFETIME, serial_from_key, serial_key, to_datetime
+from responder.store import (
+    MAX_CERTIFICATE_LIFETIME,
+    response_arrays,
+    serial_from_key,
+    serial_key,
+)
 from signer.response_builder import (
     REASONS_BY_CODE,
     CertStatus,
@@ -278,11 +283,7 @@ class RefreshStore:
                     _WRITE,
                     issuer_id,
                     [serial_key(d.serial) for d, _ in pairs],
-                    [int(s.status) for _, s in pairs],
-                    [to_datetime(s.this_update) for _, s in pairs],
-                    [to_datetime(s.next_update) for _, s in pairs],
-                    [s.der for _, s in pairs],
-                    [s.signer or None for _, s in pairs],
+                    *response_arrays([s for _, s in pairs]),
                 )
             return len(rows)
 

@@ -109,6 +109,24 @@ def to_datetime(seconds: int) -> dt.datetime:
     return dt.datetime.fromtimestamp(seconds, dt.UTC)
 
 
+#: one column array each of a batch of ``responses`` rows, for ``unnest()``
+ResponseArrays = tuple[
+    list[int], list[dt.datetime], list[dt.datetime], list[bytes], list[int | None]
+]
+
+
+def response_arrays(responses: Sequence[SignedResponse]) -> ResponseArrays:
+    """The (status, this_update, next_update, der, signer) column arrays of signed
+    responses, in the order every batched write of ``responses`` takes them."""
+    return (
+        [int(s.status) for s in responses],
+        [to_datetime(s.this_update) for s in responses],
+        [to_datetime(s.next_update) for s in responses],
+        [s.der for s in responses],
+        [s.signer or None for s in responses],
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class StoredResponse:
     der: bytes
@@ -409,11 +427,7 @@ class PresignedStore:
             "  AND NOT (responses.status = 1 AND EXCLUDED.status = 0)",
             [issuer_id for issuer_id, _ in newest],
             [serial for _, serial in newest],
-            [int(s.status) for s in newest.values()],
-            [to_datetime(s.this_update) for s in newest.values()],
-            [to_datetime(s.next_update) for s in newest.values()],
-            [s.der for s in newest.values()],
-            [s.signer or None for s in newest.values()],
+            *response_arrays(list(newest.values())),
         )
 
     async def record_certificates(
@@ -463,11 +477,7 @@ class PresignedStore:
                     [key[1] for key, _ in unique],
                     [r.not_after for _, (r, _) in unique],
                     [kinds[key] for key, _ in unique],
-                    [int(s.status) for _, (_, s) in unique],
-                    [to_datetime(s.this_update) for _, (_, s) in unique],
-                    [to_datetime(s.next_update) for _, (_, s) in unique],
-                    [s.der for _, (_, s) in unique],
-                    [s.signer or None for _, (_, s) in unique],
+                    *response_arrays([s for _, (_, s) in unique]),
                 )
             # rows already present with nothing to add are not returned: not new
             return {(row["issuer_id"], bytes(row["serial"])): row["inserted"] for row in rows}
