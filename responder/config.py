@@ -123,6 +123,9 @@ class Config:
     cache_size: int = 1_000_000
     signing_concurrency: int = 4
     signing_queue_limit: int = 256
+    #: serials waiting for a batched store lookup beyond which a request is answered
+    #: tryLater at once (responder/store_lookup.py)
+    store_lookup_queue_limit: int = 4096
     #: the OCSP port's HTTP server: "native" (responder/ocsp_http.py) or "uvicorn"
     ocsp_http_server: str = "native"
     #: an idle keep-alive connection on the OCSP port is closed after this long (a CDN
@@ -263,6 +266,7 @@ KNOWN_KEYS: dict[str, Callable[[object, str], object]] = {
     "cache_size": _int,
     "signing_concurrency": _int,
     "signing_queue_limit": _int,
+    "store_lookup_queue_limit": _int,
     "ocsp_http_server": _str,
     "ocsp_keep_alive_timeout": parse_duration,
     "ocsp_request_read_timeout": parse_duration,
@@ -369,9 +373,16 @@ def _build(v: dict[str, Any], base: Path, source: Path | None) -> Config:
     cfg.policy = policy
     if "max_age" in v:
         cfg.max_age = int(v["max_age"].total_seconds())
-    for key in ("cache_size", "signing_concurrency", "signing_queue_limit"):
+    for key in (
+        "cache_size",
+        "signing_concurrency",
+        "signing_queue_limit",
+        "store_lookup_queue_limit",
+    ):
         if key in v:
-            if v[key] < 0 or (key == "signing_concurrency" and v[key] < 1):
+            if v[key] < 0 or (
+                key in ("signing_concurrency", "store_lookup_queue_limit") and v[key] < 1
+            ):
                 raise ConfigError(f"{key}: must be positive")
             setattr(cfg, key, v[key])
     if "ocsp_http_server" in v:

@@ -118,6 +118,8 @@ class HealthMonitor:
         gauge.labels("main", "in_use").set(size - idle)
         gauge.labels("main", "max").set(pool.get_max_size())
         metrics.signing_queue_depth.set(self.live.waiting)
+        if self.live.lookup is not None:
+            metrics.store_lookup_queue_depth.set(self.live.lookup.waiting)
 
     async def check_responses(self) -> None:
         """Count stored responses past their refresh deadline (see the module docstring)."""

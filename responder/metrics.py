@@ -143,6 +143,18 @@ store_lookup_batch_keys = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
 
+#: Keys refused because ``store_lookup_queue_limit`` keys already waited for a batch (the
+#: database is behind): each such request was answered tryLater at once.
+store_lookups_refused_total = Counter(
+    "ocsp_store_lookups_refused_total",
+    "Store lookups refused (tryLater) because too many waited for the database",
+)
+store_lookup_queue_depth = Gauge(
+    "ocsp_store_lookup_queue_depth",
+    "Distinct serials waiting for a batched store lookup",
+    multiprocess_mode="sum",
+)
+
 
 def render() -> tuple[bytes, str]:
     """The exposition text: aggregated across workers in multiprocess mode."""

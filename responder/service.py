@@ -96,6 +96,7 @@ class ResponderService:
             policy,
             signing_concurrency=self.config.signing_concurrency,
             signing_queue_limit=self.config.signing_queue_limit,
+            store_lookup_queue_limit=self.config.store_lookup_queue_limit,
             expired_retention=self.config.expired_retention,
         )
         self.recorder = CertificateRecorder(self.registry, self.store, policy)

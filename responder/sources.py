@@ -28,7 +28,7 @@ from responder.ct_index_store import record_request_gap
 from responder.protocol import CertIdRequest
 from responder.response_cache import ResponseCache, ServedResponse, cache_key
 from responder.store import Knowledge, PresignedStore
-from responder.store_lookup import BatchedLookup
+from responder.store_lookup import QUEUE_LIMIT, BatchedLookup, LookupQueueFull
 from responder.write_back import WriteBack
 from signer.issuers import Issuer, IssuerRegistry
 from signer.presign import PresignedSigner
@@ -62,7 +62,8 @@ class Retired(SerialNotFound):
 
 
 class Overloaded(LookupError_):
-    """Too many on-demand signatures queued: answer tryLater quickly instead of queueing."""
+    """Too many on-demand signatures, or store lookups, queued: answer tryLater quickly
+    instead of queueing."""
 
 
 class Unavailable(LookupError_):
@@ -177,6 +178,8 @@ class StoreSource:
             return await self.next.response(query)
         try:
             found = await self.lookup.get(issuer.db_id, req.serial)
+        except LookupQueueFull as exc:
+            raise Overloaded(str(exc)) from exc
         except Exception as exc:
             raise Unavailable(f"store read failed: {type(exc).__name__}") from exc
         row, knowledge = found
@@ -263,6 +266,8 @@ class LiveSigningSource:
                     knowledge = found.knowledge
                 else:
                     knowledge = await self.store.knowledge(issuer.db_id, req.serial)
+            except LookupQueueFull as exc:
+                raise Overloaded(str(exc)) from exc
             except Exception as exc:
                 raise Unavailable(f"store read failed: {type(exc).__name__}") from exc
         if not knowledge.known:
@@ -370,10 +375,11 @@ def build_chain(
     signing_concurrency: int,
     signing_queue_limit: int,
     expired_retention: dt.timedelta | None = None,
+    store_lookup_queue_limit: int = QUEUE_LIMIT,
 ) -> tuple[IssuerFilter, LiveSigningSource]:
-    """Compose the standard chain; the live source is returned too, for its queue depth.
+    """Compose the standard chain; the live source is returned too, for its queue depths.
     The store and live sources share one BatchedLookup, so their reads join one batch."""
-    lookup = BatchedLookup(store)
+    lookup = BatchedLookup(store, queue_limit=store_lookup_queue_limit)
     live = LiveSigningSource(
         store,
         policy,

@@ -15,7 +15,10 @@ key asked in the same iteration joins one statement:
 on the next loop iteration. A batch holds at most ``max_batch`` distinct keys; a key asked
 twice is queried once. Up to ``max_in_flight`` batches run at once, each on its own pool
 connection; while that many run, new keys wait and join the next batch, sent as soon as
-one finishes: under load batches grow instead of statements multiplying.
+one finishes: under load batches grow instead of statements multiplying. At most
+``queue_limit`` distinct keys wait so: a new key beyond that raises ``LookupQueueFull`` at
+once (the chain answers tryLater), so when the database falls behind the requests it
+cannot answer soon are refused quickly instead of queueing without end.
 
 If the statement fails, every waiter of that batch gets the exception (the chain answers
 tryLater). A waiter that is cancelled only drops its own future; the batch goes on.
@@ -55,6 +58,11 @@ MAX_BATCH = 256
 #: under load batches grow instead of statements multiplying; the rest of the pool stays
 #: free for writes (write-back, recording, health checks)
 MAX_IN_FLIGHT = 4
+
+#: distinct keys waiting for a batch (asked, not yet sent) beyond which a new key is refused:
+#: 16 full batches, i.e. four rounds of MAX_IN_FLIGHT; a key already waiting is never
+#: refused (its request joins the waiters at no cost to the database)
+QUEUE_LIMIT = 4096
 
 #: The primary-key condition of one table for key number q.i of the batch.
 _KEY_I = "issuer_id = ($1::smallint[])[q.i] AND serial = ($2::bytea[])[q.i]"
@@ -110,6 +118,11 @@ class Lookup(NamedTuple):
     knowledge: Knowledge
 
 
+class LookupQueueFull(Exception):
+    """``queue_limit`` distinct keys already wait for a batch: the database is behind, and
+    this request is refused at once (tryLater) instead of waiting at the end of the line."""
+
+
 class LookupInterrupted(Exception):
     """The batch ended (its task was cancelled, e.g. at shutdown) before answering."""
 
@@ -130,10 +143,12 @@ class BatchedLookup:
         *,
         max_batch: int = MAX_BATCH,
         max_in_flight: int = MAX_IN_FLIGHT,
+        queue_limit: int = QUEUE_LIMIT,
     ) -> None:
         self.store = store
         self.max_batch = max_batch
         self.max_in_flight = max_in_flight
+        self.queue_limit = queue_limit
         #: statements sent (replica and primary, failed ones included), batches formed,
         #: keys asked: for tests and for judging the batching
         self.statements = 0
@@ -151,11 +166,15 @@ class BatchedLookup:
 
         ``want_response`` False (a CertID the stored row cannot answer, i.e. not SHA-1)
         lets a replica's answer stand without the row, as ``knowledge`` alone would.
-        Raises what the statement raised (asyncpg/OS errors) when the batch fails."""
+        Raises ``LookupQueueFull`` at once when ``queue_limit`` other keys already wait,
+        and what the statement raised (asyncpg/OS errors) when the batch fails."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Lookup] = loop.create_future()
         key = (issuer_id, serial_key(serial))
         waiters = self._pending.get(key)
+        if waiters is None and len(self._pending) >= self.queue_limit:
+            metrics.store_lookups_refused_total.inc()
+            raise LookupQueueFull(f"{len(self._pending)} keys wait for the store")
+        future: asyncio.Future[Lookup] = loop.create_future()
         if waiters is None:
             self._pending[key] = [future]
         else:
@@ -166,6 +185,11 @@ class BatchedLookup:
             self._scheduled = True
             loop.call_soon(self._flush, loop)
         return await future
+
+    @property
+    def waiting(self) -> int:
+        """Distinct keys asked and not yet sent (what ``queue_limit`` bounds)."""
+        return len(self._pending)
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         """Send what is pending, in batches of at most ``max_batch`` keys, while fewer than

@@ -86,6 +86,7 @@ def test_ct_logs(tmp_path: Path) -> None:
         ('listen = "nowhere"\n', "listen: expected host:port"),
         ('path_prefix = "ocsp"\n', "must start with '/'"),
         ('ocsp_http_server = "hypercorn"\n', 'ocsp_http_server: must be "native" or "uvicorn"'),
+        ("store_lookup_queue_limit = 0\n", "store_lookup_queue_limit: must be positive"),
         ("[[issuers]]\nname = 'x'\n", "'certificate'"),
         ("[[issuers]]\ncertificate = 'x.pem'\n", "delegated responder"),
         ("listen = [\n", "invalid TOML"),
@@ -223,3 +224,10 @@ def test_ocsp_port_timeouts(tmp_path: Path) -> None:
     cfg = load_config(path, {"OCSP_RESPONDER_OCSP_REQUEST_READ_TIMEOUT": "3s"})
     assert cfg.ocsp_keep_alive_timeout == dt.timedelta(minutes=2)
     assert cfg.ocsp_request_read_timeout == dt.timedelta(seconds=3)
+
+
+def test_store_lookup_queue_limit(tmp_path: Path) -> None:
+    assert load_config(None, {}).store_lookup_queue_limit == 4096
+    path = tmp_path / "c.toml"
+    path.write_text("store_lookup_queue_limit = 100\n")
+    assert load_config(path, {}).store_lookup_queue_limit == 100

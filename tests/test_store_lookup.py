@@ -243,6 +243,66 @@ def test_keys_gather_while_batches_are_in_flight(database: str) -> None:
     asyncio.run(run())
 
 
+def test_waiting_keys_beyond_the_queue_limit_are_refused_at_once(
+    database: str, issuer: Issuer
+) -> None:
+    """While the database is behind (the batch in flight blocked), at most
+    ``store_lookup_queue_limit`` distinct serials wait: the next one is Overloaded
+    (tryLater) at once, counted; a serial already waiting still joins; when the database
+    answers again every waiter gets its answer and new keys are taken again."""
+    from responder.sources import Overloaded
+
+    async def run() -> None:
+        store = await PresignedStore.connect(database, min_size=1, max_size=2)
+        await store.register_issuers([issuer])
+        conn = await asyncpg.connect(database)
+        for serial in range(1, 8):
+            await put(conn, issuer.db_id, serial, "good")
+        chain, live = build_chain(
+            IssuerRegistry([issuer]),
+            ResponseCache(0),
+            store,
+            ValidityPolicy(),
+            signing_concurrency=1,
+            signing_queue_limit=256,
+            store_lookup_queue_limit=2,
+        )
+        lookup = chain.next.next.lookup  # type: ignore[attr-defined]
+        lookup.max_in_flight = 1
+        name_hash, key_hash = issuer.cert_id_hashes["sha1"]
+
+        def ask(serial: int) -> asyncio.Task[object]:
+            req = CertIdRequest("sha1", name_hash, key_hash, serial, None)
+            return asyncio.create_task(chain.response(req))
+
+        refused_before = REGISTRY.get_sample_value("ocsp_store_lookups_refused_total") or 0
+        try:
+            async with conn.transaction():
+                await conn.execute("LOCK TABLE certificates IN ACCESS EXCLUSIVE MODE")
+                first = ask(1)
+                await blocked_on(conn)
+                waiting = [ask(2), ask(3)]
+                await asyncio.sleep(0.05)
+                assert lookup.waiting == 2
+                with pytest.raises(Overloaded):  # at once: TimeoutError if it waited
+                    await asyncio.wait_for(ask(4), 2)
+                twin = ask(2)  # the same serial as a waiting one: no new key, not refused
+                await asyncio.sleep(0.05)
+                assert not twin.done() and lookup.waiting == 2
+                refused = REGISTRY.get_sample_value("ocsp_store_lookups_refused_total")
+                assert refused == refused_before + 1
+            answers = await asyncio.gather(first, *waiting, twin)
+            assert [a.source for a in answers] == ["store"] * 4  # type: ignore[attr-defined]
+            assert lookup.waiting == 0
+            assert (await ask(4)).source == "store"  # type: ignore[attr-defined]
+        finally:
+            await live.drain()
+            await store.close()
+            await conn.close()
+
+    asyncio.run(run())
+
+
 def test_failed_statement_fails_every_waiter_then_the_next_batch_works(database: str) -> None:
     async def run() -> None:
         conn = await asyncpg.connect(database)
