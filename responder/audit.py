@@ -29,6 +29,7 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from responder.config import Config, ConfigError
+from responder.schema import ct_index_has_not_after
 from responder.store import serial_from_key
 from signer.issuers import Issuer, IssuerConfigError, issuer_from_certificate
 
@@ -107,8 +108,18 @@ def load_audit_issuers(config: Config) -> list[Issuer]:
     return issuers
 
 
-async def load_targets(dsn: str, issuers: Sequence[Issuer], sample: int | None) -> list[Target]:
-    """Indexed serials of the configured issuers: all, or a uniform random sample."""
+async def load_targets(
+    dsn: str,
+    issuers: Sequence[Issuer],
+    sample: int | None,
+    *,
+    expired_retention: dt.timedelta | None = None,
+) -> list[Target]:
+    """Indexed serials of the configured issuers: all, or a uniform random sample.
+
+    With ``expired_retention``, serials whose certificate expired longer ago are left out:
+    the responder answers those ``unauthorized`` on purpose (retired; docs/deploy.md), and
+    an outside monitor checks unexpired certificates only."""
     conn = await asyncpg.connect(dsn)
     try:
         ids = {
@@ -116,16 +127,25 @@ async def load_targets(dsn: str, issuers: Sequence[Issuer], sample: int | None) 
             for r in await conn.fetch("SELECT id, spki_sha256 FROM issuers")
         }
         by_id = {ids[i.spki_sha256]: i for i in issuers if i.spki_sha256 in ids}
+        ct_not_after = await ct_index_has_not_after(conn)
+        not_after = "coalesce(r.not_after, c.not_after)" if ct_not_after else "r.not_after"
+        retired_before = (
+            None if expired_retention is None else dt.datetime.now(dt.UTC) - expired_retention
+        )
         query = (
             "SELECT c.issuer_id, c.serial, "
             "  EXISTS (SELECT 1 FROM revocations v "
             "          WHERE v.issuer_id = c.issuer_id AND v.serial = c.serial) AS revoked "
-            "FROM ct_index c WHERE c.issuer_id = ANY($1::smallint[])"
+            "FROM ct_index c "
+            "LEFT JOIN certificates r ON r.issuer_id = c.issuer_id AND r.serial = c.serial "
+            "WHERE c.issuer_id = ANY($1::smallint[]) "
+            f"  AND ($2::timestamptz IS NULL OR {not_after} IS NULL OR {not_after} >= $2)"
         )
+        args = (list(by_id), retired_before)
         if sample is not None:
-            rows = await conn.fetch(query + " ORDER BY random() LIMIT $2", list(by_id), sample)
+            rows = await conn.fetch(query + " ORDER BY random() LIMIT $3", *args, sample)
         else:
-            rows = await conn.fetch(query + " ORDER BY c.issuer_id, c.serial", list(by_id))
+            rows = await conn.fetch(query + " ORDER BY c.issuer_id, c.serial", *args)
     finally:
         await conn.close()
     return [

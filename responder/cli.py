@@ -291,7 +291,13 @@ def cmd_ct_follow(args: argparse.Namespace) -> None:
     async def run() -> bool:
         service = await _with_service(config)
         try:
-            indexer = CTIndexer(config.ct_logs, service.registry, service.store.pool, config.policy)
+            indexer = CTIndexer(
+                config.ct_logs,
+                service.registry,
+                service.store.pool,
+                config.policy,
+                expired_retention=config.expired_retention,
+            )
             if args.once:
                 results = await indexer.run_once()
                 await indexer.aclose()
@@ -348,7 +354,12 @@ def cmd_audit(args: argparse.Namespace) -> None:
     issuers = load_audit_issuers(config)
 
     async def run() -> str:
-        targets = await load_targets(resolve_database_url(config), issuers, args.sample)
+        targets = await load_targets(
+            resolve_database_url(config),
+            issuers,
+            args.sample,
+            expired_retention=config.expired_retention,
+        )
         report = await run_audit(args.url, targets, concurrency=args.concurrency)
         text = report.render_json() if args.json else report.render()
         print(text)

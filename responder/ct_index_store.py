@@ -64,12 +64,33 @@ class BatchOutcome:
 
 def _index_statement(with_not_after: bool) -> str:
     """One statement: insert the index rows; of those that were new (first sighting),
-    record the ones without a stored response as coverage gaps. With migration 0005 the
-    logged notAfter ($7, POSIX seconds) goes in too."""
+    record the ones without a stored response as coverage gaps.
+
+    With migration 0005 the logged notAfter ($7, POSIX seconds) goes in too, and:
+    - a serial whose notAfter is before $8 (now - expired_retention; NULL: no bound) is
+      not a gap: it is answered ``unauthorized`` by the retention rule and needs no
+      response (a follower catching up on years of a log must not sign for every long-
+      expired certificate the CA never recorded with us);
+    - a row already indexed without a notAfter (an unparseable Validity, or written by a
+      process older than 0005) takes this sighting's. The UPDATE reads the statement's
+      snapshot, so it never sees the rows this same statement inserts."""
     column, value, array, name = (
         (", not_after", ", to_timestamp(n)", ", $7::bigint[]", ", n")
         if with_not_after
         else ("", "", "", "")
+    )
+    returning, live, fill = (
+        (
+            ", not_after",
+            " AND ($8::timestamptz IS NULL OR ins.not_after IS NULL OR ins.not_after >= $8)",
+            "filled AS ("
+            "  UPDATE ct_index t SET not_after = to_timestamp(u.n) "
+            "  FROM unnest($2::smallint[], $3::bytea[], $7::bigint[]) AS u(i, s, n) "
+            "  WHERE t.issuer_id = u.i AND t.serial = u.s AND t.not_after IS NULL "
+            "    AND u.n IS NOT NULL), ",
+        )
+        if with_not_after
+        else ("", "", "")
     )
     return (
         "WITH ins AS ("
@@ -79,12 +100,13 @@ def _index_statement(with_not_after: bool) -> str:
         "  FROM unnest($2::smallint[], $3::bytea[], $4::bigint[], $5::smallint[], "
         f"              $6::bigint[]{array}) AS u(i, s, l, k, t{name}) "
         "  ON CONFLICT (issuer_id, serial) DO NOTHING "
-        "  RETURNING issuer_id, serial, leaf_index), "
+        f"  RETURNING issuer_id, serial, leaf_index{returning}), "
+        f"{fill}"
         "gaps AS ("
         "  INSERT INTO coverage_gaps (issuer_id, serial, log, leaf_index, detected_by) "
         "  SELECT ins.issuer_id, ins.serial, $1, ins.leaf_index, 'ct-follower' "
         "  FROM ins WHERE NOT EXISTS (SELECT 1 FROM responses r "
-        "    WHERE r.issuer_id = ins.issuer_id AND r.serial = ins.serial) "
+        f"    WHERE r.issuer_id = ins.issuer_id AND r.serial = ins.serial){live} "
         "  ON CONFLICT (issuer_id, serial) DO NOTHING "
         "  RETURNING issuer_id, serial, leaf_index) "
         "SELECT NULL::smallint AS issuer_id, NULL::bytea AS serial, "
@@ -97,10 +119,21 @@ _INDEX_STATEMENTS = {flag: _index_statement(flag) for flag in (False, True)}
 
 
 class CTIndexStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, *, expired_retention: dt.timedelta | None = None
+    ) -> None:
         self.pool = pool
+        #: a serial whose certificate expired longer ago than this is never a coverage gap
+        #: (it is retired: answered unauthorized, never signed); None: every serial is
+        self.expired_retention = expired_retention
         #: ct_index has not_after (migration 0005): looked up at the first commit
         self.ct_not_after: bool | None = None
+
+    def _retired_before(self) -> dt.datetime | None:
+        """notAfter before this: retired (see ``expired_retention``)."""
+        if self.expired_retention is None:
+            return None
+        return dt.datetime.now(dt.UTC) - self.expired_retention
 
     async def ensure_log(self, log_id: bytes, name: str, url: str) -> LogPosition:
         """The log's row (created on first use; name and URL follow the configuration)."""
@@ -162,7 +195,11 @@ class CTIndexStore:
                 [r.leaf_index for r in rows],
                 [ENTRY_KINDS[r.kind] for r in rows],
                 [r.logged_at_ms for r in rows],
-                *([[r.not_after for r in rows]] if self.ct_not_after else []),
+                *(
+                    [[r.not_after for r in rows], self._retired_before()]
+                    if self.ct_not_after
+                    else []
+                ),
             )
         inserted = next(int(r["inserted"]) for r in result if r["inserted"] is not None)
         return BatchOutcome(
@@ -188,17 +225,28 @@ class CTIndexStore:
         )
 
     async def unrepaired_gaps(self, issuer_ids: Sequence[int], limit: int = 1000) -> list[Gap]:
-        """Gaps still without a stored response, with any recorded revocation."""
+        """Gaps still without a stored response, with any recorded revocation.
+
+        A gap whose certificate has since expired beyond ``expired_retention`` is left out:
+        it is retired (answered unauthorized) and is not signed any more. It stays open in
+        ``coverage_gaps``, the record that this serial was never covered."""
+        if self.ct_not_after is None:
+            self.ct_not_after = await ct_index_has_not_after(self.pool)
+        not_after = "coalesce(c.not_after, t.not_after)" if self.ct_not_after else "c.not_after"
         rows = await self.pool.fetch(
             "SELECT g.issuer_id, g.serial, g.leaf_index, l.name AS log_name, "
             "       v.revoked_at, v.reason "
             "FROM coverage_gaps g "
             "LEFT JOIN ct_logs l ON l.id = g.log "
             "LEFT JOIN revocations v ON v.issuer_id = g.issuer_id AND v.serial = g.serial "
+            "LEFT JOIN certificates c ON c.issuer_id = g.issuer_id AND c.serial = g.serial "
+            "LEFT JOIN ct_index t ON t.issuer_id = g.issuer_id AND t.serial = g.serial "
             "WHERE g.repaired_at IS NULL AND g.issuer_id = ANY($1::smallint[]) "
+            f"  AND ($3::timestamptz IS NULL OR {not_after} IS NULL OR {not_after} >= $3) "
             "ORDER BY g.detected_at LIMIT $2",
             list(issuer_ids),
             limit,
+            self._retired_before(),
         )
         return [
             Gap(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -113,9 +114,12 @@ class CTIndexer:
         *,
         retry: RetryPolicy | None = None,
         http: httpx.AsyncClient | None = None,
+        expired_retention: dt.timedelta | None = None,
     ) -> None:
         self.registry = registry
-        self.store = CTIndexStore(pool)
+        #: with a retention, a serial whose logged notAfter is further in the past is never
+        #: a gap: it is retired (docs/deploy.md, "Expired certificates: retention")
+        self.store = CTIndexStore(pool, expired_retention=expired_retention)
         self.policy = policy
         self.retry = retry or RetryPolicy()
         self.http = http

@@ -80,7 +80,10 @@ class DemoCA:
             .issuer_name(signer_cert.subject)
             .public_key(key.public_key())
             .serial_number(serial if serial is not None else random_serial())
-            .not_valid_before(now - dt.timedelta(minutes=5))
+            # an already expired one (a negative lifetime, for tests) starts a day earlier
+            .not_valid_before(
+                min(now - dt.timedelta(minutes=5), now + lifetime - dt.timedelta(days=1))
+            )
             .not_valid_after(now + lifetime)
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(common_name)]), False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)

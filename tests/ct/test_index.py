@@ -334,3 +334,89 @@ async def test_follower_repairs_lost_writes_within_the_poll(
 
 def signed_key(serial: int) -> bytes:
     return serial_key(serial)
+
+
+async def test_retired_serials_are_not_gaps_and_null_not_after_is_filled(
+    fake_server: FakeLogServer, fake_log: FakeLog, database: str, ct_ca: DemoCA
+) -> None:
+    """With ``expired_retention``, a CT-only serial whose logged notAfter is further in the
+    past is indexed (known, with its notAfter) but is not a coverage gap: nothing is
+    signed for it, and an older gap of such a serial is no longer repaired. A serial
+    indexed earlier without a notAfter takes the first sighting that has one; one that has
+    a notAfter keeps it."""
+    registry = signing_registry({"ctca": ct_ca})
+    issuer = registry.issuers[0]
+    store = await connect(database, registry)
+    retention = dt.timedelta(days=7)
+    lifetimes = {
+        0x9001: dt.timedelta(days=-30),  # expired beyond the retention: retired
+        0x9002: dt.timedelta(days=-2),  # expired, within the retention: a gap
+        0x9003: dt.timedelta(days=90),  # valid: a gap
+        0x9004: dt.timedelta(days=90),  # indexed earlier without a notAfter
+        0x9005: dt.timedelta(days=90),  # indexed earlier with another notAfter
+    }
+    leaves = {
+        s: ct_ca.issue_leaf("r.test", serial=s, lifetime=life) for s, life in lifetimes.items()
+    }
+    for leaf in leaves.values():
+        fake_log.add_x509(leaf.public_bytes(DER), [], now_ms())
+    fake_log.publish()
+    earlier = dt.datetime(2031, 1, 2, tzinfo=dt.UTC)
+    try:
+        other_log = await store.pool.fetchval(
+            "INSERT INTO ct_logs (log_id, name, url) VALUES ($1, 'other', 'http://other') "
+            "RETURNING id",
+            b"\x01" * 32,
+        )
+        for serial, not_after in ((0x9004, None), (0x9005, earlier)):
+            await store.pool.execute(
+                "INSERT INTO ct_index (issuer_id, serial, log, leaf_index, entry_kind, "
+                "                      logged_at, not_after) "
+                "SELECT $1, $2, $4, 0, 0, now(), $3",
+                issuer.db_id,
+                serial_key(serial),
+                not_after,
+                other_log,
+            )
+        # an open gap, recorded before, of a serial that has since been retired
+        await store.pool.execute(
+            "INSERT INTO ct_index (issuer_id, serial, log, leaf_index, entry_kind, logged_at, "
+            "                      not_after) VALUES ($1, $2, $4, 0, 0, now(), $3)",
+            issuer.db_id,
+            serial_key(0x9100),
+            dt.datetime.now(dt.UTC) - dt.timedelta(days=60),
+            other_log,
+        )
+        await store.pool.execute(
+            "INSERT INTO coverage_gaps (issuer_id, serial, detected_by) VALUES ($1, $2, 'test')",
+            issuer.db_id,
+            serial_key(0x9100),
+        )
+        ct_store = CTIndexStore(store.pool, expired_retention=retention)
+        assert [g.serial for g in await CTIndexStore(store.pool).unrepaired_gaps([1])] == [0x9100]
+        assert await ct_store.unrepaired_gaps([issuer.db_id]) == []
+
+        indexer = CTIndexer(
+            [log_config(fake_server, "static")],
+            registry,
+            store.pool,
+            POLICY,
+            expired_retention=retention,
+        )
+        [r] = await indexer.run_once()
+        await indexer.aclose()
+        assert r.error is None and r.indexed == 3
+        assert (r.gaps, r.repaired) == (2, 2)
+        gaps = await fetch(database, "SELECT serial, repaired_at FROM coverage_gaps")
+        by_serial = {serial_from_key(g["serial"]): g["repaired_at"] for g in gaps}
+        assert set(by_serial) == {0x9002, 0x9003, 0x9100}
+        assert by_serial[0x9100] is None  # still open: never covered, never signed
+        responses = await fetch(database, "SELECT serial FROM responses")
+        assert {serial_from_key(x["serial"]) for x in responses} == {0x9002, 0x9003}
+        rows = await fetch(database, "SELECT serial, not_after FROM ct_index")
+        not_after = {serial_from_key(x["serial"]): x["not_after"] for x in rows}
+        for serial in (0x9001, 0x9002, 0x9003, 0x9004):
+            assert not_after[serial] == leaves[serial].not_valid_after_utc, hex(serial)
+        assert not_after[0x9005] == earlier
+    finally:
+        await store.close()

@@ -383,6 +383,9 @@ async def test_real_fixture_serials_answered_over_http_via_twins(
         rfc_server.log.publish()
         extra = (
             "ct_follow_in_serve = true\n"
+            # the fixture's certificates expired in 2025-2026: with the default retention
+            # they are retired (answered unauthorized, never signed; see the test below)
+            'expired_retention = "3650d"\n'
             + ct_log_table(fake_server, "static", name="static")
             + ct_log_table(rfc_server, "rfc6962", name="rfc6962")
         )
@@ -424,3 +427,42 @@ async def test_real_fixture_serials_answered_over_http_via_twins(
 
 def _kind(name: str) -> str:
     return "p384" if name.startswith("e") else "rsa2048"
+
+
+async def test_long_expired_fixture_serials_are_retired_not_signed(
+    fake_server: FakeLogServer,
+    database: str,
+    tmp_path: Path,
+    responders: list[ResponderProcess],
+) -> None:
+    """The real fixture's certificates expired in 2025-2026, far beyond the default
+    retention (7 days): the follower indexes all 1,024 (known, with their notAfter) but
+    signs nothing and records no coverage gap; the responder answers them `unauthorized`
+    (retired) and `audit` does not count that as a violation."""
+    real = staging_certs()
+    twins = {name: twin_ca(cert, kind) for name, cert in real.items() for kind in [_kind(name)]}
+    files = {n: issuer_files(n, ca, tmp_path / "issuers") for n, ca in twins.items()}
+    rekey = {spki_sha256(real[n]): spki_sha256(twins[n].ca_cert) for n in real}
+    log = FakeLog("twins.example/static")
+    log.add_fixture_tiles(rekey=rekey)
+    log.publish()
+    fake_server.log = log
+    want = expected_fixture_serials(log)
+    extra = "ct_follow_in_serve = true\n" + ct_log_table(fake_server, "static", name="static")
+    proc = write_config(tmp_path, database, list(files.values()), extra=extra).start(60)
+    responders.append(proc)
+    db = DB(database)
+
+    async def done() -> bool:
+        return await db.value("SELECT next_index FROM ct_logs") == 1024
+
+    await wait_until(done, timeout=60, what="the log indexed")
+    assert await db.value("SELECT count(*) FROM ct_index WHERE not_after IS NOT NULL") == 1024
+    assert await db.value("SELECT count(*) FROM coverage_gaps") == 0
+    assert await db.value("SELECT count(*) FROM responses") == 0
+    for name, serial in sorted(want, key=lambda k: k[1])[::128]:
+        assert_unauthorized(proc, files[name], serial)
+    assert await db.value("SELECT count(*) FROM responses") == 0  # nothing signed on demand
+    audit = cli(proc, "audit", "--url", proc.url)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    assert "audited 0 indexed serials" in audit.stdout and "0 violations" in audit.stdout
