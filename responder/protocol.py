@@ -74,7 +74,9 @@ def parse_request(der: bytes) -> CertIdRequest:
     nonce: bytes | None = None
     try:
         extensions = req.extensions
-    except ValueError as exc:
+    except (ValueError, x509.DuplicateExtension) as exc:
+        # RFC 5280 4.2: an extension appears at most once (DuplicateExtension is not a
+        # ValueError: uncaught it became internalError and a traceback per request)
         raise MalformedRequest(f"bad request extensions: {exc}") from exc
     if len(extensions):
         try:

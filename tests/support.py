@@ -255,6 +255,29 @@ def build_request(
     return builder.build().public_bytes(serialization.Encoding.DER)
 
 
+def duplicated_nonce_request(issuer: x509.Certificate, serial: int) -> bytes:
+    """A request whose requestExtensions hold the nonce extension twice (RFC 5280 4.2
+    forbids it; cryptography's builder refuses to make one, so the second extension is
+    made under a neighbouring OID of the same length and its last byte rewritten)."""
+    nonce_oid = x509.ObjectIdentifier("1.3.6.1.5.5.7.48.1.2")
+    twin_oid = x509.ObjectIdentifier("1.3.6.1.5.5.7.48.1.3")
+    value = b"\x04\x10" + b"n" * 16  # extnValue: OCTET STRING (the nonce)
+    from signer.issuers import issuer_from_certificate
+
+    name_hash, key_hash = issuer_from_certificate("x", issuer).cert_id_hashes["sha1"]
+    der = (
+        ocsp.OCSPRequestBuilder()
+        .add_certificate_by_hash(name_hash, key_hash, serial, hashes.SHA1())
+        .add_extension(x509.UnrecognizedExtension(nonce_oid, value), critical=False)
+        .add_extension(x509.UnrecognizedExtension(twin_oid, value), critical=False)
+        .build()
+        .public_bytes(serialization.Encoding.DER)
+    )
+    twin = b"\x06\x09" + bytes.fromhex("2b0601050507300103")
+    assert der.count(twin) == 1
+    return der.replace(twin, twin[:-1] + b"\x02")
+
+
 def get_url(base: str, der: bytes, *, prefix: str = "", style: str = "quoted") -> str:
     b64 = base64.b64encode(der).decode()
     if style == "quoted":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from responder.config import load_config
 from responder.ocsp_app import OCSPApp
 from responder.server import build_ocsp_app
 from responder.service import ResponderService
-from tests.support import IssuerFiles, build_request, write_config
+from tests.support import IssuerFiles, build_request, duplicated_nonce_request, write_config
 
 EXAMPLES = int(os.environ.get("OCSP_FUZZ_EXAMPLES", "200"))
 FUZZ_SETTINGS = settings(
@@ -297,3 +298,21 @@ def test_oversized_bodies_are_4xx(harness: Harness) -> None:
     sha.update(b"x")
     status, headers, out = call(harness, "GET", b"/" + base64.b64encode(sha.finalize() * 400))
     check_answer(harness, "GET", status, headers, out)
+
+
+def test_duplicated_extension_is_malformed_request(
+    harness: Harness, p256_issuer: IssuerFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two nonce extensions (RFC 5280 4.2: at most one of each): malformedRequest by GET
+    and POST, and no ERROR line (it was internalError plus a traceback per request)."""
+    der = duplicated_nonce_request(p256_issuer.ca.ca_cert, min(harness.recorded))
+    with caplog.at_level(logging.ERROR):
+        for method, path, body, ctype in (
+            ("GET", b"/" + quote(base64.b64encode(der).decode(), safe="").encode(), b"", None),
+            ("POST", b"/", der, b"application/ocsp-request"),
+        ):
+            status, headers, out = call(harness, method, path, body, ctype)
+            assert status == 200 and headers[b"content-type"] == b"application/ocsp-response"
+            status_code = ocsp.load_der_ocsp_response(out).response_status
+            assert status_code == ocsp.OCSPResponseStatus.MALFORMED_REQUEST
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from responder.protocol import MalformedRequest, decode_get_path, parse_request
-from tests.support import build_request
+from tests.support import build_request, duplicated_nonce_request
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,11 @@ def test_nonce_length_limits(demo_ca) -> None:  # type: ignore[no-untyped-def]
     for bad in (b"", b"x" * 129):
         with pytest.raises(MalformedRequest):
             parse_request(build_request(cert, demo_ca.ca_cert, nonce=bad))
+
+
+def test_duplicated_extension_is_malformed(demo_ca) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(MalformedRequest, match="bad request extensions"):
+        parse_request(duplicated_nonce_request(demo_ca.ca_cert, 5))
 
 
 @settings(max_examples=300, deadline=None)
