@@ -33,8 +33,11 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
+import asyncpg
+
 from responder import metrics
 from responder.refresh_store import AGE_SAMPLE_ROWS, DueResponse, Freshness, RefreshStore, Window
+from responder.store import StoreUnavailable
 from signer.issuers import Issuer, IssuerConfigError, IssuerRegistry
 from signer.response_builder import (
     CertStatus,
@@ -45,6 +48,18 @@ from signer.response_builder import (
 )
 
 log = logging.getLogger(__name__)
+
+#: what a database outage raises into a refresher pass (connect refused/reset, the pool's
+#: timeouts, a backend terminated mid-statement, the store's exhausted retries)
+DATABASE_DOWN = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+    StoreUnavailable,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +215,9 @@ class Refresher:
                 await self.sample()
             except asyncio.CancelledError:
                 raise
+            except DATABASE_DOWN as exc:
+                # an outage, not a bug: one line naming it, no traceback every interval
+                log.error("refresher pass failed: database: %s: %s", type(exc).__name__, exc)
             except Exception:
                 log.exception("refresher pass failed")
             seconds = self.settings.interval.total_seconds()

@@ -49,7 +49,7 @@ def resilient(
         workdir / "resilience",
         dsn,
         [p256_issuer],
-        extra='health_check_interval = "1s"\npath_prefix = "/ocsp"\n',
+        extra='health_check_interval = "1s"\npath_prefix = "/ocsp"\nrefresher_interval = "1s"\n',
     ).start()
     try:
         yield proc, dsn
@@ -116,6 +116,8 @@ def test_database_outage_and_recovery(resilient, cluster, p256_issuer):  # type:
         resp = proc.revoke("p256", cached.serial_number)
         assert resp.status_code == 503, resp.text
         assert resp.json()["error"].startswith("not revoked:")
+        # the background refresher says what failed in one line (no traceback: below)
+        wait_until(lambda: "refresher pass failed: database: " in proc.log())
     finally:
         cluster.start()
 
