@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncpg
 
-from responder.config import Config, ConfigError, load_config
+from responder.config import Config, ConfigError, check_database_url, load_config
 from responder.embedded_db import EmbeddedDatabaseError
 from responder.schema import SchemaError, migrate
 from responder.store import PresignedStore, StoreUnavailable
@@ -93,6 +93,8 @@ def cmd_migrate(args: argparse.Namespace) -> None:
 
     config = _config(args)
     _setup_logging(config.log_level, config.log_format)
+    if args.database_url:
+        check_database_url(args.database_url, "--database-url")
     dsn = args.database_url or resolve_database_url(config)
     applied = asyncio.run(migrate(dsn, target=args.target))
     if applied:

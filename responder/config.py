@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from cryptography import x509
 
@@ -329,10 +330,26 @@ def _path(base: Path, value: object, key: str) -> Path:
     return p if p.is_absolute() else base / p
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def check_database_url(url: str, key: str) -> str:
+    """A PostgreSQL URL asyncpg can use, checked before anything connects: asyncpg raises
+    a bare ValueError (or OverflowError) deep in connect for a bad port or scheme."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsing the port is the check (ValueError if invalid)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: not a valid PostgreSQL URL: {exc}") from exc
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(f"{key}: expected a postgresql:// URL, got scheme {parts.scheme!r}")
+    return url
+
+
 def _build(v: dict[str, Any], base: Path, source: Path | None) -> Config:
     cfg = Config(source=source)
     if v.get("database_url"):
-        cfg.database_url = v["database_url"]
+        cfg.database_url = check_database_url(v["database_url"], "database_url")
     if "data_dir" in v:
         cfg.data_dir = _path(base, v["data_dir"], "data_dir")
     else:
@@ -401,14 +418,27 @@ def _build(v: dict[str, Any], base: Path, source: Path | None) -> Config:
             f'{cfg.ocsp_http_server}")'
         )
     if "log_level" in v:
-        cfg.log_level = v["log_level"].lower()
+        level = v["log_level"].lower()
+        if level not in LOG_LEVELS:
+            raise ConfigError(f"log_level: expected one of {', '.join(LOG_LEVELS)}, got {level!r}")
+        cfg.log_level = level
     cfg.issuers = [_issuer(base, item, i) for i, item in enumerate(v.get("issuers", []))]
+    names = [ic.name for ic in cfg.issuers]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            # revocations and the admin API name an issuer: two of one name is ambiguous
+            raise ConfigError(
+                f"issuers[{i}].name: {name!r} is already the name of issuers[{names.index(name)}]"
+            )
     cfg.ct_logs = [_ct_log(item, i) for i, item in enumerate(v.get("ct_logs", []))]
     if "ct_follow_in_serve" in v:
         cfg.ct_follow_in_serve = v["ct_follow_in_serve"]
     _refresh_settings(cfg, v)
     _operations(cfg, v, base)
-    cfg.replica_urls = v.get("replica_urls", [])
+    cfg.replica_urls = [
+        check_database_url(url, f"replica_urls[{i}]")
+        for i, url in enumerate(v.get("replica_urls", []))
+    ]
     if "replica_max_lag" in v:
         cfg.replica_max_lag = v["replica_max_lag"]
     if "workers" in v:

@@ -87,6 +87,19 @@ def test_ct_logs(tmp_path: Path) -> None:
         ('path_prefix = "ocsp"\n', "must start with '/'"),
         ('ocsp_http_server = "hypercorn"\n', 'ocsp_http_server: must be "native" or "uvicorn"'),
         ("store_lookup_queue_limit = 0\n", "store_lookup_queue_limit: must be positive"),
+        ('log_level = "loud"\n', "log_level: expected one of debug, info"),
+        (
+            'database_url = "postgresql://u@127.0.0.1:notaport/x"\n',
+            "database_url: not a valid PostgreSQL URL",
+        ),
+        ('database_url = "postgresql://u@127.0.0.1:99999/x"\n', "database_url: not a valid"),
+        ('database_url = "mysql://u@h/x"\n', "database_url: expected a postgresql:// URL"),
+        ('replica_urls = ["postgresql://h:0x/x"]\n', "replica_urls[0]: not a valid"),
+        (
+            "[[issuers]]\nname = 'r1'\ncertificate = 'a.pem'\nkey = 'a.key'\n"
+            "[[issuers]]\nname = 'r1'\ncertificate = 'b.pem'\nkey = 'b.key'\n",
+            "issuers[1].name: 'r1' is already the name of issuers[0]",
+        ),
         ("[[issuers]]\nname = 'x'\n", "'certificate'"),
         ("[[issuers]]\ncertificate = 'x.pem'\n", "delegated responder"),
         ("listen = [\n", "invalid TOML"),
@@ -168,6 +181,23 @@ def test_cli_reports_config_errors_cleanly(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert result.stderr.startswith("ocsp-responder: error: response_validity")
+    assert "Traceback" not in result.stderr
+    path.write_text("")
+    result = subprocess.run(
+        [
+            str(VENV_BIN / "ocsp-responder"),
+            "migrate",
+            "--config",
+            str(path),
+            "--database-url",
+            "postgresql://x@127.0.0.1:99999/x",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("ocsp-responder: error: --database-url: not a valid")
     assert "Traceback" not in result.stderr
 
 
