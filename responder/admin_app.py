@@ -158,11 +158,11 @@ def create_admin_app(
         )
         return response
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz() -> Response:
         return json_response(200, {"alive": True})
 
-    @app.get("/readyz")
+    @app.api_route("/readyz", methods=["GET", "HEAD"])
     async def readyz() -> Response:
         if readiness is None:
             return json_response(200, {"ready": True, "checks": {}})
@@ -171,7 +171,7 @@ def create_admin_app(
             200 if result.ready else 503, {"ready": result.ready, "checks": result.checks}
         )
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics_endpoint() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)

@@ -169,7 +169,9 @@ class OCSPEndpoint:
                 return self._error(MALFORMED_REQUEST, False, method, started)
             except UnsupportedHashAlgorithm:
                 return self._error(UNAUTHORIZED, False, method, started)
-            return self._answer(request, if_none_match, False, method, started)
+            # If-None-Match is ignored: 304 answers only GET/HEAD (RFC 9110 15.4.5), and
+            # the ETag belongs to the GET resource, not to the POST endpoint
+            return self._answer(request, None, False, method, started)
         return _NOT_ALLOWED
 
     async def _health(self, path: bytes, head: bool) -> Reply:

@@ -156,6 +156,13 @@ def test_caching_headers_and_304(responder, p256_issuer, good_cert):  # type: ig
         assert again.headers[name] == resp.headers[name]
     other = httpx.get(url, headers={"If-None-Match": '"nope"'})
     assert other.status_code == 200 and other.content == resp.content
+    # a POST is never answered 304 (RFC 9110 15.4.5: GET and HEAD only)
+    posted = httpx.post(
+        responder.url + "/",
+        content=build_request(good_cert, p256_issuer.ca.ca_cert),
+        headers={"Content-Type": "application/ocsp-request", "If-None-Match": resp.headers["etag"]},
+    )
+    assert posted.status_code == 200 and posted.content == resp.content
 
 
 def _assert_error(resp: httpx.Response, body: bytes) -> None:

@@ -129,6 +129,9 @@ def test_health_endpoints(ops_responder):  # type: ignore[no-untyped-def]
     ready = httpx.get(ops_responder.url + "/readyz")
     assert ready.status_code == 200 and ready.text.strip() == "ready"
     assert httpx.get(ops_responder.admin_url + "/healthz").json() == {"alive": True}
+    for path in ("/healthz", "/readyz", "/metrics"):  # probes may use HEAD (no token either)
+        head = httpx.head(ops_responder.admin_url + path)
+        assert head.status_code == 200 and head.content == b"", path
     body = httpx.get(ops_responder.admin_url + "/readyz").json()
     assert body["ready"] is True
     assert body["checks"]["database"]["ok"] is True
