@@ -293,13 +293,7 @@ def cmd_ct_follow(args: argparse.Namespace) -> None:
     async def run() -> bool:
         service = await _with_service(config)
         try:
-            indexer = CTIndexer(
-                config.ct_logs,
-                service.registry,
-                service.store.pool,
-                config.policy,
-                expired_retention=config.expired_retention,
-            )
+            indexer = CTIndexer.from_config(config, service.registry, service.store.pool)
             if args.once:
                 results = await indexer.run_once()
                 await indexer.aclose()

@@ -30,7 +30,7 @@ import asyncpg
 import httpx
 
 from responder import metrics
-from responder.config import ConfigError, CTLogConfig
+from responder.config import Config, ConfigError, CTLogConfig
 from responder.ct import (
     Batch,
     CTError,
@@ -140,6 +140,18 @@ class CTIndexer:
             self.logs.append(_FollowedLog(cfg, key))
         self._started = False
         self._repairing = asyncio.Lock()
+
+    @classmethod
+    def from_config(cls, config: Config, registry: IssuerRegistry, pool: asyncpg.Pool) -> CTIndexer:
+        """The indexer ``serve`` and ``ct-follow`` run: the configured logs, policy and
+        retention (one place, so the two never follow with different rules)."""
+        return cls(
+            config.ct_logs,
+            registry,
+            pool,
+            config.policy,
+            expired_retention=config.expired_retention,
+        )
 
     async def start(self) -> None:
         """Create or find each log's row (the issuers must be registered already)."""

@@ -210,11 +210,5 @@ def _ct_follower(config: Config, service: ResponderService) -> BackgroundFollowe
     """The CT follower task, when ``ct_follow_in_serve`` is on and logs are configured."""
     if not (config.ct_follow_in_serve and config.ct_logs):
         return None
-    indexer = CTIndexer(
-        config.ct_logs,
-        service.registry,
-        service.store.pool,
-        config.policy,
-        expired_retention=config.expired_retention,
-    )
+    indexer = CTIndexer.from_config(config, service.registry, service.store.pool)
     return BackgroundFollower(indexer)

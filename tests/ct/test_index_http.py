@@ -368,19 +368,11 @@ async def test_real_fixture_serials_answered_over_http_via_twins(
 ) -> None:
     """All 1,024 real serials, followed from two logs (Static CT and RFC 6962), indexed
     under the right issuer and answered with a valid signed response."""
-    real = staging_certs()
-    twins = {name: twin_ca(cert, kind) for name, cert in real.items() for kind in [_kind(name)]}
-    files = {n: issuer_files(n, ca, tmp_path / "issuers") for n, ca in twins.items()}
-    rekey = {spki_sha256(real[n]): spki_sha256(twins[n].ca_cert) for n in real}
-    static_log = FakeLog("twins.example/static")
-    static_log.add_fixture_tiles(rekey=rekey)
-    static_log.publish()
-    fake_server.log = static_log
-    want = expected_fixture_serials(static_log)  # (real issuer, serial) -> leaf index
+    files, rekey = twin_issuers(tmp_path)
+    fake_server.log = fixture_log("twins.example/static", rekey)
+    want = expected_fixture_serials(fake_server.log)  # (real issuer, serial) -> leaf index
     with FakeLogServer() as rfc_server:
-        rfc_server.log = FakeLog("twins.example/rfc6962")
-        rfc_server.log.add_fixture_tiles(rekey=rekey)
-        rfc_server.log.publish()
+        rfc_server.log = fixture_log("twins.example/rfc6962", rekey)
         extra = (
             "ct_follow_in_serve = true\n"
             # the fixture's certificates expired in 2025-2026: with the default retention
@@ -429,6 +421,23 @@ def _kind(name: str) -> str:
     return "p384" if name.startswith("e") else "rsa2048"
 
 
+def twin_issuers(tmp_path: Path) -> tuple[dict[str, IssuerFiles], dict[bytes, bytes]]:
+    """Test twins of the four staging issuers (same names, our keys) and the key rewrite
+    that makes the fixture's precertificates name them."""
+    real = staging_certs()
+    twins = {name: twin_ca(cert, _kind(name)) for name, cert in real.items()}
+    files = {n: issuer_files(n, ca, tmp_path / "issuers") for n, ca in twins.items()}
+    return files, {spki_sha256(real[n]): spki_sha256(twins[n].ca_cert) for n in real}
+
+
+def fixture_log(origin: str, rekey: dict[bytes, bytes]) -> FakeLog:
+    """A published log of the 1,024 real fixture entries, re-keyed to the twins."""
+    log = FakeLog(origin)
+    log.add_fixture_tiles(rekey=rekey)
+    log.publish()
+    return log
+
+
 async def test_long_expired_fixture_serials_are_retired_not_signed(
     fake_server: FakeLogServer,
     database: str,
@@ -439,15 +448,9 @@ async def test_long_expired_fixture_serials_are_retired_not_signed(
     retention (7 days): the follower indexes all 1,024 (known, with their notAfter) but
     signs nothing and records no coverage gap; the responder answers them `unauthorized`
     (retired) and `audit` does not count that as a violation."""
-    real = staging_certs()
-    twins = {name: twin_ca(cert, kind) for name, cert in real.items() for kind in [_kind(name)]}
-    files = {n: issuer_files(n, ca, tmp_path / "issuers") for n, ca in twins.items()}
-    rekey = {spki_sha256(real[n]): spki_sha256(twins[n].ca_cert) for n in real}
-    log = FakeLog("twins.example/static")
-    log.add_fixture_tiles(rekey=rekey)
-    log.publish()
-    fake_server.log = log
-    want = expected_fixture_serials(log)
+    files, rekey = twin_issuers(tmp_path)
+    fake_server.log = fixture_log("twins.example/static", rekey)
+    want = expected_fixture_serials(fake_server.log)
     extra = "ct_follow_in_serve = true\n" + ct_log_table(fake_server, "static", name="static")
     proc = write_config(tmp_path, database, list(files.values()), extra=extra).start(60)
     responders.append(proc)
