@@ -122,6 +122,7 @@ async def serve(
         else None
     )
     servers: list[_Server] = []
+    admin_server: _Server | None = None
     if native is None:
         app = OCSPApp(endpoint)
         keep_alive = max(1, round(config.ocsp_keep_alive_timeout.total_seconds()))
@@ -141,7 +142,8 @@ async def serve(
         )
         ahost, aport = config.admin_listen
         tls = admin_ssl_options(config)
-        servers.append(_Server(uvicorn.Config(admin, host=ahost, port=aport, **common, **tls)))  # type: ignore[arg-type]
+        admin_server = _Server(uvicorn.Config(admin, host=ahost, port=aport, **common, **tls))  # type: ignore[arg-type]
+        servers.append(admin_server)
 
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -175,9 +177,8 @@ async def serve(
                 host,
                 port,
                 config.path_prefix,
-                f"{'https' if config.admin_tls_cert else 'http'}://"
-                f"{config.admin_listen[0]}:{config.admin_listen[1]}"
-                if config.admin_listen and primary
+                _admin_url(config, admin_server)
+                if admin_server is not None
                 else "disabled"
                 if primary
                 else "in worker 0",
@@ -204,6 +205,16 @@ async def serve(
         if follower is not None:
             await follower.stop()
         await service.close()
+
+
+def _admin_url(config: Config, server: _Server) -> str:
+    """Where the admin API listens: the port it really got (``admin_listen`` may say 0)."""
+    assert config.admin_listen is not None
+    host, port = config.admin_listen
+    for listener in getattr(server, "servers", []):
+        for sock in listener.sockets:
+            port = sock.getsockname()[1]
+    return f"{'https' if config.admin_tls_cert else 'http'}://{host}:{port}"
 
 
 def _ct_follower(config: Config, service: ResponderService) -> BackgroundFollower | None:

@@ -213,7 +213,7 @@ def write_config(
 ) -> ResponderProcess:
     token = secrets.token_urlsafe(24)
     port = port or free_port()
-    admin_port = admin_port or free_port()
+    admin_port = free_port() if admin_port is None else admin_port
     directory.mkdir(parents=True, exist_ok=True)
     token_file = directory / f"token-{port}"
     token_file.write_text(token)

@@ -8,6 +8,7 @@ for a GET request whatever the hot path's routing order.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -306,3 +307,19 @@ def test_metrics_render_in_multiprocess_mode(tmp_path: Path) -> None:
     assert metric(out, "ocsp_ready") == 1  # min
     assert metric(out, "ocsp_responses_overdue_refresh") == 2  # max
     assert metric(out, "ocsp_signing_seconds_count", issuer="r1") == 2
+
+
+def test_log_names_the_admin_port_it_really_got(
+    database: str, p256_issuer: IssuerFiles, tmp_path: Path
+) -> None:
+    """``admin_listen`` with port 0 binds an ephemeral port: the startup line names that
+    port (it said 0), and the admin API answers there."""
+    proc = write_config(tmp_path, database, [p256_issuer], admin_port=0).start()
+    try:
+        found = re.search(r"admin API: http://127\.0\.0\.1:(\d+)\)", proc.log())
+        assert found is not None, proc.log()
+        port = int(found.group(1))
+        assert port != 0
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").json() == {"alive": True}
+    finally:
+        proc.stop()
