@@ -11,13 +11,13 @@ already recorded (idempotent), 4xx for bad input, 503 when the write could not b
 
 from __future__ import annotations
 
-import datetime as dt
 import hmac
 import logging
 import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -39,7 +39,7 @@ from signer.recording import (
     parse_serial,
 )
 from signer.response_builder import RevocationReasonError, SigningError, parse_reason
-from signer.revocation import Revoker
+from signer.revocation import RevocationConflict, Revoker, parse_revocation_time
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,46 @@ async def read_body(request: Request, limit: int) -> bytes:
         if len(chunks) > limit:
             raise APIError(413, f"body larger than {limit} bytes")
     return bytes(chunks)
+
+
+@dataclass(frozen=True, slots=True)
+class RevocationFields:
+    issuer: str
+    serial: str
+    reason: object
+    revoked_at: object
+
+
+REVOCATION_FIELDS = ("issuer", "serial", "reason", "revoked_at")
+
+
+def revocation_fields(payload: dict[str, Any]) -> RevocationFields:
+    """The fields of a revocation request, checked for JSON type; ValueError otherwise.
+
+    No ``str()`` coercion: a JSON number serial (12345) would be read as hex 0x12345, a
+    number issuer could match an issuer named "1". An unknown key is refused too: a typo
+    such as ``revokedAt`` would otherwise revoke silently at the current time.
+    """
+    unknown = sorted(set(payload) - set(REVOCATION_FIELDS))
+    if unknown:
+        raise ValueError(
+            f"unknown field(s) {', '.join(unknown)[:200]}: expected {', '.join(REVOCATION_FIELDS)}"
+        )
+    issuer = payload.get("issuer")
+    if not isinstance(issuer, str):
+        raise ValueError("issuer must be a string: the issuer's name from the configuration")
+    serial = payload.get("serial")
+    if not isinstance(serial, str):
+        raise ValueError(
+            'serial must be a string of hex digits (e.g. "0123abcd"), not a JSON '
+            f"{'null' if serial is None else type(serial).__name__}"
+        )
+    return RevocationFields(
+        issuer=issuer,
+        serial=serial,
+        reason=payload.get("reason", "unspecified"),
+        revoked_at=payload.get("revoked_at"),
+    )
 
 
 def create_admin_app(
@@ -262,21 +302,36 @@ def create_admin_app(
             return json_response(400, {"error": f"body is not JSON: {exc}"})
         if not isinstance(payload, dict):
             return json_response(400, {"error": "body must be a JSON object"})
-        issuer = registry.by_name(str(payload.get("issuer", "")))
+        try:
+            request_fields = revocation_fields(payload)
+        except ValueError as exc:
+            return json_response(400, {"error": str(exc)})
+        issuer = registry.by_name(request_fields.issuer)
         if issuer is None:
             names = ", ".join(i.name for i in registry.issuers)
             return json_response(422, {"error": f"unknown issuer; configured: {names}"})
         try:
-            serial = parse_serial(str(payload.get("serial", "")))
-            reason = parse_reason(payload.get("reason", "unspecified"))
+            serial = parse_serial(request_fields.serial)
+            reason = parse_reason(request_fields.reason)
             revoked_at = None
-            if payload.get("revoked_at") is not None:
-                revoked_at = dt.datetime.fromisoformat(str(payload["revoked_at"]))
-                if revoked_at.tzinfo is None:
-                    raise ValueError("revoked_at needs a time zone (e.g. 2026-01-02T03:04:05Z)")
+            if request_fields.revoked_at is not None:
+                revoked_at = parse_revocation_time(request_fields.revoked_at)
             outcome = await revoker.revoke(issuer, serial, reason, revoked_at)
         except (ValueError, RevocationReasonError) as exc:
             return json_response(400, {"error": str(exc)})
+        except RevocationConflict as exc:
+            # nothing written: say so, and what stands (the CA must not think it applied)
+            return json_response(
+                409,
+                {
+                    "error": "not applied: " + str(exc),
+                    "applied": False,
+                    "issuer": issuer.name,
+                    "serial": format_serial(serial),
+                    "revoked_at": exc.stored.revoked_at.isoformat(),
+                    "reason": exc.stored.reason.name,
+                },
+            )
         except StoreUnavailable as exc:
             return json_response(503, {"error": "not revoked: " + str(exc)})
         except SigningError as exc:
@@ -290,6 +345,7 @@ def create_admin_app(
                 "revoked_at": outcome.revocation.revoked_at.isoformat(),
                 "reason": outcome.revocation.reason.name,
                 "created": outcome.created,
+                "updated": outcome.updated,
                 "cdn_purge": outcome.cdn_purge,
             },
         )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import logging
 import sys
 from collections.abc import Coroutine, Sequence
@@ -212,17 +211,16 @@ async def _refresh_statistics(store: PresignedStore) -> None:
 def cmd_revoke(args: argparse.Namespace) -> None:
     from signer.recording import format_serial, parse_serial
     from signer.response_builder import parse_reason
+    from signer.revocation import RevocationConflict, RevocationTimeError, parse_revocation_time
 
     config = _config(args)
     _setup_logging(config.log_level, config.log_format)
     try:
         serial = parse_serial(args.serial)
         reason = parse_reason(args.reason)
-        when = dt.datetime.fromisoformat(args.time) if args.time else None
+        when = parse_revocation_time(args.time) if args.time else None
     except ValueError as exc:
         raise CommandError(str(exc)) from exc
-    if when is not None and when.tzinfo is None:
-        raise CommandError("--time needs a time zone, e.g. 2026-01-02T03:04:05Z")
 
     async def run() -> None:
         service = await _with_service(config)
@@ -231,11 +229,23 @@ def cmd_revoke(args: argparse.Namespace) -> None:
             if issuer is None:
                 names = ", ".join(i.name for i in service.registry.issuers)
                 raise CommandError(f"unknown issuer {args.issuer!r}; configured: {names}")
-            outcome = await service.revoker.revoke(issuer, serial, reason, when, wait_for_cdn=True)
+            try:
+                outcome = await service.revoker.revoke(
+                    issuer, serial, reason, when, wait_for_cdn=True
+                )
+            except RevocationTimeError as exc:  # in the future, before the issuer existed
+                raise CommandError(str(exc)) from exc
+            except RevocationConflict as exc:  # same rule and wording as the admin API's 409
+                raise CommandError(f"{format_serial(serial)} ({args.issuer}): {exc}") from exc
             await service.purger.drain()
         finally:
             await service.close()
-        state = "revoked" if outcome.created else "was already revoked"
+        if outcome.created:
+            state = "revoked"
+        elif outcome.updated:
+            state = "revocation updated to"
+        else:
+            state = "was already revoked"
         print(
             f"{format_serial(serial)} ({args.issuer}): {state} at "
             f"{outcome.revocation.revoked_at.isoformat()} ({outcome.revocation.reason.name})"

@@ -150,6 +150,15 @@ class Knowledge:
     not_after: dt.datetime | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class RevocationContext:
+    """What deciding a revocation request needs: whether the serial was issued (recorded
+    or seen in CT) and the stored revocation, if any."""
+
+    known: bool
+    revocation: Revocation | None
+
+
 def stored_response_from_row(row: asyncpg.Record) -> StoredResponse:
     """A ``responses`` row (der, status, this_update, next_update) as a StoredResponse."""
     return StoredResponse(
@@ -534,3 +543,87 @@ class PresignedStore:
                 return bool(created)
 
         return await with_retries(op, "record revocation")
+
+    async def revocation_context(self, issuer_id: int, serial: int) -> RevocationContext:
+        """What a revocation request is decided on, read from the primary (a replica that
+        has not replayed an earlier revocation would make a repeat look like a first)."""
+
+        async def op() -> RevocationContext:
+            async with self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                row = await conn.fetchrow(
+                    "SELECT c.serial IS NOT NULL AS recorded, t.serial IS NOT NULL AS in_ct, "
+                    "       r.revoked_at, r.reason "
+                    "FROM (SELECT 1) AS one "
+                    "LEFT JOIN certificates c ON c.issuer_id = $1 AND c.serial = $2 "
+                    "LEFT JOIN ct_index t ON t.issuer_id = $1 AND t.serial = $2 "
+                    "LEFT JOIN revocations r ON r.issuer_id = $1 AND r.serial = $2",
+                    issuer_id,
+                    serial_key(serial),
+                )
+            assert row is not None
+            revocation = None
+            if row["revoked_at"] is not None:
+                revocation = Revocation(row["revoked_at"], REASONS_BY_CODE[row["reason"]])
+            return RevocationContext(
+                known=bool(row["recorded"] or row["in_ct"]),
+                revocation=revocation,
+            )
+
+        return await with_retries(op, "revocation lookup")
+
+    async def replace_revocation(
+        self,
+        issuer_id: int,
+        serial: int,
+        stored: Revocation,
+        revocation: Revocation,
+        signed: SignedResponse,
+    ) -> bool:
+        """Change a stored revocation (a later keyCompromise, MRSP 6.1.1) and its revoked
+        response in one transaction, with the same NOTIFY as a first revocation so every
+        responder drops its cached copy at commit. Compare-and-set: False (nothing
+        written) when the row is no longer ``stored``, so a concurrent change is never
+        overwritten unseen."""
+
+        async def op() -> bool:
+            async with (
+                self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn,
+                conn.transaction(),
+            ):
+                await conn.execute("SET LOCAL synchronous_commit = on")
+                replaced = await conn.fetchval(
+                    "UPDATE revocations SET revoked_at = $5, reason = $6 "
+                    "WHERE issuer_id = $1 AND serial = $2 AND revoked_at = $3 AND reason = $4 "
+                    "RETURNING true",
+                    issuer_id,
+                    serial_key(serial),
+                    stored.revoked_at,
+                    REASON_CODES[stored.reason],
+                    revocation.revoked_at,
+                    REASON_CODES[revocation.reason],
+                )
+                if not replaced:
+                    return False
+                await conn.execute(
+                    "INSERT INTO responses (issuer_id, serial, status, this_update, "
+                    "next_update, der, signer) VALUES ($1, $2, $3, $4, $5, $6, $7) "
+                    "ON CONFLICT (issuer_id, serial) DO UPDATE SET status = EXCLUDED.status, "
+                    "  this_update = EXCLUDED.this_update, "
+                    "  next_update = EXCLUDED.next_update, der = EXCLUDED.der, "
+                    "  signer = EXCLUDED.signer",
+                    issuer_id,
+                    serial_key(serial),
+                    int(signed.status),
+                    to_datetime(signed.this_update),
+                    to_datetime(signed.next_update),
+                    signed.der,
+                    signed.signer or None,
+                )
+                await conn.execute(
+                    "SELECT pg_notify($1, $2)",
+                    INVALIDATION_CHANNEL,
+                    invalidation_payload(issuer_id, serial),
+                )
+                return True
+
+        return await with_retries(op, "replace revocation")

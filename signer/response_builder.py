@@ -10,6 +10,7 @@ delegated responder signs byKey with its certificate included.
 from __future__ import annotations
 
 import datetime as dt
+import re
 import time
 from dataclasses import dataclass
 from enum import IntEnum
@@ -61,16 +62,36 @@ REASON_CODES: dict[x509.ReasonFlags, int] = {
 REASONS_BY_CODE = {code: flag for flag, code in REASON_CODES.items()}
 
 
-def parse_reason(value: str | int) -> x509.ReasonFlags:
-    """A BR-allowed reason by RFC 5280 name or code; certificateHold and CA reasons refused."""
-    if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
-        flag = REASONS_BY_CODE.get(int(value))
-    else:
-        flag = ALLOWED_REASONS.get(value)
+#: a reason code given as text: ASCII digits only, short (``re`` ``[0-9]``, not ``\d``,
+#: which matches every Unicode decimal digit)
+_REASON_CODE_TEXT = re.compile(r"[0-9]{1,3}")
+
+
+def parse_reason(value: object) -> x509.ReasonFlags:
+    """A BR-allowed reason by RFC 5280 name or code; certificateHold and CA reasons refused.
+
+    Accepted: a reason name spelled exactly as in ALLOWED_REASONS, an ``int`` code (a JSON
+    integer; ``True``/``False`` are refused, not read as 1/0), or a short string of ASCII
+    digits (what the CLI's ``--reason 1`` gives). ``str.isdigit`` alone would also take
+    "\\u0661" (Arabic-Indic one: keyCompromise) or "\\u00b2" (int() then raises): anything
+    that is not one of these is a RevocationReasonError naming the allowed reasons.
+    """
+    flag: x509.ReasonFlags | None = None
+    if isinstance(value, bool):
+        flag = None
+    elif isinstance(value, int):
+        flag = REASONS_BY_CODE.get(value)
+    elif isinstance(value, str):
+        if _REASON_CODE_TEXT.fullmatch(value):
+            flag = REASONS_BY_CODE.get(int(value))
+        else:
+            flag = ALLOWED_REASONS.get(value)
     if flag is None:
         allowed = ", ".join(f"{name} ({REASON_CODES[f]})" for name, f in ALLOWED_REASONS.items())
+        plain = isinstance(value, str | int) and not isinstance(value, bool)
+        shown = repr(value) if plain else f"of type {type(value).__name__}"
         raise RevocationReasonError(
-            f"revocation reason {value!r} is not allowed for subscriber certificates "
+            f"revocation reason {shown[:80]} is not allowed for subscriber certificates "
             f"(BR 7.3; certificateHold is never allowed): use one of {allowed}"
         )
     return flag

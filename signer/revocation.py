@@ -11,7 +11,11 @@ from cryptography import x509
 from responder.cdn_purge import CdnPurger
 from responder.metrics import revocations_total
 from responder.response_cache import ResponseCache
-from responder.store import PresignedStore, serial_key, with_retries
+from responder.store import (
+    PresignedStore,
+    StoreUnavailable,
+    serial_key,
+)
 from signer.issuers import Issuer
 from signer.response_builder import (
     CertStatus,
@@ -25,6 +29,77 @@ from signer.response_builder import (
 log = logging.getLogger(__name__)
 
 
+#: a revocation dated later than this is refused (clock skew between the CA and us)
+FUTURE_TOLERANCE = dt.timedelta(minutes=5)
+#: attempts when a concurrent revocation of the same serial changes the row between our
+#: read and our write (each attempt decides again on what is then stored)
+DECIDE_ATTEMPTS = 3
+
+
+class RevocationTimeError(ValueError):
+    """A revocation time that cannot be right: unreadable, unrepresentable, in the future,
+    or before the issuer's certificate existed."""
+
+
+class RevocationConflict(Exception):
+    """The serial is already revoked and the request would change it in a way that is not
+    allowed (only a later keyCompromise may): nothing was written, ``stored`` stands."""
+
+    def __init__(self, stored: Revocation, requested: Revocation) -> None:
+        asked = requested.reason.name
+        if requested.revoked_at != stored.revoked_at:
+            asked += f" at {requested.revoked_at.isoformat()}"
+        super().__init__(
+            f"already revoked at {stored.revoked_at.isoformat()} ({stored.reason.name}): "
+            f"request ({asked}) not applied; only keyCompromise may change an existing "
+            "revocation (MRSP 6.1.1)"
+        )
+        self.stored = stored
+        self.requested = requested
+
+
+def parse_revocation_time(text: object) -> dt.datetime:
+    """An ISO 8601 time with a zone, as UTC whole seconds; RevocationTimeError otherwise.
+
+    The conversion to UTC happens here, where a bad value is still input: a time such as
+    0001-01-01T00:00:00+01:00 lies before datetime's year 1 in UTC and would otherwise
+    raise OverflowError while signing."""
+    if not isinstance(text, str):
+        raise RevocationTimeError(
+            "revocation time must be an ISO 8601 string with a zone, e.g. 2026-01-02T03:04:05Z"
+        )
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise RevocationTimeError(f"revocation time {text[:64]!r} is not ISO 8601: {exc}") from exc
+    if when.tzinfo is None:
+        raise RevocationTimeError("revocation time needs a time zone (e.g. 2026-01-02T03:04:05Z)")
+    return utc_whole_seconds(when)
+
+
+def utc_whole_seconds(when: dt.datetime) -> dt.datetime:
+    """``when`` in UTC, whole seconds; RevocationTimeError when UTC cannot hold it."""
+    if when.tzinfo is None:
+        raise RevocationTimeError("revocation time needs a time zone")
+    try:
+        return whole_seconds(when.astimezone(dt.UTC))
+    except OverflowError as exc:
+        raise RevocationTimeError(
+            f"revocation time {when.isoformat()} is out of range in UTC"
+        ) from exc
+
+
+def earliest_revocation_time(issuer: Issuer) -> dt.datetime:
+    """The earliest revocation time accepted for a serial of ``issuer``: its certificate's
+    notBefore (nothing it signed can have been revoked before it existed).
+
+    A per-certificate bound (the certificate's own notBefore) would be tighter, but the
+    store keeps no notBefore; ``notAfter - 398 days`` is no substitute: for a misissued
+    certificate valid longer than BR 6.3.2 allows (exactly one that must be revoked) it
+    would lie after the true notBefore, even in the future, and refuse a true time."""
+    return issuer.certificate.not_valid_before_utc
+
+
 @dataclass(frozen=True, slots=True)
 class RevocationOutcome:
     created: bool
@@ -32,6 +107,28 @@ class RevocationOutcome:
     revocation: Revocation
     #: CDN purge hook result: "purged", "pending", "failed" or "none" (no hook configured)
     cdn_purge: str = "none"
+    #: an existing revocation was changed (reason raised to keyCompromise, or an earlier
+    #: keyCompromise time): re-signed and invalidated like a first revocation
+    updated: bool = False
+
+
+def merge_revocation(
+    stored: Revocation, reason: x509.ReasonFlags, revoked_at: dt.datetime | None
+) -> Revocation:
+    """What a repeated revocation leaves stored; RevocationConflict when it is refused.
+
+    keyCompromise may replace any other reason, and may move the time earlier: the
+    earliest known time wins (BR 7.2.2 note: the revocation date SHOULD be updated when
+    the key was compromised before it). Anything else must repeat what is stored
+    (``revoked_at`` omitted or equal): a CA cannot lower or swap a reason, nor move a
+    revocation's time, through a repeat."""
+    key_compromise = x509.ReasonFlags.key_compromise
+    if reason is key_compromise:
+        when = stored.revoked_at if revoked_at is None else min(stored.revoked_at, revoked_at)
+        return Revocation(when, key_compromise)
+    if reason is stored.reason and (revoked_at is None or revoked_at == stored.revoked_at):
+        return stored
+    raise RevocationConflict(stored, Revocation(revoked_at or stored.revoked_at, reason))
 
 
 class Revoker:
@@ -64,29 +161,86 @@ class Revoker:
         """Store the revocation with its revoked response in one transaction.
 
         A serial we never heard of is still revoked (the CA knows better than a lost
-        write), but it is logged: it means a recording went missing.
+        write), but it is logged: it means a recording went missing. A serial already
+        revoked changes only as ``merge_revocation`` allows (else RevocationConflict).
+        Times out of range raise RevocationTimeError before anything is written.
         """
         now = whole_seconds(dt.datetime.now(dt.UTC))
-        when = whole_seconds(revoked_at) if revoked_at is not None else now
-        if when > now + dt.timedelta(minutes=5):
-            raise ValueError("revocation time is in the future")
-        knowledge = await with_retries(
-            lambda: self.store.knowledge(issuer.db_id, serial), "revocation lookup"
-        )
-        if knowledge.revocation is not None:
-            revocation = knowledge.revocation
-        else:
-            revocation = Revocation(when, reason)
-            if not knowledge.known:
-                log.warning(
-                    "revoking serial %x of issuer %s that was never recorded", serial, issuer.name
+        when = utc_whole_seconds(revoked_at) if revoked_at is not None else None
+        if when is not None and when > now + FUTURE_TOLERANCE:
+            raise RevocationTimeError(
+                f"revocation time {when.isoformat()} is in the future (now {now.isoformat()})"
+            )
+        floor = earliest_revocation_time(issuer)
+        if when is not None and when < floor:
+            raise RevocationTimeError(
+                f"revocation time {when.isoformat()} is before {floor.isoformat()}, the "
+                f"notBefore of issuer {issuer.name}'s certificate"
+            )
+        for _ in range(DECIDE_ATTEMPTS):
+            context = await self.store.revocation_context(issuer.db_id, serial)
+            stored = context.revocation
+            if stored is None:
+                revocation = Revocation(when or now, reason)
+            else:
+                revocation = merge_revocation(stored, reason, when)
+            signed = sign_response(
+                issuer, serial, CertStatus.REVOKED, self.policy, revocation=revocation
+            )
+            if stored is None:
+                created = await self.store.record_revocation(
+                    issuer.db_id, serial, revocation, signed
                 )
-        signed = sign_response(
-            issuer, serial, CertStatus.REVOKED, self.policy, revocation=revocation
+                if not created:
+                    continue  # revoked concurrently: decide again on what is stored now
+                revocations_total.labels(issuer.name).inc()
+                if not context.known:
+                    log.warning(
+                        "revoking serial %x of issuer %s that was never recorded",
+                        serial,
+                        issuer.name,
+                    )
+                updated = False
+            elif revocation != stored:
+                if not await self.store.replace_revocation(
+                    issuer.db_id, serial, stored, revocation, signed
+                ):
+                    continue
+                log.warning(
+                    "revocation of serial %x of issuer %s changed from %s (%s) to %s (%s)",
+                    serial,
+                    issuer.name,
+                    stored.reason.name,
+                    stored.revoked_at.isoformat(),
+                    revocation.reason.name,
+                    revocation.revoked_at.isoformat(),
+                )
+                created, updated = False, True
+            else:
+                # an identical repeat: nothing to write, but the NOTIFY, cache drop and
+                # CDN purge run again (a retry after a purge that failed the first time)
+                await self.store.record_revocation(issuer.db_id, serial, revocation, signed)
+                created = updated = False
+            return await self._invalidate(
+                issuer, serial, revocation, signed, wait_for_cdn, created=created, updated=updated
+            )
+        raise StoreUnavailable(
+            f"revocation of serial {serial:x}: changed concurrently {DECIDE_ATTEMPTS} times, retry",
+            reason="conflict",
         )
-        created = await self.store.record_revocation(issuer.db_id, serial, revocation, signed)
-        if created:
-            revocations_total.labels(issuer.name).inc()
+
+    async def _invalidate(
+        self,
+        issuer: Issuer,
+        serial: int,
+        revocation: Revocation,
+        signed: SignedResponse,
+        wait_for_cdn: bool,
+        *,
+        created: bool,
+        updated: bool,
+    ) -> RevocationOutcome:
+        """After the commit: make every copy of the old answer go."""
         if self.store.replicas is not None:
             # read this serial from the primary until the replicas have replayed it
             await self.store.replicas.pin(issuer.db_id, serial_key(serial))
@@ -96,5 +250,9 @@ class Revoker:
         if self.purger is not None:
             purge = await self.purger.purge(issuer, serial, wait_settle=wait_for_cdn)
         return RevocationOutcome(
-            created=created, signed=signed, revocation=revocation, cdn_purge=purge
+            created=created,
+            signed=signed,
+            revocation=revocation,
+            cdn_purge=purge,
+            updated=updated,
         )
