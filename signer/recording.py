@@ -20,7 +20,7 @@ from responder.store import CertificateRecord, PresignedStore, StoreUnavailable
 from signer.der import DERError, read_element
 from signer.issuers import IssuerRegistry
 from signer.presign import PresignedSigner
-from signer.response_builder import SignedResponse, SigningError, ValidityPolicy
+from signer.response_builder import CertStatus, SignedResponse, SigningError, ValidityPolicy
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +35,15 @@ class CertificateRejected(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class RecordOutcome:
+    """What recording left in the store: ``status`` and the times are those of the stored
+    response, which OCSP serves (an earlier one is kept, e.g. a revoked one), not
+    necessarily of the response signed for this call."""
+
     serial: int
     issuer: str
     precertificate: bool
     created: bool
+    status: CertStatus
     this_update: int
     next_update: int
 
@@ -48,7 +53,7 @@ class RecordOutcome:
             "issuer": self.issuer,
             "precertificate": self.precertificate,
             "created": self.created,
-            "status": "good",
+            "status": self.status.name.lower(),
             "this_update": self.this_update,
             "next_update": self.next_update,
         }
@@ -202,7 +207,9 @@ class CertificateRecorder:
         if not prepared:
             return []
         try:
-            created = await self.store.record_certificates([(p.record, p.signed) for p in prepared])
+            recorded = await self.store.record_certificates(
+                [(p.record, p.signed) for p in prepared]
+            )
         except BaseException as exc:
             reason = exc.reason if isinstance(exc, StoreUnavailable) else "internal"
             if isinstance(exc, asyncio.CancelledError):
@@ -218,16 +225,19 @@ class CertificateRecorder:
                 )
             raise
         outcomes = []
-        for p, new in zip(prepared, created, strict=True):
-            metrics.recordings_total.labels(p.issuer, "created" if new else "existing").inc()
+        for p, done in zip(prepared, recorded, strict=True):
+            metrics.recordings_total.labels(
+                p.issuer, "created" if done.created else "existing"
+            ).inc()
             outcomes.append(
                 RecordOutcome(
                     serial=p.record.serial,
                     issuer=p.issuer,
                     precertificate=p.record.precertificate,
-                    created=new,
-                    this_update=p.signed.this_update,
-                    next_update=p.signed.next_update,
+                    created=done.created,
+                    status=done.stored.status,
+                    this_update=done.stored.this_update,
+                    next_update=done.stored.next_update,
                 )
             )
         return outcomes

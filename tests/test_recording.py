@@ -6,6 +6,7 @@ import subprocess
 
 import httpx
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509 import ocsp
 
 from responder.store import serial_key
 from signer.demo_ca import create_ca, write_pem_cert
@@ -143,3 +144,34 @@ def test_revocation_api_rules(responder, p256_issuer):  # type: ignore[no-untype
     assert ok.status_code == 201, ok.text
     assert ok.json()["revoked_at"].startswith("2026-01-02T03:04:05")
     assert responder.revoke("p256", cert.serial_number, "superseded").status_code == 200
+
+
+def test_rerecording_reports_the_stored_response(  # type: ignore[no-untyped-def]
+    responder, p256_issuer, module_database
+):
+    """The answer says what OCSP serves: a revoked serial recorded (again) is revoked."""
+    cert = p256_issuer.ca.issue_leaf("rerecord.test")
+    assert responder.record(cert).status_code == 201
+    assert responder.revoke("p256", cert.serial_number, "keyCompromise").status_code == 201
+    [row] = sql_sync(
+        module_database,
+        "SELECT status, this_update, next_update FROM responses WHERE serial = $1",
+        serial_key(cert.serial_number),
+    )
+    again = responder.record(cert)
+    assert again.status_code == 200, again.text
+    body = again.json()
+    assert body["status"] == "revoked"
+    assert body["this_update"] == int(row["this_update"].timestamp())
+    assert body["next_update"] == int(row["next_update"].timestamp())
+    # revoked before it was ever recorded: new (201), but revoked
+    early = p256_issuer.ca.issue_leaf("revoked-first.test")
+    assert responder.revoke("p256", early.serial_number, "superseded").status_code == 201
+    first = responder.record(early)
+    assert first.status_code == 201 and first.json()["status"] == "revoked"
+    answer = httpx.get(get_url(responder.url, build_request(early, p256_issuer.ca.ca_cert)))
+    status = ocsp.load_der_ocsp_response(answer.content).certificate_status
+    assert status == ocsp.OCSPCertStatus.REVOKED
+    # a plain new certificate still reports good
+    fresh = responder.record(p256_issuer.ca.issue_leaf("fresh.test"))
+    assert fresh.status_code == 201 and fresh.json()["status"] == "good"
