@@ -9,7 +9,9 @@ failure is an exception the caller must turn into a refusal, so the CA does not 
 from __future__ import annotations
 
 import asyncio
+import binascii
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -65,6 +67,18 @@ def format_serial(serial: int) -> str:
     return text if len(text) % 2 == 0 else "0" + text
 
 
+#: how much of a caller's text an error message or log line may quote
+QUOTE_LIMIT = 64
+
+
+def quote(text: str | bytes, limit: int = QUOTE_LIMIT) -> str:
+    """``repr`` of caller input, cut to ``limit`` characters: errors and log lines must
+    never carry unbounded input."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} in all)"
+
+
 def parse_serial(text: str) -> int:
     """Hex serial, with or without colons or 0x; refuses anything else."""
     cleaned = text.strip().lower().removeprefix("0x").replace(":", "")
@@ -74,17 +88,34 @@ def parse_serial(text: str) -> int:
 
 
 def load_certificates(data: bytes) -> list[x509.Certificate]:
-    """PEM (one or many), or DER (one, or several concatenated); strict."""
-    try:
-        if data.lstrip().startswith(b"-----BEGIN"):
-            certs = x509.load_pem_x509_certificates(data)
-        else:
-            certs = [x509.load_der_x509_certificate(der) for der in split_der(data)]
-    except ValueError as exc:
-        raise CertificateRejected(f"not a PEM or DER certificate: {exc}") from exc
-    if not certs:
-        raise CertificateRejected("no certificate found")
+    """PEM bundle or DER (one, or several concatenated), strictly: see split_certificates."""
+    ders = split_certificates(data)
+    certs = []
+    for index, der in enumerate(ders):
+        try:
+            certs.append(parse_certificate(der))
+        except CertificateRejected as exc:
+            if len(ders) == 1:
+                raise
+            raise CertificateRejected(f"certificate #{index + 1}: {exc}") from exc
     return certs
+
+
+def split_certificates(data: bytes) -> list[bytes]:
+    """The DER of each certificate of a PEM bundle or of concatenated DER, not yet parsed.
+
+    The one reader of certificate files and bodies (API, ``issue``, ``import``). Strict,
+    so that nothing a caller sent is dropped while the rest is acknowledged: a DER body
+    must be whole SEQUENCEs, a PEM body only ``CERTIFICATE`` blocks and whitespace."""
+    if not data.strip():
+        raise CertificateRejected("empty body: no certificate found")
+    if data[:1] == b"\x30":
+        return split_der(data)
+    if b"-----BEGIN" not in data:
+        raise CertificateRejected(
+            "not a PEM or DER certificate: no DER SEQUENCE and no PEM BEGIN line"
+        )
+    return split_pem(data)
 
 
 def split_der(data: bytes) -> list[bytes]:
@@ -103,6 +134,77 @@ def split_der(data: bytes) -> list[bytes]:
         parts.append(data[tlv.start : tlv.end])
         pos = tlv.end
     return parts
+
+
+_BOUNDARY = re.compile(rb"-----(BEGIN|END) (.*)-----")
+_PEM_LABEL = b"CERTIFICATE"
+
+
+def split_pem(data: bytes) -> list[bytes]:
+    """The DER of each block of a PEM bundle (RFC 7468), refusing what lax readers skip:
+    a block labelled anything but CERTIFICATE (``X509 CERTIFICATE``, ``TRUSTED
+    CERTIFICATE``...), a block without its END line, headers or bad base64 inside a
+    block, and any non-whitespace text outside blocks."""
+    ders: list[bytes] = []
+    begin_line = 0  # line number of the open block's BEGIN, 0 outside a block
+    body: list[bytes] = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        line = raw.strip()
+        boundary = _BOUNDARY.fullmatch(line) if line.startswith(b"-----") else None
+        if line.startswith(b"-----") and boundary is None:
+            raise CertificateRejected(f"bad PEM: line {number}: malformed boundary {quote(line)}")
+        if boundary is not None:
+            kind, label = boundary.group(1), boundary.group(2)
+            if label != _PEM_LABEL:
+                raise CertificateRejected(
+                    f"bad PEM: line {number}: a {quote(label.decode('latin-1'))} block: "
+                    "only CERTIFICATE blocks are accepted"
+                )
+            if kind == b"BEGIN":
+                if begin_line:
+                    raise CertificateRejected(
+                        f"bad PEM: the block of line {begin_line} has no END line "
+                        f"(line {number} begins another)"
+                    )
+                begin_line, body = number, []
+                continue
+            if not begin_line:
+                raise CertificateRejected(f"bad PEM: line {number}: END without BEGIN")
+            ders.append(_pem_body(body, begin_line))
+            begin_line = 0
+        elif begin_line:
+            body.append(line)
+        elif line:
+            raise CertificateRejected(
+                f"bad PEM: line {number}: text outside a CERTIFICATE block {quote(line)}"
+            )
+    if begin_line:
+        raise CertificateRejected(
+            f"bad PEM: the block of line {begin_line} has no END line (truncated?)"
+        )
+    if not ders:
+        raise CertificateRejected("no certificate found")
+    return ders
+
+
+def _pem_body(lines: list[bytes], begin_line: int) -> bytes:
+    try:
+        der = binascii.a2b_base64(b"".join(lines), strict_mode=True)
+    except binascii.Error as exc:
+        raise CertificateRejected(
+            f"bad PEM: the block of line {begin_line} is not valid base64: {exc}"
+        ) from exc
+    if not der:
+        raise CertificateRejected(f"bad PEM: the block of line {begin_line} is empty")
+    return der
+
+
+def parse_certificate(der: bytes) -> x509.Certificate:
+    """One certificate from its DER (one element, no trailing bytes)."""
+    try:
+        return x509.load_der_x509_certificate(der)
+    except ValueError as exc:
+        raise CertificateRejected(f"not a certificate: {exc}") from exc
 
 
 def is_precertificate(cert: x509.Certificate) -> bool:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import base64
+import re
 import subprocess
 
 import httpx
+import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import ocsp
 
 from responder.store import serial_key
 from signer.demo_ca import create_ca, write_pem_cert
+from signer.recording import CertificateRejected, split_certificates
 from tests.support import VENV_BIN, build_request, check_response, get_url, sql_sync
 
 
@@ -146,6 +151,64 @@ def test_revocation_api_rules(responder, p256_issuer):  # type: ignore[no-untype
     assert responder.revoke("p256", cert.serial_number, "superseded").status_code == 200
 
 
+# --- strict PEM, the stored state reported, RFC 5280 serials -----------------------------
+
+
+def pem_of(der: bytes, label: str = "CERTIFICATE") -> bytes:
+    text = base64.encodebytes(der).decode().replace("\n", "")
+    lines = "\n".join(text[i : i + 64] for i in range(0, len(text), 64))
+    return f"-----BEGIN {label}-----\n{lines}\n-----END {label}-----\n".encode()
+
+
+def test_pem_reader_is_strict() -> None:
+    """What lax readers skip silently is refused, naming the line and the defect."""
+    ca = create_ca("p256", "Strict")
+    a, b = (ca.issue_leaf(n).public_bytes(serialization.Encoding.DER) for n in ("a.t", "b.t"))
+    good = pem_of(a) + b"\r\n  \n" + pem_of(b).replace(b"\n", b"\r\n")
+    assert split_certificates(good) == [a, b]  # CRLF and blank lines between blocks are fine
+    cases = {
+        pem_of(a) + pem_of(b, "X509 CERTIFICATE") + pem_of(a): "'X509 CERTIFICATE' block",
+        pem_of(a) + pem_of(b, "TRUSTED CERTIFICATE"): "'TRUSTED CERTIFICATE' block",
+        pem_of(a) + pem_of(b)[:80]: "has no END line (truncated?)",
+        pem_of(a).replace(b"-----END CERTIFICATE-----\n", b"") + pem_of(b): "has no END line (line",
+        pem_of(a) + b"junk\n": "text outside a CERTIFICATE block",
+        b"subject=CN = a.t\n" + pem_of(a): "line 1: text outside",
+        pem_of(a) + b"-----END CERTIFICATE-----\n": "END without BEGIN",
+        pem_of(a).replace(b"\n", b"\nProc-Type: 4,ENCRYPTED\n", 1): "not valid base64",
+        pem_of(a).replace(b"-----\n", b"----\n", 1): "malformed boundary",
+        b"-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n": "is empty",
+    }
+    for body, why in cases.items():
+        with pytest.raises(CertificateRejected, match=re.escape(why)):
+            split_certificates(body)
+    # the old lax reader's view of the first case: it recorded 3, dropped nothing visibly
+    assert len(x509.load_pem_x509_certificates(pem_of(a) + pem_of(b, "TRUSTED CERTIFICATE"))) == 1
+
+
+def test_single_certificate_body_is_strict(  # type: ignore[no-untyped-def]
+    responder, p256_issuer, module_database
+):
+    url = responder.admin_url + "/v1/certificates"
+    auth = {"Authorization": f"Bearer {responder.token}"}
+    certs = [p256_issuer.ca.issue_leaf(f"strict{i}.test") for i in range(3)]
+    pems = [c.public_bytes(serialization.Encoding.PEM) for c in certs]
+    bodies = [
+        (pems[0] + b"trailing junk\n", "text outside"),
+        (pems[1] + pems[2][:100], "no END line"),
+        (pems[2].replace(b"CERTIFICATE", b"X509 CERTIFICATE"), "'X509 CERTIFICATE' block"),
+    ]
+    for body, why in bodies:
+        resp = httpx.post(url, content=body, headers=auth)
+        assert resp.status_code == 400, resp.text
+        assert why in resp.json()["error"]
+    rows = sql_sync(
+        module_database,
+        "SELECT 1 FROM certificates WHERE serial = ANY($1::bytea[])",
+        [serial_key(c.serial_number) for c in certs],
+    )
+    assert rows == []
+
+
 def test_rerecording_reports_the_stored_response(  # type: ignore[no-untyped-def]
     responder, p256_issuer, module_database
 ):
@@ -175,3 +238,33 @@ def test_rerecording_reports_the_stored_response(  # type: ignore[no-untyped-def
     # a plain new certificate still reports good
     fresh = responder.record(p256_issuer.ca.issue_leaf("fresh.test"))
     assert fresh.status_code == 201 and fresh.json()["status"] == "good"
+
+
+def test_cli_issue_refuses_lax_pem(  # type: ignore[no-untyped-def]
+    responder, p256_issuer, module_database, tmp_path
+):
+    """`issue` and the API read files the same strict way: a bundle with a block they
+    would skip is refused whole, nothing of it recorded."""
+    certs = [p256_issuer.ca.issue_leaf(f"lax{i}.test") for i in range(3)]
+    pems = [c.public_bytes(serialization.Encoding.PEM) for c in certs]
+    bundle = tmp_path / "lax.pem"
+    bundle.write_bytes(
+        pems[0] + pems[1].replace(b"CERTIFICATE", b"X509 CERTIFICATE") + pems[2] + pems[0][:90]
+    )
+    cmd = [str(VENV_BIN / "ocsp-responder"), "issue", "--config", str(responder.config_path)]
+    result = subprocess.run([*cmd, str(bundle)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stdout
+    assert "lax.pem: refused: bad PEM" in result.stderr and "X509 CERTIFICATE" in result.stderr
+    rows = sql_sync(
+        module_database,
+        "SELECT 1 FROM certificates WHERE serial = ANY($1::bytea[])",
+        [serial_key(c.serial_number) for c in certs],
+    )
+    assert rows == []
+    # and it prints the state OCSP serves for a revoked serial
+    good = tmp_path / "good.pem"
+    good.write_bytes(pems[2])
+    assert responder.revoke("p256", certs[2].serial_number).status_code == 201
+    revoked = subprocess.run([*cmd, str(good)], capture_output=True, text=True, timeout=60)
+    assert revoked.returncode == 0, revoked.stderr
+    assert "recorded, OCSP answers revoked" in revoked.stdout
