@@ -31,7 +31,8 @@ from signer.recording import (
     CertificateRecorder,
     CertificateRejected,
     RecordOutcome,
-    format_serial,
+    describe_certificate_serial,
+    describe_issuer,
     parse_certificate,
     split_certificates,
 )
@@ -224,8 +225,8 @@ class Importer:
                     self.report.refused += 1
                     cert = batch.certs[index]
                     self._problem(
-                        f"certificate serial {format_serial(cert.serial_number)} issuer "
-                        f"{cert.issuer.rfc4514_string()!r}: refused: {exc}"
+                        f"certificate serial {describe_certificate_serial(cert)} issuer "
+                        f"{describe_issuer(cert)}: refused: {exc}"
                     )
                 if in_flight is not None and in_flight_batch is not None:
                     self._finish(await in_flight, in_flight_batch, progress)

@@ -12,10 +12,12 @@ import asyncio
 import binascii
 import logging
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.utils import CryptographyDeprecationWarning
 
 from responder import metrics
 from responder.store import CertificateRecord, PresignedStore, StoreUnavailable
@@ -67,8 +69,20 @@ def format_serial(serial: int) -> str:
     return text if len(text) % 2 == 0 else "0" + text
 
 
+#: RFC 5280 4.1.2.2: a serial is a positive INTEGER whose DER content is at most 20
+#: octets; with the sign bit that is 1 <= serial <= 2**159 - 1 (at most 40 hex digits,
+#: the first of 40 at most 7). Zero and negative serials are refused too.
+MAX_SERIAL = 2**159 - 1
+SERIAL_RULE = (
+    "a serial must be a positive integer of at most 20 octets (RFC 5280 4.1.2.2): "
+    "1 to 2^159-1, i.e. at most 40 hex digits"
+)
 #: how much of a caller's text an error message or log line may quote
 QUOTE_LIMIT = 64
+
+
+class SerialError(ValueError):
+    """A serial outside RFC 5280's rule, or not a serial at all (an input error: 4xx)."""
 
 
 def quote(text: str | bytes, limit: int = QUOTE_LIMIT) -> str:
@@ -79,12 +93,30 @@ def quote(text: str | bytes, limit: int = QUOTE_LIMIT) -> str:
     return f"{text[:limit]!r}... ({len(text)} in all)"
 
 
+def check_serial(serial: int) -> int:
+    """``serial`` if RFC 5280 allows it, else SerialError naming the rule."""
+    if not 1 <= serial <= MAX_SERIAL:
+        raise SerialError(f"serial {describe_serial(serial)} refused: {SERIAL_RULE}")
+    return serial
+
+
+def describe_serial(serial: int) -> str:
+    """Hex of a serial for messages and logs, bounded (a certificate may carry any)."""
+    if serial < 0:
+        return "-" + describe_serial(-serial)
+    text = format_serial(serial)
+    return text if len(text) <= QUOTE_LIMIT else f"{text[:QUOTE_LIMIT]}... ({len(text)} digits)"
+
+
 def parse_serial(text: str) -> int:
-    """Hex serial, with or without colons or 0x; refuses anything else."""
+    """Hex serial, with or without colons or 0x, within RFC 5280's rule; else SerialError."""
     cleaned = text.strip().lower().removeprefix("0x").replace(":", "")
     if not cleaned or any(c not in "0123456789abcdef" for c in cleaned):
-        raise ValueError(f"serial {text!r} is not hexadecimal")
-    return int(cleaned, 16)
+        raise SerialError(f"serial {quote(text)} is not hexadecimal")
+    significant = cleaned.lstrip("0")
+    if len(significant) > 40:  # too big whatever the digits: no need to convert it
+        raise SerialError(f"serial {quote(text)} refused: {SERIAL_RULE}")
+    return check_serial(int(cleaned, 16))
 
 
 def load_certificates(data: bytes) -> list[x509.Certificate]:
@@ -202,7 +234,10 @@ def _pem_body(lines: list[bytes], begin_line: int) -> bytes:
 def parse_certificate(der: bytes) -> x509.Certificate:
     """One certificate from its DER (one element, no trailing bytes)."""
     try:
-        return x509.load_der_x509_certificate(der)
+        with warnings.catch_warnings():
+            # a zero or negative serial: refused by check_serial with a clear message
+            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+            return x509.load_der_x509_certificate(der)
     except ValueError as exc:
         raise CertificateRejected(f"not a certificate: {exc}") from exc
 
@@ -244,16 +279,17 @@ class CertificateRecorder:
         self.presigner = PresignedSigner(policy)
 
     def prepare(self, cert: x509.Certificate) -> PreparedRecord:
-        """Find the issuer (name and signature) and sign the response (CPU only, no I/O)."""
+        """Check the serial, find the issuer (name and signature) and sign the response
+        (CPU only, no I/O)."""
+        serial = certificate_serial(cert)
         issuer = self.registry.issuer_of(cert)
         if issuer is None:
             raise CertificateRejected(
-                f"issuer {cert.issuer.rfc4514_string()!r} is not configured here "
+                f"issuer {describe_issuer(cert)} is not configured here "
                 "(or did not sign this certificate): add it to `issuers` first",
                 status=422,
             )
         precert = is_precertificate(cert)
-        serial = cert.serial_number
         signed = self.presigner.sign_good(issuer, serial)
         record = CertificateRecord(
             issuer_id=issuer.db_id,
@@ -280,9 +316,9 @@ class CertificateRecorder:
                     "unknown_issuer" if exc.status == 422 else "refused"
                 ).inc()
                 log.warning(
-                    "recording refused: serial=%s issuer=%r: %s",
-                    _serial_or_unknown(cert),
-                    cert.issuer.rfc4514_string(),
+                    "recording refused: serial=%s issuer=%s: %s",
+                    describe_certificate_serial(cert),
+                    describe_issuer(cert),
                     exc,
                 )
             except Exception as exc:
@@ -291,9 +327,9 @@ class CertificateRecorder:
                 metrics.recording_failures_total.labels(reason).inc(len(certs) - len(rejected))
                 log.error(
                     "recording FAILED (not acknowledged): could not prepare: serial=%s "
-                    "issuer=%r reason=%s: %s (and the %d other certificates of this call)",
-                    _serial_or_unknown(cert),
-                    cert.issuer.rfc4514_string(),
+                    "issuer=%s reason=%s: %s (and the %d other certificates of this call)",
+                    describe_certificate_serial(cert),
+                    describe_issuer(cert),
                     reason,
                     exc,
                     len(certs) - len(rejected) - 1,
@@ -354,8 +390,30 @@ class CertificateRecorder:
         return await self.commit(prepared)
 
 
-def _serial_or_unknown(cert: x509.Certificate) -> str:
+def certificate_serial(cert: x509.Certificate) -> int:
+    """The certificate's serial if RFC 5280 allows it, else CertificateRejected (400): a
+    zero, negative or over-long serial is refused like any malformed certificate."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        serial = cert.serial_number
     try:
-        return format_serial(cert.serial_number)
+        return check_serial(serial)
+    except SerialError as exc:
+        raise CertificateRejected(str(exc)) from exc
+
+
+def describe_issuer(cert: x509.Certificate) -> str:
+    """The issuer name for messages and logs, quoted and bounded."""
+    try:
+        return quote(cert.issuer.rfc4514_string(), 128)
+    except ValueError:
+        return "?"
+
+
+def describe_certificate_serial(cert: x509.Certificate) -> str:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+            return describe_serial(cert.serial_number)
     except ValueError:
         return "?"
