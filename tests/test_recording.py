@@ -196,6 +196,8 @@ def test_pem_reader_is_strict() -> None:
         pem_of(a).replace(b"-----END CERTIFICATE-----\n", b"") + pem_of(b): "has no END line (line",
         pem_of(a) + b"junk\n": "text outside a CERTIFICATE block",
         b"subject=CN = a.t\n" + pem_of(a): "line 1: text outside",
+        b"\r\n" * 5 + b"  subject=CN = a.t\n" + pem_of(a): "line 6: text outside",
+        pem_of(a) + b"x-----BEGIN CERTIFICATE-----\n": "malformed boundary",
         pem_of(a) + b"-----END CERTIFICATE-----\n": "END without BEGIN",
         pem_of(a).replace(b"\n", b"\nProc-Type: 4,ENCRYPTED\n", 1): "not valid base64",
         pem_of(a).replace(b"-----\n", b"----\n", 1): "malformed boundary",
