@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,14 +31,15 @@ from signer.recording import (
     CertificateRecorder,
     CertificateRejected,
     RecordOutcome,
-    format_serial,
-    split_der,
+    describe_certificate_serial,
+    describe_issuer,
+    parse_certificate,
+    split_certificates,
 )
 
 log = logging.getLogger(__name__)
 
 CERTIFICATE_SUFFIXES = {".pem", ".crt", ".cer", ".der"}
-_PEM_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 
 class ImportInputError(Exception):
@@ -61,22 +61,6 @@ def discover(paths: list[Path]) -> list[Path]:
         else:
             raise ImportInputError(f"{path}: no such file or directory")
     return found
-
-
-def split_certificates(data: bytes) -> list[bytes]:
-    """A file's certificates as PEM blocks or DER blobs, not yet parsed."""
-    if b"-----BEGIN" in data[:1024] or data.lstrip().startswith(b"-----BEGIN"):
-        return _PEM_BLOCK.findall(data)
-    return split_der(data)
-
-
-def parse_one(blob: bytes) -> x509.Certificate:
-    try:
-        if blob.startswith(b"-----BEGIN"):
-            return x509.load_pem_x509_certificate(blob)
-        return x509.load_der_x509_certificate(blob)
-    except ValueError as exc:
-        raise CertificateRejected(f"not a certificate: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +196,7 @@ class Importer:
             for index in range(start, len(blobs)):
                 batch.consumed += 1
                 try:
-                    batch.certs.append(parse_one(blobs[index]))
+                    batch.certs.append(parse_certificate(blobs[index]))
                 except CertificateRejected as exc:
                     self.report.refused += 1
                     self._problem(f"{path}: certificate #{index + 1}: refused: {exc}")
@@ -241,8 +225,8 @@ class Importer:
                     self.report.refused += 1
                     cert = batch.certs[index]
                     self._problem(
-                        f"certificate serial {format_serial(cert.serial_number)} issuer "
-                        f"{cert.issuer.rfc4514_string()!r}: refused: {exc}"
+                        f"certificate serial {describe_certificate_serial(cert)} issuer "
+                        f"{describe_issuer(cert)}: refused: {exc}"
                     )
                 if in_flight is not None and in_flight_batch is not None:
                     self._finish(await in_flight, in_flight_batch, progress)

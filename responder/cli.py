@@ -104,6 +104,7 @@ def cmd_migrate(args: argparse.Namespace) -> None:
 
 def cmd_issue(args: argparse.Namespace) -> None:
     from signer.recording import CertificateRejected, format_serial, load_certificates
+    from signer.response_builder import CertStatus
 
     config = _config(args)
     _setup_logging(config.log_level, config.log_format)
@@ -132,6 +133,8 @@ def cmd_issue(args: argparse.Namespace) -> None:
                 for o in outcomes:
                     kind = "precertificate" if o.precertificate else "certificate"
                     state = "recorded" if o.created else "already recorded"
+                    if o.status is not CertStatus.GOOD:  # the stored answer, not "good"
+                        state += f", OCSP answers {o.status.name.lower()}"
                     print(f"{name}: {kind} {format_serial(o.serial)} ({o.issuer}): {state}")
         finally:
             await service.close()

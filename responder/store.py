@@ -159,6 +159,31 @@ class RevocationContext:
     revocation: Revocation | None
 
 
+@dataclass(frozen=True, slots=True)
+class StoredState:
+    """The status and window of the response stored for a serial: what OCSP serves."""
+
+    status: CertStatus
+    this_update: int
+    next_update: int
+
+
+def stored_state_from_row(row: asyncpg.Record) -> StoredState:
+    return StoredState(
+        status=CertStatus(row["status"]),
+        this_update=int(row["this_update"].timestamp()),
+        next_update=int(row["next_update"].timestamp()),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """One certificate's recording: new or already recorded, and the stored response."""
+
+    created: bool
+    stored: StoredState
+
+
 def stored_response_from_row(row: asyncpg.Record) -> StoredResponse:
     """A ``responses`` row (der, status, this_update, next_update) as a StoredResponse."""
     return StoredResponse(
@@ -441,12 +466,13 @@ class PresignedStore:
 
     async def record_certificates(
         self, records: Sequence[tuple[CertificateRecord, SignedResponse]]
-    ) -> list[bool]:
+    ) -> list[Recorded]:
         """Record certificates and their signed responses in ONE transaction.
 
-        Returns, per record, True when the serial was new (a serial given twice in one
-        call is new once). The call returns only after the commit is durable
-        (synchronous_commit forced on): the CA may publish then.
+        Returns, per record, whether the serial was new (a serial given twice in one
+        call is new once) and the response stored for it: the one given, or the one
+        that was already there and was kept (a revoked one, say). The call returns only
+        after the commit is durable (synchronous_commit forced on): the CA may publish.
         """
         kinds: dict[tuple[int, bytes], int] = {}
         first: dict[tuple[int, bytes], tuple[CertificateRecord, SignedResponse]] = {}
@@ -457,7 +483,7 @@ class PresignedStore:
             first.setdefault(key, (record, signed))
         unique = list(first.items())
 
-        async def op() -> dict[tuple[int, bytes], bool]:
+        async def op() -> dict[tuple[int, bytes], tuple[bool, StoredState | None]]:
             # One statement (one round trip, atomic on its own): both INSERTs in CTEs.
             # The session has synchronous_commit = on (pool server_settings) and the
             # statement sets it for its own transaction too, whatever the server default.
@@ -478,25 +504,57 @@ class PresignedStore:
                     "  SELECT * FROM unnest($1::smallint[], $2::bytea[], $5::smallint[], "
                     "                       $6::timestamptz[], $7::timestamptz[], $8::bytea[], "
                     "                       $9::bigint[]) "
-                    "  ON CONFLICT (issuer_id, serial) DO NOTHING) "
-                    "SELECT cert.issuer_id, cert.serial, cert.inserted, "
+                    "  ON CONFLICT (issuer_id, serial) DO NOTHING "
+                    "  RETURNING issuer_id, serial, status, this_update, next_update) "
+                    # per serial: new or not, and the response row that stands after this
+                    # statement (inserted here, else the one its snapshot saw)
+                    "SELECT k.issuer_id, k.serial, coalesce(cert.inserted, false) AS inserted, "
+                    "       coalesce(resp.status, r.status) AS status, "
+                    "       coalesce(resp.this_update, r.this_update) AS this_update, "
+                    "       coalesce(resp.next_update, r.next_update) AS next_update, "
                     "       (SELECT count(*) FROM durable) AS durable "
-                    "FROM cert",
+                    "FROM unnest($1::smallint[], $2::bytea[]) AS k (issuer_id, serial) "
+                    "LEFT JOIN cert USING (issuer_id, serial) "
+                    "LEFT JOIN resp USING (issuer_id, serial) "
+                    "LEFT JOIN responses r USING (issuer_id, serial)",
                     [key[0] for key, _ in unique],
                     [key[1] for key, _ in unique],
                     [r.not_after for _, (r, _) in unique],
                     [kinds[key] for key, _ in unique],
                     *response_arrays([s for _, (_, s) in unique]),
                 )
-            # rows already present with nothing to add are not returned: not new
-            return {(row["issuer_id"], bytes(row["serial"])): row["inserted"] for row in rows}
+                states = {
+                    (row["issuer_id"], bytes(row["serial"])): (
+                        row["inserted"],
+                        None if row["status"] is None else stored_state_from_row(row),
+                    )
+                    for row in rows
+                }
+                # a response committed by another transaction after this statement's
+                # snapshot (it made the INSERT do nothing): read it now, committed
+                late = [key for key, (_, state) in states.items() if state is None]
+                if late:
+                    for row in await conn.fetch(
+                        "SELECT issuer_id, serial, status, this_update, next_update "
+                        "FROM responses r JOIN unnest($1::smallint[], $2::bytea[]) "
+                        "AS k (issuer_id, serial) USING (issuer_id, serial)",
+                        [key[0] for key in late],
+                        [key[1] for key in late],
+                    ):
+                        key = (row["issuer_id"], bytes(row["serial"]))
+                        states[key] = (states[key][0], stored_state_from_row(row))
+            return states
 
-        inserted = await with_retries(op, "record certificates")
-        created: list[bool] = []
-        for record, _ in records:
+        states = await with_retries(op, "record certificates")
+        recorded: list[Recorded] = []
+        for record, signed in records:
             key = (record.issuer_id, serial_key(record.serial))
-            created.append(inserted.pop(key, False))
-        return created
+            inserted, state = states[key]
+            states[key] = (False, state)  # a serial given twice is new once
+            if state is None:  # deleted since (a retention purge): report what was sent
+                state = StoredState(signed.status, signed.this_update, signed.next_update)
+            recorded.append(Recorded(inserted, state))
+        return recorded
 
     async def record_revocation(
         self, issuer_id: int, serial: int, revocation: Revocation, signed: SignedResponse

@@ -9,18 +9,23 @@ failure is an exception the caller must turn into a refusal, so the CA does not 
 from __future__ import annotations
 
 import asyncio
+import binascii
 import logging
-from collections.abc import Sequence
+import re
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from cryptography import x509
+from cryptography.utils import CryptographyDeprecationWarning
 
 from responder import metrics
 from responder.store import CertificateRecord, PresignedStore, StoreUnavailable
 from signer.der import DERError, read_element
 from signer.issuers import IssuerRegistry
 from signer.presign import PresignedSigner
-from signer.response_builder import SignedResponse, SigningError, ValidityPolicy
+from signer.response_builder import CertStatus, SignedResponse, SigningError, ValidityPolicy
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +40,15 @@ class CertificateRejected(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class RecordOutcome:
+    """What recording left in the store: ``status`` and the times are those of the stored
+    response, which OCSP serves (an earlier one is kept, e.g. a revoked one), not
+    necessarily of the response signed for this call."""
+
     serial: int
     issuer: str
     precertificate: bool
     created: bool
+    status: CertStatus
     this_update: int
     next_update: int
 
@@ -48,7 +58,7 @@ class RecordOutcome:
             "issuer": self.issuer,
             "precertificate": self.precertificate,
             "created": self.created,
-            "status": "good",
+            "status": self.status.name.lower(),
             "this_update": self.this_update,
             "next_update": self.next_update,
         }
@@ -60,26 +70,85 @@ def format_serial(serial: int) -> str:
     return text if len(text) % 2 == 0 else "0" + text
 
 
+#: RFC 5280 4.1.2.2: a serial is a positive INTEGER whose DER content is at most 20
+#: octets; with the sign bit that is 1 <= serial <= 2**159 - 1 (at most 40 hex digits,
+#: the first of 40 at most 7). Zero and negative serials are refused too.
+MAX_SERIAL = 2**159 - 1
+SERIAL_RULE = (
+    "a serial must be a positive integer of at most 20 octets (RFC 5280 4.1.2.2): "
+    "1 to 2^159-1, i.e. at most 40 hex digits"
+)
+#: how much of a caller's text an error message or log line may quote
+QUOTE_LIMIT = 64
+
+
+class SerialError(ValueError):
+    """A serial outside RFC 5280's rule, or not a serial at all (an input error: 4xx)."""
+
+
+def quote(text: str | bytes, limit: int = QUOTE_LIMIT) -> str:
+    """``repr`` of caller input, cut to ``limit`` characters: errors and log lines must
+    never carry unbounded input."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} in all)"
+
+
+def check_serial(serial: int) -> int:
+    """``serial`` if RFC 5280 allows it, else SerialError naming the rule."""
+    if not 1 <= serial <= MAX_SERIAL:
+        raise SerialError(f"serial {describe_serial(serial)} refused: {SERIAL_RULE}")
+    return serial
+
+
+def describe_serial(serial: int) -> str:
+    """Hex of a serial for messages and logs, bounded (a certificate may carry any)."""
+    if serial < 0:
+        return "-" + describe_serial(-serial)
+    text = format_serial(serial)
+    return text if len(text) <= QUOTE_LIMIT else f"{text[:QUOTE_LIMIT]}... ({len(text)} digits)"
+
+
 def parse_serial(text: str) -> int:
-    """Hex serial, with or without colons or 0x; refuses anything else."""
+    """Hex serial, with or without colons or 0x, within RFC 5280's rule; else SerialError."""
     cleaned = text.strip().lower().removeprefix("0x").replace(":", "")
     if not cleaned or any(c not in "0123456789abcdef" for c in cleaned):
-        raise ValueError(f"serial {text!r} is not hexadecimal")
-    return int(cleaned, 16)
+        raise SerialError(f"serial {quote(text)} is not hexadecimal")
+    significant = cleaned.lstrip("0")
+    if len(significant) > 40:  # too big whatever the digits: no need to convert it
+        raise SerialError(f"serial {quote(text)} refused: {SERIAL_RULE}")
+    return check_serial(int(cleaned, 16))
 
 
 def load_certificates(data: bytes) -> list[x509.Certificate]:
-    """PEM (one or many), or DER (one, or several concatenated); strict."""
-    try:
-        if data.lstrip().startswith(b"-----BEGIN"):
-            certs = x509.load_pem_x509_certificates(data)
-        else:
-            certs = [x509.load_der_x509_certificate(der) for der in split_der(data)]
-    except ValueError as exc:
-        raise CertificateRejected(f"not a PEM or DER certificate: {exc}") from exc
-    if not certs:
-        raise CertificateRejected("no certificate found")
+    """PEM bundle or DER (one, or several concatenated), strictly: see split_certificates."""
+    ders = split_certificates(data)
+    certs = []
+    for index, der in enumerate(ders):
+        try:
+            certs.append(parse_certificate(der))
+        except CertificateRejected as exc:
+            if len(ders) == 1:
+                raise
+            raise CertificateRejected(f"certificate #{index + 1}: {exc}") from exc
     return certs
+
+
+def split_certificates(data: bytes) -> list[bytes]:
+    """The DER of each certificate of a PEM bundle or of concatenated DER, not yet parsed.
+
+    The one reader of certificate files and bodies (API, ``issue``, ``import``). Strict,
+    so that nothing a caller sent is dropped while the rest is acknowledged: a DER body
+    must be whole SEQUENCEs, a PEM body only ``CERTIFICATE`` blocks and whitespace."""
+    if not data.strip():
+        raise CertificateRejected("empty body: no certificate found")
+    if data[:1] == b"\x30":
+        return split_der(data)
+    if b"-----BEGIN" not in data:
+        raise CertificateRejected(
+            "not a PEM or DER certificate: no DER SEQUENCE and no PEM BEGIN line"
+        )
+    return split_pem(data)
 
 
 def split_der(data: bytes) -> list[bytes]:
@@ -98,6 +167,112 @@ def split_der(data: bytes) -> list[bytes]:
         parts.append(data[tlv.start : tlv.end])
         pos = tlv.end
     return parts
+
+
+_BOUNDARY = re.compile(rb"-----(BEGIN|END) (.*)-----")
+_PEM_LABEL = b"CERTIFICATE"
+_WHITESPACE = b" \t\r\n\v\f"
+
+
+class _Line(NamedTuple):
+    start: int  # offset of the line
+    end: int  # offset past its newline
+    text: bytes  # the line, stripped
+
+
+def _boundary_lines(data: bytes) -> Iterator[_Line]:
+    """Every line that contains "-----" (base64 never does): found with bytes.find, so a
+    body of many lines costs no Python per line."""
+    at = data.find(b"-----")
+    while at != -1:
+        start = data.rfind(b"\n", 0, at) + 1
+        end = data.find(b"\n", at)
+        end = len(data) if end == -1 else end + 1
+        yield _Line(start, end, data[start:end].strip())
+        at = data.find(b"-----", end)
+
+
+def split_pem(data: bytes) -> list[bytes]:
+    """The DER of each block of a PEM bundle (RFC 7468), refusing what lax readers skip:
+    a block labelled anything but CERTIFICATE (``X509 CERTIFICATE``, ``TRUSTED
+    CERTIFICATE``...), a block without its END line, headers or bad base64 inside a
+    block, and any non-whitespace text outside blocks.
+
+    Finds boundary lines and checks the spans between them with bytes methods (C speed,
+    no Python per line): a batch of up to 16 MiB is read in the event loop."""
+
+    def line_of(offset: int) -> int:  # only for error messages
+        return data.count(b"\n", 0, offset) + 1
+
+    def refuse_text_outside(span_start: int, span: bytes) -> None:
+        if span.strip():
+            at = span_start + len(span) - len(span.lstrip())
+            text = data[at : at + QUOTE_LIMIT + 1].split(b"\n")[0].strip()
+            raise CertificateRejected(
+                f"bad PEM: line {line_of(at)}: text outside a CERTIFICATE block {quote(text)}"
+            )
+
+    ders: list[bytes] = []
+    pos = 0  # end of the last boundary line
+    begin_at: int | None = None  # offset of the open block's BEGIN line
+    for match in _boundary_lines(data):
+        boundary = _BOUNDARY.fullmatch(match.text)
+        if boundary is None:
+            raise CertificateRejected(
+                f"bad PEM: line {line_of(match.start)}: malformed boundary {quote(match.text)}"
+            )
+        kind, label = boundary.group(1), boundary.group(2)
+        if label != _PEM_LABEL:
+            raise CertificateRejected(
+                f"bad PEM: line {line_of(match.start)}: a "
+                f"{quote(label.decode('latin-1'))} block: only CERTIFICATE blocks are accepted"
+            )
+        if kind == b"BEGIN":
+            if begin_at is not None:
+                raise CertificateRejected(
+                    f"bad PEM: the block of line {line_of(begin_at)} has no END line "
+                    f"(line {line_of(match.start)} begins another)"
+                )
+            refuse_text_outside(pos, data[pos : match.start])
+            begin_at = match.start
+        else:
+            if begin_at is None:
+                raise CertificateRejected(
+                    f"bad PEM: line {line_of(match.start)}: END without BEGIN"
+                )
+            body = data[pos : match.start].translate(None, _WHITESPACE)
+            try:
+                der = binascii.a2b_base64(body, strict_mode=True)
+            except binascii.Error as exc:
+                raise CertificateRejected(
+                    f"bad PEM: the block of line {line_of(begin_at)} is not valid base64: {exc}"
+                ) from exc
+            if not der:
+                raise CertificateRejected(
+                    f"bad PEM: the block of line {line_of(begin_at)} is empty"
+                )
+            ders.append(der)
+            begin_at = None
+        pos = match.end
+    if begin_at is not None:
+        raise CertificateRejected(
+            f"bad PEM: the block of line {line_of(begin_at)} has no END line (truncated?)"
+        )
+    refuse_text_outside(pos, data[pos:])
+    if not ders:
+        raise CertificateRejected("no certificate found")
+    return ders
+
+
+def parse_certificate(der: bytes) -> x509.Certificate:
+    """One certificate from its DER (one element, no trailing bytes)."""
+    try:
+        with warnings.catch_warnings():
+            # a zero or negative serial: refused by check_serial with a clear message
+            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+            return x509.load_der_x509_certificate(der)
+    except ValueError as exc:
+        raise CertificateRejected(f"not a certificate: {exc}") from exc
 
 
 def is_precertificate(cert: x509.Certificate) -> bool:
@@ -137,16 +312,17 @@ class CertificateRecorder:
         self.presigner = PresignedSigner(policy)
 
     def prepare(self, cert: x509.Certificate) -> PreparedRecord:
-        """Find the issuer (name and signature) and sign the response (CPU only, no I/O)."""
+        """Check the serial, find the issuer (name and signature) and sign the response
+        (CPU only, no I/O)."""
+        serial = certificate_serial(cert)
         issuer = self.registry.issuer_of(cert)
         if issuer is None:
             raise CertificateRejected(
-                f"issuer {cert.issuer.rfc4514_string()!r} is not configured here "
+                f"issuer {describe_issuer(cert)} is not configured here "
                 "(or did not sign this certificate): add it to `issuers` first",
                 status=422,
             )
         precert = is_precertificate(cert)
-        serial = cert.serial_number
         signed = self.presigner.sign_good(issuer, serial)
         record = CertificateRecord(
             issuer_id=issuer.db_id,
@@ -173,9 +349,9 @@ class CertificateRecorder:
                     "unknown_issuer" if exc.status == 422 else "refused"
                 ).inc()
                 log.warning(
-                    "recording refused: serial=%s issuer=%r: %s",
-                    _serial_or_unknown(cert),
-                    cert.issuer.rfc4514_string(),
+                    "recording refused: serial=%s issuer=%s: %s",
+                    describe_certificate_serial(cert),
+                    describe_issuer(cert),
                     exc,
                 )
             except Exception as exc:
@@ -184,9 +360,9 @@ class CertificateRecorder:
                 metrics.recording_failures_total.labels(reason).inc(len(certs) - len(rejected))
                 log.error(
                     "recording FAILED (not acknowledged): could not prepare: serial=%s "
-                    "issuer=%r reason=%s: %s (and the %d other certificates of this call)",
-                    _serial_or_unknown(cert),
-                    cert.issuer.rfc4514_string(),
+                    "issuer=%s reason=%s: %s (and the %d other certificates of this call)",
+                    describe_certificate_serial(cert),
+                    describe_issuer(cert),
                     reason,
                     exc,
                     len(certs) - len(rejected) - 1,
@@ -202,7 +378,9 @@ class CertificateRecorder:
         if not prepared:
             return []
         try:
-            created = await self.store.record_certificates([(p.record, p.signed) for p in prepared])
+            recorded = await self.store.record_certificates(
+                [(p.record, p.signed) for p in prepared]
+            )
         except BaseException as exc:
             reason = exc.reason if isinstance(exc, StoreUnavailable) else "internal"
             if isinstance(exc, asyncio.CancelledError):
@@ -218,16 +396,19 @@ class CertificateRecorder:
                 )
             raise
         outcomes = []
-        for p, new in zip(prepared, created, strict=True):
-            metrics.recordings_total.labels(p.issuer, "created" if new else "existing").inc()
+        for p, done in zip(prepared, recorded, strict=True):
+            metrics.recordings_total.labels(
+                p.issuer, "created" if done.created else "existing"
+            ).inc()
             outcomes.append(
                 RecordOutcome(
                     serial=p.record.serial,
                     issuer=p.issuer,
                     precertificate=p.record.precertificate,
-                    created=new,
-                    this_update=p.signed.this_update,
-                    next_update=p.signed.next_update,
+                    created=done.created,
+                    status=done.stored.status,
+                    this_update=done.stored.this_update,
+                    next_update=done.stored.next_update,
                 )
             )
         return outcomes
@@ -242,8 +423,30 @@ class CertificateRecorder:
         return await self.commit(prepared)
 
 
-def _serial_or_unknown(cert: x509.Certificate) -> str:
+def certificate_serial(cert: x509.Certificate) -> int:
+    """The certificate's serial if RFC 5280 allows it, else CertificateRejected (400): a
+    zero, negative or over-long serial is refused like any malformed certificate."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        serial = cert.serial_number
     try:
-        return format_serial(cert.serial_number)
+        return check_serial(serial)
+    except SerialError as exc:
+        raise CertificateRejected(str(exc)) from exc
+
+
+def describe_issuer(cert: x509.Certificate) -> str:
+    """The issuer name for messages and logs, quoted and bounded."""
+    try:
+        return quote(cert.issuer.rfc4514_string(), 128)
+    except ValueError:
+        return "?"
+
+
+def describe_certificate_serial(cert: x509.Certificate) -> str:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+            return describe_serial(cert.serial_number)
     except ValueError:
         return "?"

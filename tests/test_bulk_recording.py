@@ -185,3 +185,48 @@ def test_import_reports_refusals_and_continues(
     assert stored(module_database, [c.serial_number for c in good]) == 2
     missing = run_import(responder, str(tmp_path / "nope"))
     assert missing.returncode == 1 and "nope: no such file or directory" in missing.stderr
+
+
+def test_batch_refuses_blocks_a_lax_reader_would_skip(
+    responder: ResponderProcess, p256_issuer: IssuerFiles, module_database: str
+) -> None:
+    """A block labelled otherwise, or cut short, was dropped while the rest was answered
+    200 "recorded": now the whole batch is refused (400) and nothing is recorded."""
+    certs = [p256_issuer.ca.issue_leaf(f"skip{i}.test") for i in range(3)]
+    pems = [c.public_bytes(serialization.Encoding.PEM) for c in certs]
+    serials = [c.serial_number for c in certs]
+    for label in (b"TRUSTED CERTIFICATE", b"X509 CERTIFICATE"):
+        body = pems[0] + pems[1].replace(b"CERTIFICATE", label) + pems[2]
+        resp = responder.record_batch(body)
+        assert resp.status_code == 400, resp.text
+        assert label.decode() in resp.json()["error"]
+    no_end = pems[0] + pems[1] + pems[2].replace(b"-----END CERTIFICATE-----\n", b"")
+    resp = responder.record_batch(no_end)
+    assert resp.status_code == 400 and "no END line" in resp.json()["error"]
+    assert stored(module_database, serials) == 0
+    # the batch answer reports what is stored: a revoked serial is not "good"
+    assert responder.record_batch(b"".join(pems)).status_code == 200
+    assert responder.revoke("p256", certs[1].serial_number).status_code == 201
+    again = responder.record_batch(b"".join(pems))
+    assert [r["status"] for r in again.json()["results"]] == ["good", "revoked", "good"]
+
+
+def test_import_refuses_a_file_with_skipped_blocks(
+    responder: ResponderProcess, p256_issuer: IssuerFiles, module_database: str, tmp_path: Path
+) -> None:
+    """`import` reads files as the API does: a bundle with an `X509 CERTIFICATE` block and
+    a truncated one is refused (exit 1), not "imported 2 ... 0 refused" (exit 0)."""
+    certs = [p256_issuer.ca.issue_leaf(f"lax-imp{i}.test") for i in range(4)]
+    pems = [c.public_bytes(serialization.Encoding.PEM) for c in certs]
+    (tmp_path / "lax.pem").write_bytes(
+        pems[0] + pems[1].replace(b"CERTIFICATE", b"X509 CERTIFICATE") + pems[2] + pems[0][:80]
+    )
+    write_pem_cert(tmp_path / "fine.pem", certs[3])
+    result = run_import(
+        responder, "--no-journal", "--quiet", str(tmp_path / "lax.pem"), str(tmp_path / "fine.pem")
+    )
+    assert result.returncode == 1, result.stdout
+    assert "lax.pem: refused: bad PEM" in result.stderr, result.stderr
+    assert "1 new" in result.stdout and "1 refused" in result.stdout
+    assert stored(module_database, [c.serial_number for c in certs[:3]]) == 0
+    assert stored(module_database, [certs[3].serial_number]) == 1
