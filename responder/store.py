@@ -441,8 +441,16 @@ class PresignedStore:
 
     async def store_responses(self, rows: Sequence[tuple[int, int, SignedResponse]]) -> None:
         """Write back responses signed on demand, (issuer id, serial, response) each, in one
-        statement: never replaces a revoked one with good, nor a newer one with an older
-        one; for one serial only the newest of the batch is offered."""
+        statement: never replaces a revoked row (with good, nor with a revoked one), nor a
+        newer one with an older one; for one serial only the newest of the batch is offered.
+
+        A response signed on demand was signed from what a lookup read moments before; a
+        revocation changed since (a later keyCompromise, MRSP 6.1.1) commits its own
+        re-signed row, and a write-back signed from the old revocation must not land over
+        it: within one second both carry the same thisUpdate, so time alone cannot order
+        them. Revoked rows are therefore written only by the paths that read or hold the
+        revocation in the same transaction: ``record_revocation``, ``replace_revocation``
+        and the refresher (which holds the row lock while it signs)."""
         newest: dict[tuple[int, bytes], SignedResponse] = {}
         for issuer_id, serial, signed in rows:
             key = (issuer_id, serial_key(serial))
@@ -457,8 +465,7 @@ class PresignedStore:
             "ON CONFLICT (issuer_id, serial) DO UPDATE SET status = EXCLUDED.status, "
             "  this_update = EXCLUDED.this_update, next_update = EXCLUDED.next_update, "
             "  der = EXCLUDED.der, signer = EXCLUDED.signer "
-            "WHERE responses.this_update <= EXCLUDED.this_update "
-            "  AND NOT (responses.status = 1 AND EXCLUDED.status = 0)",
+            "WHERE responses.this_update <= EXCLUDED.this_update AND responses.status <> 1",
             [issuer_id for issuer_id, _ in newest],
             [serial for _, serial in newest],
             *response_arrays(list(newest.values())),

@@ -341,3 +341,50 @@ def test_merge_revocation_rules() -> None:
         assert refused.value.stored == stored
     with pytest.raises(RevocationConflict):
         merge_revocation(Revocation(t0, kc), sup, None)
+
+
+async def test_write_back_signed_before_a_reason_change_never_lands(
+    database: str, p256_issuer: IssuerFiles
+) -> None:
+    """An on-demand answer signed from the old revocation (superseded) and written back
+    after the reason became keyCompromise must not replace the stored keyCompromise
+    response: within one second both carry the same thisUpdate (or the stale one a later
+    one), so the write-back's time rule let it land, and SHA-1 answered superseded until
+    the next refresh while SHA-256 answered keyCompromise."""
+    from responder.store import PresignedStore
+    from signer.issuers import issuer_from_certificate, make_responder
+    from signer.response_builder import CertStatus, Revocation, ValidityPolicy, sign_response
+    from signer.revocation import Revoker
+
+    ca = p256_issuer.ca
+    issuer = issuer_from_certificate("p256", ca.ca_cert)
+    issuer.responders.append(
+        make_responder(issuer, ca.responder_cert, ca.responder_key, delegated=True)
+    )
+    policy = ValidityPolicy()
+    store = await PresignedStore.connect(database, max_size=2)
+    try:
+        await store.register_issuers([issuer])
+        serial = random_serial()
+        revoker = Revoker(store, policy)
+        first = await revoker.revoke(issuer, serial, x509.ReasonFlags.superseded)
+        await revoker.revoke(issuer, serial, x509.ReasonFlags.key_compromise)
+        # what a lookup made before the change leads the live signer to sign, and to
+        # queue for write-back; it is written after the change committed
+        stale = sign_response(
+            issuer,
+            serial,
+            CertStatus.REVOKED,
+            policy,
+            revocation=Revocation(first.revocation.revoked_at, x509.ReasonFlags.superseded),
+        )
+        await store.store_responses([(issuer.db_id, serial, stale)])
+        der = await store.pool.fetchval(
+            "SELECT der FROM responses WHERE serial = $1", serial_key(serial)
+        )
+        checked = check_response(
+            bytes(der), issuer=p256_issuer, serial=serial, expect="revoked", openssl=False
+        )
+        assert checked.response.revocation_reason == x509.ReasonFlags.key_compromise
+    finally:
+        await store.close()
