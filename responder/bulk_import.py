@@ -10,7 +10,10 @@ Resuming: every write is idempotent (``ON CONFLICT``), so running an import agai
 always correct. To make it cheap too, a journal (``<data_dir>/import-journal.jsonl``)
 records per file (path, size, mtime) how many certificates are durably done, appended
 after each committed batch. A rerun skips files marked complete and, inside a file, the
-certificates already committed; a file whose size or mtime changed starts over.
+certificates already committed; a file whose size or mtime changed starts over. A file
+with a refused certificate is never marked complete, and its progress stops before the
+first refused one: a rerun (after adding the missing issuer, say) tries it again instead of
+skipping it as done.
 """
 
 from __future__ import annotations
@@ -137,6 +140,8 @@ class _Batch:
     certs: list[x509.Certificate]
     marks: list[tuple[FileKey, int, bool]]  # journal entries to write once committed
     consumed: int = 0  # input certificates this batch accounts for (refused ones too)
+    #: (file, index in the file) of each of ``certs``
+    origins: list[tuple[FileKey, int]] = field(default_factory=list)
 
 
 class Importer:
@@ -155,6 +160,13 @@ class Importer:
         self.batch_size = batch_size
         self.errors = errors
         self.report = ImportReport()
+        #: per file, the index of its first refused certificate in this run: the journal
+        #: never records progress past it (see the module docstring)
+        self._first_refused: dict[FileKey, int] = {}
+
+    def _refused(self, key: FileKey, index: int) -> None:
+        self.report.refused += 1
+        self._first_refused[key] = min(index, self._first_refused.get(key, index))
 
     def _problem(self, text: str) -> None:
         self.report.problems.append(text)
@@ -197,8 +209,9 @@ class Importer:
                 batch.consumed += 1
                 try:
                     batch.certs.append(parse_certificate(blobs[index]))
+                    batch.origins.append((key, index))
                 except CertificateRejected as exc:
-                    self.report.refused += 1
+                    self._refused(key, index)
                     self._problem(f"{path}: certificate #{index + 1}: refused: {exc}")
                 last = index + 1 == len(blobs)
                 full = len(batch.certs) >= self.batch_size
@@ -222,7 +235,7 @@ class Importer:
                 # sign this batch while the previous one commits
                 prepared, rejected = await self.recorder.prepare_all(batch.certs)
                 for index, exc in rejected:
-                    self.report.refused += 1
+                    self._refused(*batch.origins[index])
                     cert = batch.certs[index]
                     self._problem(
                         f"certificate serial {describe_certificate_serial(cert)} issuer "
@@ -248,6 +261,9 @@ class Importer:
         self.report.existing += len(outcomes) - created
         if self.journal is not None:
             for key, done, complete in batch.marks:
+                refused_at = self._first_refused.get(key)
+                if refused_at is not None:  # retried by the next run, never skipped
+                    done, complete = min(done, refused_at), False
                 self.journal.mark(key, done, complete)
         if progress is not None:
             progress.advance(batch.consumed)

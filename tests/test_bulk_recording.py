@@ -169,13 +169,9 @@ def test_import_reports_refusals_and_continues(
     (tmp_path / "junk.pem").write_text(
         "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
     )
-    result = run_import(
-        responder,
-        "--no-journal",
-        "--quiet",
-        str(tmp_path / "mixed.pem"),
-        str(tmp_path / "junk.pem"),
-    )
+    journal = tmp_path / "journal.jsonl"
+    inputs = (str(tmp_path / "mixed.pem"), str(tmp_path / "junk.pem"))
+    result = run_import(responder, "--journal", str(journal), "--quiet", *inputs)
     assert result.returncode == 1
     assert "2 new" in result.stdout and "2 refused" in result.stdout
     assert (
@@ -183,6 +179,11 @@ def test_import_reports_refusals_and_continues(
     )
     assert "Traceback" not in result.stderr
     assert stored(module_database, [c.serial_number for c in good]) == 2
+    # a rerun does not skip what was refused as if it were done (it said "3 skipped",
+    # exit 0): the refused certificates are tried again, and refused again here
+    again = run_import(responder, "--journal", str(journal), "--quiet", *inputs)
+    assert again.returncode == 1, again.stdout + again.stderr
+    assert "2 refused" in again.stdout and "not configured" in again.stderr
     missing = run_import(responder, str(tmp_path / "nope"))
     assert missing.returncode == 1 and "nope: no such file or directory" in missing.stderr
 
