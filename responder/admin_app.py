@@ -12,6 +12,7 @@ already recorded (idempotent), 4xx for bad input, 503 when the write could not b
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import re
 import time
@@ -38,7 +39,12 @@ from signer.recording import (
     load_certificates,
     parse_serial,
 )
-from signer.response_builder import RevocationReasonError, SigningError, parse_reason
+from signer.response_builder import (
+    RevocationReasonError,
+    SigningError,
+    parse_reason,
+    reason_name,
+)
 from signer.revocation import RevocationConflict, Revoker, parse_revocation_time
 
 log = logging.getLogger(__name__)
@@ -60,6 +66,22 @@ def not_recorded(exc: Exception) -> Response:
         log.error("recording failed unexpectedly", exc_info=exc)
         reason = f"internal error ({type(exc).__name__})"
     return json_response(503, {"error": "not recorded: " + reason}, {"Retry-After": "1"})
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object names one key twice: which one counts is not the caller's to guess."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """``json.loads`` object hook: refuse duplicate keys (orjson, like most parsers, keeps
+    the last one: ``"reason": "keyCompromise", "reason": "superseded"`` revoked as
+    superseded)."""
+    obj: dict[str, object] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise DuplicateKeyError(f"key {key[:64]!r} appears twice in the JSON object")
+        obj[key] = value
+    return obj
 
 
 class APIError(Exception):
@@ -297,8 +319,10 @@ def create_admin_app(
     async def revoke(request: Request) -> Response:
         body = await read_body(request, MAX_JSON_BODY)
         try:
-            payload = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
+            payload = json.loads(body, object_pairs_hook=_unique_keys)
+        except DuplicateKeyError as exc:
+            return json_response(400, {"error": str(exc)})
+        except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
             return json_response(400, {"error": f"body is not JSON: {exc}"})
         if not isinstance(payload, dict):
             return json_response(400, {"error": "body must be a JSON object"})
@@ -329,13 +353,11 @@ def create_admin_app(
                     "issuer": issuer.name,
                     "serial": format_serial(serial),
                     "revoked_at": exc.stored.revoked_at.isoformat(),
-                    "reason": exc.stored.reason.name,
+                    "reason": reason_name(exc.stored.reason),
                 },
             )
-        except StoreUnavailable as exc:
-            return json_response(503, {"error": "not revoked: " + str(exc)})
-        except SigningError as exc:
-            return json_response(503, {"error": "not revoked: " + str(exc)})
+        except (StoreUnavailable, SigningError) as exc:
+            return json_response(503, {"error": "not revoked: " + str(exc)}, {"Retry-After": "1"})
         cache.drop_serial(issuer.db_id, serial)
         return json_response(
             201 if outcome.created else 200,
@@ -343,7 +365,7 @@ def create_admin_app(
                 "issuer": issuer.name,
                 "serial": format_serial(serial),
                 "revoked_at": outcome.revocation.revoked_at.isoformat(),
-                "reason": outcome.revocation.reason.name,
+                "reason": reason_name(outcome.revocation.reason),
                 "created": outcome.created,
                 "updated": outcome.updated,
                 "cdn_purge": outcome.cdn_purge,

@@ -213,7 +213,7 @@ async def _refresh_statistics(store: PresignedStore) -> None:
 
 def cmd_revoke(args: argparse.Namespace) -> None:
     from signer.recording import format_serial, parse_serial
-    from signer.response_builder import parse_reason
+    from signer.response_builder import parse_reason, reason_name
     from signer.revocation import RevocationConflict, RevocationTimeError, parse_revocation_time
 
     config = _config(args)
@@ -246,12 +246,13 @@ def cmd_revoke(args: argparse.Namespace) -> None:
         if outcome.created:
             state = "revoked"
         elif outcome.updated:
-            state = "revocation updated to"
+            state = "revocation updated: revoked"
         else:
             state = "was already revoked"
         print(
             f"{format_serial(serial)} ({args.issuer}): {state} at "
-            f"{outcome.revocation.revoked_at.isoformat()} ({outcome.revocation.reason.name})"
+            f"{outcome.revocation.revoked_at.isoformat()} "
+            f"({reason_name(outcome.revocation.reason)})"
         )
 
     asyncio.run(run())

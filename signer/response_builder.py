@@ -67,6 +67,15 @@ REASONS_BY_CODE = {code: flag for flag, code in REASON_CODES.items()}
 _REASON_CODE_TEXT = re.compile(r"[0-9]{1,3}")
 
 
+_NAMES_BY_REASON = {flag: name for name, flag in ALLOWED_REASONS.items()}
+
+
+def reason_name(reason: x509.ReasonFlags) -> str:
+    """The RFC 5280 name of a reason (``keyCompromise``): what the API and CLI accept as
+    input, so an answer's reason can be sent back as it is."""
+    return _NAMES_BY_REASON.get(reason, reason.name)
+
+
 def parse_reason(value: object) -> x509.ReasonFlags:
     """A BR-allowed reason by RFC 5280 name or code; certificateHold and CA reasons refused.
 

@@ -22,6 +22,7 @@ from signer.response_builder import (
     Revocation,
     SignedResponse,
     ValidityPolicy,
+    reason_name,
     sign_response,
     whole_seconds,
 )
@@ -46,11 +47,11 @@ class RevocationConflict(Exception):
     allowed (only a later keyCompromise may): nothing was written, ``stored`` stands."""
 
     def __init__(self, stored: Revocation, requested: Revocation) -> None:
-        asked = requested.reason.name
+        asked = reason_name(requested.reason)
         if requested.revoked_at != stored.revoked_at:
             asked += f" at {requested.revoked_at.isoformat()}"
         super().__init__(
-            f"already revoked at {stored.revoked_at.isoformat()} ({stored.reason.name}): "
+            f"already revoked at {stored.revoked_at.isoformat()} ({reason_name(stored.reason)}): "
             f"request ({asked}) not applied; only keyCompromise may change an existing "
             "revocation (MRSP 6.1.1)"
         )
@@ -210,9 +211,9 @@ class Revoker:
                     "revocation of serial %x of issuer %s changed from %s (%s) to %s (%s)",
                     serial,
                     issuer.name,
-                    stored.reason.name,
+                    reason_name(stored.reason),
                     stored.revoked_at.isoformat(),
-                    revocation.reason.name,
+                    reason_name(revocation.reason),
                     revocation.revoked_at.isoformat(),
                 )
                 created, updated = False, True

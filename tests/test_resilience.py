@@ -116,6 +116,7 @@ def test_database_outage_and_recovery(resilient, cluster, p256_issuer):  # type:
         resp = proc.revoke("p256", cached.serial_number)
         assert resp.status_code == 503, resp.text
         assert resp.json()["error"].startswith("not revoked:")
+        assert resp.headers["retry-after"] == "1"  # as for recording: try again
         # the background refresher says what failed in one line (no traceback: below)
         wait_until(lambda: "refresher pass failed: database: " in proc.log())
     finally:

@@ -109,6 +109,24 @@ def test_reason_names_and_codes_accepted(responder, module_database, reason, cod
     assert stored is not None and stored[1] == code
 
 
+def test_duplicate_keys_are_refused(responder, module_database):  # type: ignore[no-untyped-def]
+    """A key given twice was read as its last value (revoked superseded here)."""
+    serial = random_serial()
+    body = (
+        f'{{"issuer": "p256", "serial": "{serial:x}", "reason": "keyCompromise", '
+        '"reason": "superseded"}'
+    )
+    response = httpx.post(
+        responder.admin_url + "/v1/revocations",
+        content=body,
+        headers={"Authorization": f"Bearer {responder.token}"},
+        timeout=30,
+    )
+    assert response.status_code == 400, response.text
+    assert "'reason' appears twice" in response.json()["error"]
+    assert stored_revocation(module_database, serial) is None
+
+
 @pytest.mark.parametrize(
     ("payload", "words"),
     [
@@ -225,7 +243,7 @@ def test_later_key_compromise_replaces_the_reason(
     assert raised.status_code == 200, raised.text
     body = raised.json()
     assert (
-        body["reason"] == "key_compromise" and body["updated"] is True and body["created"] is False
+        body["reason"] == "keyCompromise" and body["updated"] is True and body["created"] is False
     )
     assert body["revoked_at"] == first_time.isoformat()
     assert stored_revocation(module_database, cert.serial_number) == (first_time, 1)
@@ -297,10 +315,13 @@ def test_other_changes_are_refused_and_said_so(responder, p256_issuer, module_da
     # keyCompromise stands against a lower reason, through the CLI too (one line, exit 1)
     assert responder.revoke("p256", cert.serial_number, "keyCompromise").status_code == 200
     lowered = responder.revoke("p256", cert.serial_number, "superseded")
-    assert lowered.status_code == 409 and lowered.json()["reason"] == "key_compromise"
+    assert lowered.status_code == 409 and lowered.json()["reason"] == "keyCompromise"
+    # the reason an answer names is one the API takes back (it said "key_compromise")
+    back = responder.revoke("p256", cert.serial_number, lowered.json()["reason"])
+    assert back.status_code == 200 and back.json()["updated"] is False, back.text
     result = cli_revoke(responder, cert.serial_number, "--reason", "superseded")
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "not applied" in result.stderr and "key_compromise" in result.stderr, result.stderr
+    assert "not applied" in result.stderr and "keyCompromise" in result.stderr, result.stderr
     assert stored_revocation(module_database, cert.serial_number) == (when, 1)
 
 
@@ -310,7 +331,7 @@ def test_cli_raises_reason_to_key_compromise(responder, p256_issuer, module_data
     assert first.returncode == 0 and ": revoked at" in first.stdout, first.stderr
     raised = cli_revoke(responder, serial, "--reason", "1")
     assert raised.returncode == 0, raised.stderr
-    assert "revocation updated to" in raised.stdout and "key_compromise" in raised.stdout
+    assert "revocation updated: revoked at" in raised.stdout and "(keyCompromise)" in raised.stdout
     stored = stored_revocation(module_database, serial)
     assert stored is not None and stored[1] == 1
 
