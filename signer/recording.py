@@ -397,7 +397,9 @@ class CertificateRecorder:
         """Store all prepared records in one transaction; returns after the durable commit.
 
         On failure every serial is logged at ERROR and counted, and the exception
-        propagates: the caller must tell its client "not recorded"."""
+        propagates: the caller must tell its client "not recorded". A serial collision
+        (nothing written either) raises SerialCollisionRejected (409), logging and
+        counting the colliding certificates only."""
         if not prepared:
             return []
         try:
