@@ -6,7 +6,8 @@ method, gets 401 and reaches no handler. The exceptions are the read-only operat
 endpoints ``GET /healthz``, ``/readyz`` and ``/metrics`` (for probes and Prometheus; they
 change nothing). With ``admin_client_ca`` set, TLS also requires a client certificate.
 Recording answers only after the commit: 201 when the serial is new, 200 when it was
-already recorded (idempotent), 4xx for bad input, 503 when the write could not be made.
+already recorded (idempotent), 409 when another certificate holds the serial (a serial
+collision: nothing written), 4xx for bad input, 503 when the write could not be made.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from signer.issuers import IssuerRegistry
 from signer.recording import (
     CertificateRecorder,
     CertificateRejected,
+    SerialCollisionRejected,
     format_serial,
     load_certificates,
     parse_serial,
@@ -267,6 +269,12 @@ def create_admin_app(
                     f"{len(certs)} certificates in one body: send one (or use the batch API)"
                 )
             outcome = (await recorder.record(certs))[0]
+        except SerialCollisionRejected as exc:
+            serial = format_serial(certs[0].serial_number)
+            return json_response(
+                409,
+                {"error": str(exc), "recorded": False, "issuer": exc.issuer, "serial": serial},
+            )
         except CertificateRejected as exc:
             return json_response(exc.status, {"error": str(exc)})
         except Exception as exc:
@@ -302,6 +310,19 @@ def create_admin_app(
                     },
                 )
             outcomes = await recorder.commit(prepared)
+        except SerialCollisionRejected as exc:
+            # nothing rejected before the commit: positions in ``prepared`` are indexes
+            return json_response(
+                409,
+                {
+                    "error": f"{len(exc.collisions)} of {len(certs)} certificates collide "
+                    "with another certificate's serial: nothing recorded",
+                    "rejected": [
+                        {"index": i, "status": why.status, "error": str(why)}
+                        for i, why in exc.collisions
+                    ],
+                },
+            )
         except Exception as exc:
             return not_recorded(exc)
         created = sum(o.created for o in outcomes)

@@ -33,9 +33,12 @@ from responder.progress import ProgressBar
 from signer.recording import (
     CertificateRecorder,
     CertificateRejected,
+    PreparedRecord,
     RecordOutcome,
+    SerialCollisionRejected,
     describe_certificate_serial,
     describe_issuer,
+    format_serial,
     parse_certificate,
     split_certificates,
 )
@@ -243,7 +246,7 @@ class Importer:
                     )
                 if in_flight is not None and in_flight_batch is not None:
                     self._finish(await in_flight, in_flight_batch, progress)
-                in_flight = asyncio.create_task(self.recorder.commit(prepared))
+                in_flight = asyncio.create_task(self._commit(prepared))
                 in_flight_batch = batch
             if in_flight is not None and in_flight_batch is not None:
                 self._finish(await in_flight, in_flight_batch, progress)
@@ -252,6 +255,25 @@ class Importer:
             if in_flight is not None and not in_flight.done():
                 in_flight.cancel()
         return self.report
+
+    async def _commit(self, prepared: list[PreparedRecord]) -> list[RecordOutcome]:
+        """Commit a batch; a certificate whose serial another certificate holds (a
+        serial collision: the whole transaction was refused) is reported as refused and
+        the rest of the batch is committed again without it, like a certificate refused
+        when it was prepared. Each round drops at least one, so this ends."""
+        while True:
+            try:
+                return await self.recorder.commit(prepared)
+            except SerialCollisionRejected as exc:
+                for index, why in exc.collisions:
+                    self.report.refused += 1
+                    p = prepared[index]
+                    self._problem(
+                        f"certificate serial {format_serial(p.record.serial)} issuer "
+                        f"{p.issuer}: refused: {why}"
+                    )
+                dropped = {index for index, _ in exc.collisions}
+                prepared = [p for i, p in enumerate(prepared) if i not in dropped]
 
     def _finish(
         self, outcomes: list[RecordOutcome], batch: _Batch, progress: ProgressBar | None

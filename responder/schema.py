@@ -87,16 +87,31 @@ async def current_version(conn: asyncpg.Connection) -> int:
     return int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations"))
 
 
-async def ct_index_has_not_after(executor: asyncpg.Pool | asyncpg.Connection) -> bool:
-    """Whether migration 0005 (expand-only) has run: ``ct_index.not_after`` is read and
-    written only then; a process looks once, at its first use (restart after migrate)."""
+async def has_column(executor: asyncpg.Pool | asyncpg.Connection, table: str, column: str) -> bool:
+    """Whether ``table.column`` exists: how a build finds out that an expand migration
+    it can use (but does not need) has run."""
     return bool(
         await executor.fetchval(
             "SELECT EXISTS (SELECT 1 FROM information_schema.columns "
-            "WHERE table_schema = current_schema() AND table_name = 'ct_index' "
-            "AND column_name = 'not_after')"
+            "WHERE table_schema = current_schema() AND table_name = $1 "
+            "AND column_name = $2)",
+            table,
+            column,
         )
     )
+
+
+async def ct_index_has_not_after(executor: asyncpg.Pool | asyncpg.Connection) -> bool:
+    """Whether migration 0005 (expand-only) has run: ``ct_index.not_after`` is read and
+    written only then; a process looks once, at its first use (restart after migrate)."""
+    return await has_column(executor, "ct_index", "not_after")
+
+
+async def certificates_has_tbs_sha256(executor: asyncpg.Pool | asyncpg.Connection) -> bool:
+    """Whether migration 0006 (expand-only) has run: recording stores and compares
+    ``certificates.tbs_sha256`` (serial collisions) only then; a process looks once, when
+    it connects (restart after migrate)."""
+    return await has_column(executor, "certificates", "tbs_sha256")
 
 
 async def check_schema(conn: asyncpg.Connection) -> int:

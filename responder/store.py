@@ -25,7 +25,7 @@ from typing import TypeVar
 import asyncpg
 
 from responder.replicas import ReplicaSet
-from responder.schema import ct_index_has_not_after
+from responder.schema import certificates_has_tbs_sha256, ct_index_has_not_after
 from signer.issuers import Issuer
 from signer.response_builder import (
     REASON_CODES,
@@ -216,6 +216,31 @@ class CertificateRecord:
     serial: int
     not_after: dt.datetime
     precertificate: bool
+    #: SHA-256 of the TBSCertificate without the CT extensions (signer/recording.py
+    #: ``tbs_fingerprint``): one per certificate, shared by a precertificate and its
+    #: final certificate only. None: not checked for serial collisions.
+    tbs_sha256: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Collision:
+    """A record whose serial is held by another certificate of the same issuer."""
+
+    index: int  # position in the records given to ``record_certificates``
+    issuer_id: int
+    serial: int
+    held: bytes  # the fingerprint already recorded (or earlier in the same call)
+    submitted: bytes
+
+
+class SerialCollision(Exception):
+    """Recording refused, nothing of the call written: a serial is already recorded (or
+    given earlier in the same call) for a different certificate. A CA bug (serials are
+    unique per issuer: BR 7.1, RFC 5280 4.1.2.2), never retried."""
+
+    def __init__(self, collisions: Sequence[Collision]) -> None:
+        super().__init__(f"{len(collisions)} serial collision(s)")
+        self.collisions = list(collisions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +318,9 @@ class PresignedStore:
         #: the schema has ct_index.not_after (migration 0005, expand-only): ``connect``
         #: looks once; a serial known only from CT then has a notAfter
         self.ct_not_after = False
+        #: the schema has certificates.tbs_sha256 (migration 0006, expand-only):
+        #: ``connect`` looks once; recording then refuses serial collisions
+        self.tbs_fingerprints = False
 
     async def _read(
         self, query: str, issuer_id: int, key: bytes, found: Callable[[asyncpg.Record], bool]
@@ -330,6 +358,7 @@ class PresignedStore:
         store = cls(pool)
         try:
             store.ct_not_after = await ct_index_has_not_after(pool)
+            store.tbs_fingerprints = await certificates_has_tbs_sha256(pool)
         except BaseException:
             await pool.close()
             raise
@@ -480,77 +509,57 @@ class PresignedStore:
         call is new once) and the response stored for it: the one given, or the one
         that was already there and was kept (a revoked one, say). The call returns only
         after the commit is durable (synchronous_commit forced on): the CA may publish.
+
+        With migration 0006 (``tbs_fingerprints``), raises ``SerialCollision`` and writes
+        nothing when a serial is held by a certificate with another fingerprint (recorded
+        before, or earlier in this call); a row recorded before 0006 (NULL) takes the
+        fingerprint of the next recording of its serial.
         """
         kinds: dict[tuple[int, bytes], int] = {}
         first: dict[tuple[int, bytes], tuple[CertificateRecord, SignedResponse]] = {}
-        for record, signed in records:
+        collisions: list[Collision] = []
+        for index, (record, signed) in enumerate(records):
             key = (record.issuer_id, serial_key(record.serial))
             kind = KIND_PRECERTIFICATE if record.precertificate else KIND_CERTIFICATE
             kinds[key] = kinds.get(key, 0) | kind
-            first.setdefault(key, (record, signed))
+            held = first.setdefault(key, (record, signed))[0].tbs_sha256
+            submitted = record.tbs_sha256
+            if held is not None and submitted is not None and held != submitted:
+                collisions.append(
+                    Collision(index, record.issuer_id, record.serial, held, submitted)
+                )
+        if collisions and self.tbs_fingerprints:
+            raise SerialCollision(collisions)
         unique = list(first.items())
+        fingerprints = self.tbs_fingerprints
+        arrays = (
+            [key[0] for key, _ in unique],
+            [key[1] for key, _ in unique],
+            [r.not_after for _, (r, _) in unique],
+            [kinds[key] for key, _ in unique],
+            *response_arrays([s for _, (_, s) in unique]),
+            *([[r.tbs_sha256 for _, (r, _) in unique]] if fingerprints else []),
+        )
 
         async def op() -> dict[tuple[int, bytes], tuple[bool, StoredState | None]]:
-            # One statement (one round trip, atomic on its own): both INSERTs in CTEs.
-            # The session has synchronous_commit = on (pool server_settings) and the
-            # statement sets it for its own transaction too, whatever the server default.
             async with self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
-                rows = await conn.fetch(
-                    "WITH durable AS (SELECT set_config('synchronous_commit', 'on', true)), "
-                    "cert AS ("
-                    "  INSERT INTO certificates (issuer_id, serial, not_after, kinds) "
-                    "  SELECT * FROM unnest($1::smallint[], $2::bytea[], $3::timestamptz[], "
-                    "                       $4::smallint[]) "
-                    "  ON CONFLICT (issuer_id, serial) DO UPDATE "
-                    "    SET kinds = certificates.kinds | EXCLUDED.kinds "
-                    "    WHERE certificates.kinds | EXCLUDED.kinds <> certificates.kinds "
-                    "  RETURNING issuer_id, serial, (xmax = 0) AS inserted), "
-                    "resp AS ("
-                    "  INSERT INTO responses (issuer_id, serial, status, this_update, "
-                    "                         next_update, der, signer) "
-                    "  SELECT * FROM unnest($1::smallint[], $2::bytea[], $5::smallint[], "
-                    "                       $6::timestamptz[], $7::timestamptz[], $8::bytea[], "
-                    "                       $9::bigint[]) "
-                    "  ON CONFLICT (issuer_id, serial) DO NOTHING "
-                    "  RETURNING issuer_id, serial, status, this_update, next_update) "
-                    # per serial: new or not, and the response row that stands after this
-                    # statement (inserted here, else the one its snapshot saw)
-                    "SELECT k.issuer_id, k.serial, coalesce(cert.inserted, false) AS inserted, "
-                    "       coalesce(resp.status, r.status) AS status, "
-                    "       coalesce(resp.this_update, r.this_update) AS this_update, "
-                    "       coalesce(resp.next_update, r.next_update) AS next_update, "
-                    "       (SELECT count(*) FROM durable) AS durable "
-                    "FROM unnest($1::smallint[], $2::bytea[]) AS k (issuer_id, serial) "
-                    "LEFT JOIN cert USING (issuer_id, serial) "
-                    "LEFT JOIN resp USING (issuer_id, serial) "
-                    "LEFT JOIN responses r USING (issuer_id, serial)",
-                    [key[0] for key, _ in unique],
-                    [key[1] for key, _ in unique],
-                    [r.not_after for _, (r, _) in unique],
-                    [kinds[key] for key, _ in unique],
-                    *response_arrays([s for _, (_, s) in unique]),
-                )
-                states = {
-                    (row["issuer_id"], bytes(row["serial"])): (
-                        row["inserted"],
-                        None if row["status"] is None else stored_state_from_row(row),
-                    )
-                    for row in rows
-                }
-                # a response committed by another transaction after this statement's
-                # snapshot (it made the INSERT do nothing): read it now, committed
-                late = [key for key, (_, state) in states.items() if state is None]
-                if late:
-                    for row in await conn.fetch(
-                        "SELECT issuer_id, serial, status, this_update, next_update "
-                        "FROM responses r JOIN unnest($1::smallint[], $2::bytea[]) "
-                        "AS k (issuer_id, serial) USING (issuer_id, serial)",
-                        [key[0] for key in late],
-                        [key[1] for key in late],
-                    ):
-                        key = (row["issuer_id"], bytes(row["serial"]))
-                        states[key] = (states[key][0], stored_state_from_row(row))
-            return states
+                if not fingerprints:
+                    rows = await conn.fetch(_RECORD_STATEMENTS[False], *arrays)
+                    return await _recorded_states(conn, rows)
+                # Serial collisions, race-free: ON CONFLICT locks each existing row (the
+                # latest committed version; a concurrent INSERT of the same serial makes
+                # this one wait for its commit, then conflict with it) and evaluates the
+                # WHERE on that locked version, so a row whose fingerprint differs is
+                # always updated and RETURNs the fingerprint it holds. Whichever of two
+                # colliding recordings comes second sees the first's fingerprint and
+                # rolls back: the explicit transaction undoes the rows this statement
+                # wrote for the other certificates of the call too.
+                async with conn.transaction():
+                    rows = await conn.fetch(_RECORD_STATEMENTS[True], *arrays)
+                    clash = _collisions(records, rows)
+                    if clash:
+                        raise SerialCollision(clash)
+                    return await _recorded_states(conn, rows)
 
         states = await with_retries(op, "record certificates")
         recorded: list[Recorded] = []
@@ -692,3 +701,110 @@ class PresignedStore:
                 return True
 
         return await with_retries(op, "replace revocation")
+
+
+def _record_statement(fingerprints: bool) -> str:
+    """The one statement that records a batch (docs/recording.md, "The write"): one
+    round trip, both INSERTs in CTEs. The session has synchronous_commit = on (pool
+    server_settings) and the statement sets it for its own transaction too, whatever
+    the server default. With ``fingerprints`` (migration 0006) it also stores
+    ``tbs_sha256`` ($10), adopts it into a row that has none, and returns the
+    fingerprint each existing row holds (``held``) for the collision check."""
+    if fingerprints:
+        cert = (
+            "  INSERT INTO certificates (issuer_id, serial, not_after, kinds, tbs_sha256) "
+            "  SELECT * FROM unnest($1::smallint[], $2::bytea[], $3::timestamptz[], "
+            "                       $4::smallint[], $10::bytea[]) "
+            "  ON CONFLICT (issuer_id, serial) DO UPDATE "
+            "    SET kinds = certificates.kinds | EXCLUDED.kinds, "
+            "        tbs_sha256 = coalesce(certificates.tbs_sha256, EXCLUDED.tbs_sha256) "
+            "    WHERE certificates.kinds | EXCLUDED.kinds <> certificates.kinds "
+            "       OR (EXCLUDED.tbs_sha256 IS NOT NULL "
+            "           AND certificates.tbs_sha256 IS DISTINCT FROM EXCLUDED.tbs_sha256) "
+            "  RETURNING issuer_id, serial, (xmax = 0) AS inserted, tbs_sha256 AS held), "
+        )
+        held = "cert.held"
+    else:
+        cert = (
+            "  INSERT INTO certificates (issuer_id, serial, not_after, kinds) "
+            "  SELECT * FROM unnest($1::smallint[], $2::bytea[], $3::timestamptz[], "
+            "                       $4::smallint[]) "
+            "  ON CONFLICT (issuer_id, serial) DO UPDATE "
+            "    SET kinds = certificates.kinds | EXCLUDED.kinds "
+            "    WHERE certificates.kinds | EXCLUDED.kinds <> certificates.kinds "
+            "  RETURNING issuer_id, serial, (xmax = 0) AS inserted), "
+        )
+        held = "NULL::bytea"
+    return (
+        "WITH durable AS (SELECT set_config('synchronous_commit', 'on', true)), "
+        "cert AS (" + cert + "resp AS ("
+        "  INSERT INTO responses (issuer_id, serial, status, this_update, "
+        "                         next_update, der, signer) "
+        "  SELECT * FROM unnest($1::smallint[], $2::bytea[], $5::smallint[], "
+        "                       $6::timestamptz[], $7::timestamptz[], $8::bytea[], "
+        "                       $9::bigint[]) "
+        "  ON CONFLICT (issuer_id, serial) DO NOTHING "
+        "  RETURNING issuer_id, serial, status, this_update, next_update) "
+        # per serial: new or not, and the response row that stands after this
+        # statement (inserted here, else the one its snapshot saw)
+        "SELECT k.issuer_id, k.serial, coalesce(cert.inserted, false) AS inserted, "
+        f"       {held} AS held, "
+        "       coalesce(resp.status, r.status) AS status, "
+        "       coalesce(resp.this_update, r.this_update) AS this_update, "
+        "       coalesce(resp.next_update, r.next_update) AS next_update, "
+        "       (SELECT count(*) FROM durable) AS durable "
+        "FROM unnest($1::smallint[], $2::bytea[]) AS k (issuer_id, serial) "
+        "LEFT JOIN cert USING (issuer_id, serial) "
+        "LEFT JOIN resp USING (issuer_id, serial) "
+        "LEFT JOIN responses r USING (issuer_id, serial)"
+    )
+
+
+#: by ``PresignedStore.tbs_fingerprints``: whether migration 0006 has run
+_RECORD_STATEMENTS = {flag: _record_statement(flag) for flag in (False, True)}
+
+
+def _collisions(
+    records: Sequence[tuple[CertificateRecord, SignedResponse]], rows: Sequence[asyncpg.Record]
+) -> list[Collision]:
+    """The records whose serial the statement found held by another fingerprint."""
+    held = {
+        (row["issuer_id"], bytes(row["serial"])): bytes(row["held"])
+        for row in rows
+        if row["held"] is not None
+    }
+    found = []
+    for index, (record, _) in enumerate(records):
+        stored = held.get((record.issuer_id, serial_key(record.serial)))
+        if stored is not None and record.tbs_sha256 is not None and stored != record.tbs_sha256:
+            found.append(
+                Collision(index, record.issuer_id, record.serial, stored, record.tbs_sha256)
+            )
+    return found
+
+
+async def _recorded_states(
+    conn: asyncpg.Connection, rows: Sequence[asyncpg.Record]
+) -> dict[tuple[int, bytes], tuple[bool, StoredState | None]]:
+    """Per (issuer id, serial key): new or not, and the stored response's state."""
+    states = {
+        (row["issuer_id"], bytes(row["serial"])): (
+            row["inserted"],
+            None if row["status"] is None else stored_state_from_row(row),
+        )
+        for row in rows
+    }
+    # a response committed by another transaction after this statement's
+    # snapshot (it made the INSERT do nothing): read it now, committed
+    late = [key for key, (_, state) in states.items() if state is None]
+    if late:
+        for row in await conn.fetch(
+            "SELECT issuer_id, serial, status, this_update, next_update "
+            "FROM responses r JOIN unnest($1::smallint[], $2::bytea[]) "
+            "AS k (issuer_id, serial) USING (issuer_id, serial)",
+            [key[0] for key in late],
+            [key[1] for key in late],
+        ):
+            key = (row["issuer_id"], bytes(row["serial"]))
+            states[key] = (states[key][0], stored_state_from_row(row))
+    return states

@@ -17,6 +17,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from signer.der import (
+    OID_CT_POISON,
+    OID_CT_SCT_LIST,
+    element_children,
+    encode_tlv,
+    read_element,
+)
 from signer.keys import SigningKey, write_pem_key
 
 
@@ -269,3 +276,65 @@ def _der_read(data: bytes, pos: int) -> tuple[int, int, int]:
     count = first & 0x7F
     length = int.from_bytes(data[pos + 2 : pos + 2 + count], "big")
     return data[pos], pos + 2 + count, pos + 2 + count + length
+
+
+def sct_list_extension_value(count: int = 1) -> bytes:
+    """The extnValue content of an embedded SCT list (RFC 6962 3.3): an OCTET STRING
+    holding a TLS SignedCertificateTimestampList of ``count`` v1 SCTs. The SCTs are well
+    formed but signed by no log (tests only need the final certificate's shape)."""
+    scts = b""
+    for _ in range(count):
+        signature = secrets.token_bytes(70)
+        sct = (
+            b"\x00"  # v1
+            + secrets.token_bytes(32)  # log id
+            + int(dt.datetime.now(dt.UTC).timestamp() * 1000).to_bytes(8, "big")
+            + b"\x00\x00"  # no extensions
+            + b"\x04\x03"  # sha256 / ecdsa
+            + len(signature).to_bytes(2, "big")
+            + signature
+        )
+        scts += len(sct).to_bytes(2, "big") + sct
+    return encode_tlv(0x04, len(scts).to_bytes(2, "big") + scts)
+
+
+def final_certificate(
+    ca: DemoCA,
+    precert: x509.Certificate,
+    *,
+    sct_list: bytes | None = None,
+    sct_position: int | None = None,
+) -> x509.Certificate:
+    """The final certificate of ``precert`` as RFC 6962 3.1 makes it: the precertificate's
+    exact TBSCertificate without the poison extension, plus an SCT list extension
+    (``sct_list``: its extnValue content, default one SCT; b"" for none) inserted at
+    ``sct_position`` among the remaining extensions (default: last), signed by the CA."""
+    tbs = precert.tbs_certificate_bytes
+    top = read_element(tbs)
+    fields = element_children(tbs, top)
+    exts_field = fields[-1]
+    assert exts_field.tag == 0xA3, "the precertificate has no extensions"
+    exts = element_children(tbs, element_children(tbs, exts_field)[0])
+    kept = [
+        tbs[e.start : e.end]
+        for e in exts
+        if tbs[e.value_start :].startswith(encode_tlv(0x06, OID_CT_POISON)) is False
+    ]
+    value = sct_list_extension_value() if sct_list is None else sct_list
+    if value:
+        sct = encode_tlv(0x30, encode_tlv(0x06, OID_CT_SCT_LIST) + encode_tlv(0x04, value))
+        kept.insert(len(kept) if sct_position is None else sct_position, sct)
+    head = tbs[top.value_start : exts_field.start]
+    new_tbs = encode_tlv(
+        0x30, head + (encode_tlv(0xA3, encode_tlv(0x30, b"".join(kept))) if kept else b"")
+    )
+    key = ca.ca_key
+    assert isinstance(key, ec.EllipticCurvePrivateKey), "final_certificate needs an EC CA"
+    der = precert.public_bytes(serialization.Encoding.DER)
+    sig_alg = element_children(der, read_element(der))[1]
+    signature = key.sign(new_tbs, ec.ECDSA(_sign_hash(key)))
+    return x509.load_der_x509_certificate(
+        encode_tlv(
+            0x30, new_tbs + der[sig_alg.start : sig_alg.end] + encode_tlv(0x03, b"\x00" + signature)
+        )
+    )

@@ -266,3 +266,65 @@ def read_element(buf: bytes, pos: int = 0, end: int | None = None) -> TLV:
 def element_children(buf: bytes, parent: TLV) -> list[TLV]:
     """The elements directly inside a constructed element."""
     return [TLV(*child) for child in children(buf, parent.value_start, parent.end)]
+
+
+TAG_OID = 0x06
+TAG_EXTENSIONS = 0xA3  # [3] EXPLICIT Extensions in TBSCertificate
+#: The optional TBSCertificate fields after subjectPublicKeyInfo, in their order:
+#: issuerUniqueID [1] IMPLICIT, subjectUniqueID [2] IMPLICIT (BIT STRINGs, primitive in
+#: DER), extensions [3] EXPLICIT.
+_TBS_TRAILING_TAGS = (0x81, 0x82, TAG_EXTENSIONS)
+_TBS_FIXED_TAGS = (TAG_INTEGER, *(TAG_SEQUENCE,) * 5)
+#: The extnID contents (RFC 6962 3.1 and 3.3) of the CT precertificate poison
+#: (1.3.6.1.4.1.11129.2.4.3) and the embedded SCT list (1.3.6.1.4.1.11129.2.4.2): the
+#: only extensions by which a precertificate's TBSCertificate and its final
+#: certificate's may differ.
+OID_CT_POISON = bytes.fromhex("2b06010401d679020403")
+OID_CT_SCT_LIST = bytes.fromhex("2b06010401d679020402")
+CT_EXTENSION_OIDS = frozenset({OID_CT_POISON, OID_CT_SCT_LIST})
+
+
+def encode_tlv(tag: int, content: bytes) -> bytes:
+    """One DER TLV with a minimal (definite) length."""
+    length = len(content)
+    if length < 0x80:
+        return bytes((tag, length)) + content
+    body = length.to_bytes((length.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(body))) + body + content
+
+
+def tbs_without_ct_extensions(tbs: bytes) -> bytes:
+    """The DER TBSCertificate ``tbs`` with the CT poison and SCT list extensions removed,
+    re-encoded with minimal lengths (an Extensions left empty is dropped: RFC 5280 allows
+    no empty one). Equal for a precertificate and its final certificate (RFC 6962 3.1:
+    the same TBSCertificate but for those two; extension order kept) and different for
+    any two other certificates. Strict: every field is walked, any defect is DERError."""
+    c0, c1 = _tbs_content(tbs, 0, None)
+    parts = children(tbs, c0, c1)
+    fixed = 7 if parts and parts[0][0] == TAG_VERSION else 6
+    # serialNumber, signature, issuer, validity, subject, subjectPublicKeyInfo
+    if tuple(part[0] for part in parts[fixed - 6 : fixed]) != _TBS_FIXED_TAGS:
+        raise DERError("not a TBSCertificate: unexpected fields")
+    out = bytearray(tbs[c0 : parts[fixed - 1][3]])
+    last = -1
+    for tag, start, v0, v1 in parts[fixed:]:
+        order = _TBS_TRAILING_TAGS.index(tag) if tag in _TBS_TRAILING_TAGS else -1
+        if order <= last:
+            raise DERError(f"unexpected field 0x{tag:02x} after subjectPublicKeyInfo")
+        last = order
+        if tag != TAG_EXTENSIONS:
+            out += tbs[start:v1]
+            continue
+        e0, e1 = expect(tbs, v0, v1, TAG_SEQUENCE)
+        if e1 != v1:
+            raise DERError("trailing bytes after Extensions")
+        kept = bytearray()
+        for etag, es, ev0, ev1 in children(tbs, e0, e1):
+            if etag != TAG_SEQUENCE:
+                raise DERError("an Extension is not a SEQUENCE")
+            o0, o1 = expect(tbs, ev0, ev1, TAG_OID)
+            if tbs[o0:o1] not in CT_EXTENSION_OIDS:
+                kept += tbs[es:ev1]
+        if kept:
+            out += encode_tlv(TAG_EXTENSIONS, encode_tlv(TAG_SEQUENCE, bytes(kept)))
+    return encode_tlv(TAG_SEQUENCE, bytes(out))

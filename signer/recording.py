@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import hashlib
 import logging
 import re
 import warnings
@@ -21,8 +22,14 @@ from cryptography import x509
 from cryptography.utils import CryptographyDeprecationWarning
 
 from responder import metrics
-from responder.store import CertificateRecord, PresignedStore, StoreUnavailable
-from signer.der import DERError, read_element
+from responder.store import (
+    CertificateRecord,
+    Collision,
+    PresignedStore,
+    SerialCollision,
+    StoreUnavailable,
+)
+from signer.der import DERError, read_element, tbs_without_ct_extensions
 from signer.issuers import IssuerRegistry
 from signer.presign import PresignedSigner
 from signer.response_builder import CertStatus, SignedResponse, SigningError, ValidityPolicy
@@ -36,6 +43,20 @@ class CertificateRejected(ValueError):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+class SerialCollisionRejected(CertificateRejected):
+    """Refused, nothing of the call written (409): a serial of the call is already
+    recorded, or given earlier in the call, for another certificate of the same issuer.
+    ``collisions`` are (position in the prepared records, why) for each one; ``issuer``
+    names the issuer of the first."""
+
+    def __init__(self, collisions: list[tuple[int, CertificateRejected]], issuer: str) -> None:
+        first = str(collisions[0][1])
+        more = f" (and {len(collisions) - 1} more)" if len(collisions) > 1 else ""
+        super().__init__(first + more, status=409)
+        self.collisions = collisions
+        self.issuer = issuer
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,12 +344,14 @@ class CertificateRecorder:
                 status=422,
             )
         precert = is_precertificate(cert)
+        fingerprint = tbs_fingerprint(cert)
         signed = self.presigner.sign_good(issuer, serial)
         record = CertificateRecord(
             issuer_id=issuer.db_id,
             serial=serial,
             not_after=cert.not_valid_after_utc,
             precertificate=precert,
+            tbs_sha256=fingerprint,
         )
         return PreparedRecord(record, signed, issuer.name)
 
@@ -374,13 +397,17 @@ class CertificateRecorder:
         """Store all prepared records in one transaction; returns after the durable commit.
 
         On failure every serial is logged at ERROR and counted, and the exception
-        propagates: the caller must tell its client "not recorded"."""
+        propagates: the caller must tell its client "not recorded". A serial collision
+        (nothing written either) raises SerialCollisionRejected (409), logging and
+        counting the colliding certificates only."""
         if not prepared:
             return []
         try:
             recorded = await self.store.record_certificates(
                 [(p.record, p.signed) for p in prepared]
             )
+        except SerialCollision as exc:
+            raise self._collided(prepared, exc.collisions) from exc
         except BaseException as exc:
             reason = exc.reason if isinstance(exc, StoreUnavailable) else "internal"
             if isinstance(exc, asyncio.CancelledError):
@@ -413,6 +440,42 @@ class CertificateRecorder:
             )
         return outcomes
 
+    @staticmethod
+    def _collided(
+        prepared: Sequence[PreparedRecord], collisions: list[Collision]
+    ) -> SerialCollisionRejected:
+        """Log (ERROR: a CA issued two certificates with one serial), count and describe
+        each collision; nothing of the call was written."""
+        described: list[tuple[int, CertificateRejected]] = []
+        for c in collisions:
+            issuer = prepared[c.index].issuer
+            serial = format_serial(c.serial)
+            metrics.recording_failures_total.labels("serial_collision").inc()
+            log.error(
+                "recording REFUSED (serial collision, nothing of the call written): "
+                "issuer=%s serial=%s is recorded for another certificate "
+                "(tbs_sha256 %s; this one %s): the CA issued two certificates with one "
+                "serial (BR 7.1, RFC 5280 4.1.2.2)",
+                issuer,
+                serial,
+                c.held.hex(),
+                c.submitted.hex(),
+            )
+            described.append(
+                (
+                    c.index,
+                    CertificateRejected(
+                        f"serial collision: issuer {issuer} serial {serial} is already "
+                        f"recorded for another certificate (TBSCertificate SHA-256 "
+                        f"{c.held.hex()[:16]}..., this one {c.submitted.hex()[:16]}...): "
+                        "serials must be unique per issuer (BR 7.1, RFC 5280 4.1.2.2); "
+                        "not recorded",
+                        status=409,
+                    ),
+                )
+            )
+        return SerialCollisionRejected(described, prepared[collisions[0].index].issuer)
+
     async def record(self, certs: Sequence[x509.Certificate]) -> list[RecordOutcome]:
         """Record all ``certs`` in one transaction, all or nothing; returns after the commit.
 
@@ -433,6 +496,17 @@ def certificate_serial(cert: x509.Certificate) -> int:
         return check_serial(serial)
     except SerialError as exc:
         raise CertificateRejected(str(exc)) from exc
+
+
+def tbs_fingerprint(cert: x509.Certificate) -> bytes:
+    """SHA-256 of the TBSCertificate without the CT poison and SCT list extensions: the
+    same for a precertificate and its final certificate (RFC 6962 3.1), the only two
+    certificates that may share an issuer and serial. CertificateRejected (400) when the
+    TBSCertificate does not walk strictly."""
+    try:
+        return hashlib.sha256(tbs_without_ct_extensions(cert.tbs_certificate_bytes)).digest()
+    except DERError as exc:
+        raise CertificateRejected(f"cannot read the TBSCertificate: {exc}") from exc
 
 
 def describe_issuer(cert: x509.Certificate) -> str:

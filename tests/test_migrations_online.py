@@ -17,6 +17,8 @@ from responder.schema import (
     load_migrations,
     migrate,
 )
+from responder.store import serial_key
+from signer.recording import tbs_fingerprint
 from tests.support import (
     VENV_BIN,
     IssuerFiles,
@@ -126,6 +128,23 @@ def test_migrate_target_and_serving_on_the_schema_before_an_expand_migration(
         for c in (cert, after):
             resp = httpx.get(get_url(proc.url, build_request(c, p256_issuer.ca.ca_cert)))
             check_response(resp.content, issuer=p256_issuer, serial=c.serial_number)
+        # 0006 (certificates.tbs_sha256) ran under this process, which looked at start:
+        # it records as before, without fingerprints, so a collision still gets through
+        collider = p256_issuer.ca.issue_leaf("collider.test", serial=cert.serial_number)
+        assert proc.record(collider).status_code == 200
+        proc.stop()
+        # restarted, it uses the column: the rows from before have none, and the next
+        # recording of their serial gives them one; then another certificate collides
+        proc.start()
+        assert proc.record(cert).status_code == 200
+        assert proc.record(collider).status_code == 409
+        assert proc.record(after).status_code == 200
+        [row] = sql_sync(
+            dsn,
+            "SELECT tbs_sha256 FROM certificates WHERE serial = $1",
+            serial_key(cert.serial_number),
+        )
+        assert row["tbs_sha256"] == tbs_fingerprint(cert)
     finally:
         proc.stop()
     assert all(m.expand for m in load_migrations()[MINIMUM_VERSION:])

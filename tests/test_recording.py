@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 
 from responder.store import serial_key
-from signer.demo_ca import DemoCA, create_ca, write_pem_cert
+from signer.demo_ca import DemoCA, create_ca, final_certificate, write_pem_cert
 from signer.der import element_children, read_element
 from signer.presign import tlv
 from signer.recording import CertificateRejected, SerialError, parse_serial, split_certificates
@@ -53,8 +53,9 @@ def test_precertificate_recognised(responder, p256_issuer, module_database):  # 
     pre = p256_issuer.ca.issue_leaf("pre.test", precertificate=True)
     resp = responder.record(pre)
     assert resp.status_code == 201 and resp.json()["precertificate"] is True
-    # the final certificate shares issuer and serial: already recorded
-    final = p256_issuer.ca.issue_leaf("pre.test", serial=pre.serial_number)
+    # the final certificate (the precertificate's TBSCertificate without the poison, with
+    # an SCT list) shares issuer and serial: already recorded
+    final = final_certificate(p256_issuer.ca, pre)
     assert responder.record(final).status_code == 200
     kinds = sql_sync(
         module_database,
