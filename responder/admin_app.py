@@ -211,7 +211,8 @@ def create_admin_app(
             logging.INFO if response.status_code < 400 else logging.WARNING,
             "admin %s %s -> %d",
             request.method,
-            request.url.path,
+            # the path is anyone's input (401s included): no control characters in the log
+            request.url.path[:256].encode("unicode_escape").decode("ascii"),
             response.status_code,
             extra={
                 "request_id": request_id,

@@ -110,7 +110,13 @@ def cmd_issue(args: argparse.Namespace) -> None:
     _setup_logging(config.log_level, config.log_format)
 
     async def run() -> int:
-        service = await _with_service(config)
+        try:
+            service = await _with_service(config)
+        except StoreUnavailable as exc:
+            # the same per-file verdict as a failure mid-way: no file may be published
+            for name in args.files:
+                print(f"{name}: NOT recorded (do not publish): {exc}", file=sys.stderr)
+            return 3
         failures = 0
         try:
             for position, name in enumerate(args.files):

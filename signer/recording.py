@@ -130,9 +130,16 @@ def describe_serial(serial: int) -> str:
     return text if len(text) <= QUOTE_LIMIT else f"{text[:QUOTE_LIMIT]}... ({len(text)} digits)"
 
 
+_COLON_HEX = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2})*", re.ASCII)
+
+
 def parse_serial(text: str) -> int:
     """Hex serial, with or without colons or 0x, within RFC 5280's rule; else SerialError."""
-    cleaned = text.strip().lower().removeprefix("0x").replace(":", "")
+    cleaned = text.strip(" \t\r\n").lower().removeprefix("0x")
+    if ":" in cleaned:  # openssl's form: octets as two digits each, colon-separated
+        if not _COLON_HEX.fullmatch(cleaned):
+            raise SerialError(f"serial {quote(text)} is not hex octets separated by colons")
+        cleaned = cleaned.replace(":", "")
     if not cleaned or any(c not in "0123456789abcdef" for c in cleaned):
         raise SerialError(f"serial {quote(text)} is not hexadecimal")
     significant = cleaned.lstrip("0")
@@ -161,6 +168,7 @@ def split_certificates(data: bytes) -> list[bytes]:
     The one reader of certificate files and bodies (API, ``issue``, ``import``). Strict,
     so that nothing a caller sent is dropped while the rest is acknowledged: a DER body
     must be whole SEQUENCEs, a PEM body only ``CERTIFICATE`` blocks and whitespace."""
+    data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM (editors add one; openssl skips it)
     if not data.strip():
         raise CertificateRejected("empty body: no certificate found")
     if data[:1] == b"\x30":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -59,6 +60,13 @@ class RevocationConflict(Exception):
         self.requested = requested
 
 
+#: RFC 3339 section 5.6 date-time (T and Z in either case, fraction allowed, zone required)
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})",
+    re.ASCII,
+)
+
+
 def parse_revocation_time(text: object) -> dt.datetime:
     """An ISO 8601 time with a zone, as UTC whole seconds; RevocationTimeError otherwise.
 
@@ -69,12 +77,17 @@ def parse_revocation_time(text: object) -> dt.datetime:
         raise RevocationTimeError(
             "revocation time must be an ISO 8601 string with a zone, e.g. 2026-01-02T03:04:05Z"
         )
+    if not _RFC3339.fullmatch(text):
+        # datetime.fromisoformat alone also takes a space for T, offsets with seconds
+        # (+00:00:30.5, a time shifted by 30.5 s) and no zone at all
+        raise RevocationTimeError(
+            f"revocation time {text[:64]!r} is not an RFC 3339 date-time with a zone "
+            "(e.g. 2026-01-02T03:04:05Z or 2026-01-02T04:04:05+01:00)"
+        )
     try:
-        when = dt.datetime.fromisoformat(text)
-    except ValueError as exc:
+        when = dt.datetime.fromisoformat(text.upper())
+    except ValueError as exc:  # e.g. month 13, second 60
         raise RevocationTimeError(f"revocation time {text[:64]!r} is not ISO 8601: {exc}") from exc
-    if when.tzinfo is None:
-        raise RevocationTimeError("revocation time needs a time zone (e.g. 2026-01-02T03:04:05Z)")
     return utc_whole_seconds(when)
 
 

@@ -206,6 +206,21 @@ def test_cli_issue_reports_not_recorded_when_the_write_fails(
     assert f"{files[1]}: NOT recorded (not attempted)" in result.stderr
     assert "recording FAILED (not acknowledged): issuer=p256 serial=" in result.stderr
     assert "Traceback" not in result.stderr
+    # no database at all: the same verdict for every file (it was one bare error line)
+    unreachable = write_config(
+        tmp_path / "down", "postgresql://nobody@127.0.0.1:1/none", [p256_issuer]
+    )
+    result = subprocess.run(
+        [str(VENV_BIN / "ocsp-responder"), "issue", "--config", str(unreachable.config_path)]
+        + [str(f) for f in files],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 3, result.stderr
+    for f in files:
+        assert f"{f}: NOT recorded (do not publish): cannot connect" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("kind", ["p256", "p384", "rsa2048"])

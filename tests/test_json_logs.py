@@ -111,6 +111,8 @@ def test_full_run_logs_json_without_key_material(  # type: ignore[no-untyped-def
         )
         assert proc.revoke("p256", cert.serial_number).status_code == 201
         assert httpx.post(proc.admin_url + "/v1/certificates", content=b"x").status_code == 401
+        # a terminal escape in the path (anyone's input, unauthenticated) is logged escaped
+        assert httpx.post(proc.admin_url + "/v1/y%1B[31mRED").status_code == 401
         assert httpx.get(proc.admin_url + "/metrics").status_code == 200
         echoed = httpx.post(
             proc.admin_url + "/v1/certificates",
@@ -129,6 +131,8 @@ def test_full_run_logs_json_without_key_material(  # type: ignore[no-untyped-def
     refused = [e for e in admin if e.get("status") == 401]
     assert refused and refused[0]["client"] == "127.0.0.1" and refused[0]["level"] == "warning"
     assert refused[0]["msg"] == "admin POST /v1/certificates -> 401"
+    assert any(e["msg"] == "admin POST /v1/y\\x1b[31mRED -> 401" for e in refused), refused
+    assert "\x1b" not in log
     created = [e for e in admin if e.get("status") == 201]
     assert len(created) == 2 and all(len(str(e["request_id"])) == 32 for e in created)
     assert any(e.get("request_id") == "ca-req-42" for e in admin)

@@ -191,6 +191,7 @@ def test_pem_reader_is_strict() -> None:
     a, b = (ca.issue_leaf(n).public_bytes(serialization.Encoding.DER) for n in ("a.t", "b.t"))
     good = pem_of(a) + b"\r\n  \n" + pem_of(b).replace(b"\n", b"\r\n")
     assert split_certificates(good) == [a, b]  # CRLF and blank lines between blocks are fine
+    assert split_certificates(b"\xef\xbb\xbf" + good) == [a, b]  # a UTF-8 BOM, as openssl
     cases = {
         pem_of(a) + pem_of(b, "X509 CERTIFICATE") + pem_of(a): "'X509 CERTIFICATE' block",
         pem_of(a) + pem_of(b, "TRUSTED CERTIFICATE"): "'TRUSTED CERTIFICATE' block",
@@ -223,6 +224,11 @@ def test_serial_rule() -> None:
         assert len(str(info.value)) < 400  # the message never carries the whole input
     with pytest.raises(SerialError, match="not hexadecimal"):
         parse_serial("-1")
+    assert parse_serial(" 0x01ab\n") == parse_serial("01:AB") == 0x01AB
+    # colons only between two-digit octets; only ASCII blanks around the serial
+    for lax in ("f:f", "01:ab:", ":01ab", "01::ab", "1:ab", "\u00a001ab", "01ab\u2003"):
+        with pytest.raises(SerialError, match="not hex"):
+            parse_serial(lax)
 
 
 def test_single_certificate_body_is_strict(  # type: ignore[no-untyped-def]

@@ -409,3 +409,29 @@ async def test_write_back_signed_before_a_reason_change_never_lands(
         assert checked.response.revocation_reason == x509.ReasonFlags.key_compromise
     finally:
         await store.close()
+
+
+def test_revocation_time_is_rfc3339() -> None:
+    """datetime.fromisoformat alone took a space for T and an offset with seconds (a time
+    shifted by 30.5 s), and refused lowercase t/z, which RFC 3339 allows."""
+    from signer.revocation import RevocationTimeError, parse_revocation_time
+
+    utc = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    for text in (
+        "2026-01-02T03:04:05Z",
+        "2026-01-02t03:04:05z",
+        "2026-01-02T04:04:05+01:00",
+        "2026-01-02T03:04:05.999Z",
+    ):
+        assert parse_revocation_time(text) == utc, text
+    for text in (
+        "2026-01-02 03:04:05Z",
+        "2026-01-02T03:04:05+00:00:30.5",
+        "2026-01-02T03:04:05",
+        "2026-01-02",
+        "2026-13-02T03:04:05Z",
+        "2026-01-02T03:04:60Z",
+        "\u0662026-01-02T03:04:05Z",
+    ):
+        with pytest.raises(RevocationTimeError):
+            parse_revocation_time(text)
