@@ -162,8 +162,8 @@ def test_revocation_time_range(responder, p256_issuer, module_database):  # type
         ("1900-01-01T00:00:00Z", "notBefore of issuer p256"),
         (iso(issuer_not_before - dt.timedelta(seconds=1)), "notBefore of issuer p256"),
         ("2099-01-01T00:00:00Z", "in the future"),
-        ("2026-01-02T03:04:05", "time zone"),
-        ("yesterday", "not ISO 8601"),
+        ("2026-01-02T03:04:05", "RFC 3339 date-time with a zone"),
+        ("yesterday", "RFC 3339 date-time with a zone"),
     ]:
         response = responder.revoke("p256", cert.serial_number, "superseded", revoked_at=revoked_at)
         assert response.status_code == 400, (revoked_at, response.text)
