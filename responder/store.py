@@ -294,6 +294,35 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     listener callbacks are still cleared by asyncpg itself."""
 
 
+async def _put_revoked_response(
+    conn: asyncpg.Connection, issuer_id: int, serial: int, signed: SignedResponse
+) -> None:
+    """Store a revocation's re-signed response over whatever row is there (only the
+    revocation paths do this, in the transaction that writes the revocation)."""
+    await conn.execute(
+        "INSERT INTO responses (issuer_id, serial, status, this_update, "
+        "next_update, der, signer) VALUES ($1, $2, $3, $4, $5, $6, $7) "
+        "ON CONFLICT (issuer_id, serial) DO UPDATE SET status = EXCLUDED.status, "
+        "  this_update = EXCLUDED.this_update, "
+        "  next_update = EXCLUDED.next_update, der = EXCLUDED.der, "
+        "  signer = EXCLUDED.signer",
+        issuer_id,
+        serial_key(serial),
+        int(signed.status),
+        to_datetime(signed.this_update),
+        to_datetime(signed.next_update),
+        signed.der,
+        signed.signer or None,
+    )
+
+
+async def _notify_invalidation(conn: asyncpg.Connection, issuer_id: int, serial: int) -> None:
+    """Delivered to every responder's listener at commit (responder/invalidation.py)."""
+    await conn.execute(
+        "SELECT pg_notify($1, $2)", INVALIDATION_CHANNEL, invalidation_payload(issuer_id, serial)
+    )
+
+
 def failure_reason(exc: BaseException) -> str:
     """A small closed set of labels for recording_failures_total{reason}."""
     if isinstance(exc, asyncio.TimeoutError):
@@ -593,27 +622,8 @@ class PresignedStore:
                     REASON_CODES[revocation.reason],
                 )
                 if created:
-                    await conn.execute(
-                        "INSERT INTO responses (issuer_id, serial, status, this_update, "
-                        "next_update, der, signer) VALUES ($1, $2, $3, $4, $5, $6, $7) "
-                        "ON CONFLICT (issuer_id, serial) DO UPDATE SET status = EXCLUDED.status, "
-                        "  this_update = EXCLUDED.this_update, "
-                        "  next_update = EXCLUDED.next_update, der = EXCLUDED.der, "
-                        "  signer = EXCLUDED.signer",
-                        issuer_id,
-                        serial_key(serial),
-                        int(signed.status),
-                        to_datetime(signed.this_update),
-                        to_datetime(signed.next_update),
-                        signed.der,
-                        signed.signer or None,
-                    )
-                # delivered to every responder's listener at commit (responder/invalidation.py)
-                await conn.execute(
-                    "SELECT pg_notify($1, $2)",
-                    INVALIDATION_CHANNEL,
-                    invalidation_payload(issuer_id, serial),
-                )
+                    await _put_revoked_response(conn, issuer_id, serial, signed)
+                await _notify_invalidation(conn, issuer_id, serial)
                 return bool(created)
 
         return await with_retries(op, "record revocation")
@@ -678,26 +688,8 @@ class PresignedStore:
                 )
                 if not replaced:
                     return False
-                await conn.execute(
-                    "INSERT INTO responses (issuer_id, serial, status, this_update, "
-                    "next_update, der, signer) VALUES ($1, $2, $3, $4, $5, $6, $7) "
-                    "ON CONFLICT (issuer_id, serial) DO UPDATE SET status = EXCLUDED.status, "
-                    "  this_update = EXCLUDED.this_update, "
-                    "  next_update = EXCLUDED.next_update, der = EXCLUDED.der, "
-                    "  signer = EXCLUDED.signer",
-                    issuer_id,
-                    serial_key(serial),
-                    int(signed.status),
-                    to_datetime(signed.this_update),
-                    to_datetime(signed.next_update),
-                    signed.der,
-                    signed.signer or None,
-                )
-                await conn.execute(
-                    "SELECT pg_notify($1, $2)",
-                    INVALIDATION_CHANNEL,
-                    invalidation_payload(issuer_id, serial),
-                )
+                await _put_revoked_response(conn, issuer_id, serial, signed)
+                await _notify_invalidation(conn, issuer_id, serial)
                 return True
 
         return await with_retries(op, "replace revocation")
