@@ -238,15 +238,19 @@ class Importer:
                 # sign this batch while the previous one commits
                 prepared, rejected = await self.recorder.prepare_all(batch.certs)
                 for index, exc in rejected:
-                    self._refused(*batch.origins[index])
+                    key, position = batch.origins[index]
+                    self._refused(key, position)
                     cert = batch.certs[index]
                     self._problem(
-                        f"certificate serial {describe_certificate_serial(cert)} issuer "
-                        f"{describe_issuer(cert)}: refused: {exc}"
+                        f"{key.path}: certificate #{position + 1} (serial "
+                        f"{describe_certificate_serial(cert)}, issuer {describe_issuer(cert)}): "
+                        f"refused: {exc}"
                     )
+                refused = {index for index, _ in rejected}
+                origins = [o for i, o in enumerate(batch.origins) if i not in refused]
                 if in_flight is not None and in_flight_batch is not None:
                     self._finish(await in_flight, in_flight_batch, progress)
-                in_flight = asyncio.create_task(self._commit(prepared))
+                in_flight = asyncio.create_task(self._commit(prepared, origins))
                 in_flight_batch = batch
             if in_flight is not None and in_flight_batch is not None:
                 self._finish(await in_flight, in_flight_batch, progress)
@@ -256,24 +260,29 @@ class Importer:
                 in_flight.cancel()
         return self.report
 
-    async def _commit(self, prepared: list[PreparedRecord]) -> list[RecordOutcome]:
+    async def _commit(
+        self, prepared: list[PreparedRecord], origins: list[tuple[FileKey, int]]
+    ) -> list[RecordOutcome]:
         """Commit a batch; a certificate whose serial another certificate holds (a
         serial collision: the whole transaction was refused) is reported as refused and
         the rest of the batch is committed again without it, like a certificate refused
-        when it was prepared. Each round drops at least one, so this ends."""
+        when it was prepared (and, like it, never journaled as done). Each round drops at
+        least one, so this ends. ``origins``: (file, index in it) of each prepared one."""
         while True:
             try:
                 return await self.recorder.commit(prepared)
             except SerialCollisionRejected as exc:
                 for index, why in exc.collisions:
-                    self.report.refused += 1
+                    key, position = origins[index]
+                    self._refused(key, position)
                     p = prepared[index]
                     self._problem(
-                        f"certificate serial {format_serial(p.record.serial)} issuer "
-                        f"{p.issuer}: refused: {why}"
+                        f"{key.path}: certificate #{position + 1} (serial "
+                        f"{format_serial(p.record.serial)}, issuer {p.issuer}): refused: {why}"
                     )
                 dropped = {index for index, _ in exc.collisions}
                 prepared = [p for i, p in enumerate(prepared) if i not in dropped]
+                origins = [o for i, o in enumerate(origins) if i not in dropped]
 
     def _finish(
         self, outcomes: list[RecordOutcome], batch: _Batch, progress: ProgressBar | None

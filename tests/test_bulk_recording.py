@@ -177,6 +177,8 @@ def test_import_reports_refusals_and_continues(
     assert (
         "not configured" in result.stderr and "junk.pem: certificate #1: refused" in result.stderr
     )
+    # the refusal names the file and the certificate's place in it
+    assert "mixed.pem: certificate #2 (serial " in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert stored(module_database, [c.serial_number for c in good]) == 2
     # a rerun does not skip what was refused as if it were done (it said "3 skipped",

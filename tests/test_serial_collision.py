@@ -278,8 +278,9 @@ def test_cli_issue_and_import_refuse_a_collision(  # type: ignore[no-untyped-def
     bundle = tmp_path / "in" / "bundle.pem"
     bundle.parent.mkdir()
     write_pem_cert(bundle, others[0], collider, others[1], others[2])
+    journal = ["--journal", str(tmp_path / "journal.jsonl")]
     imported = subprocess.run(
-        [str(VENV_BIN / "ocsp-responder"), "import", "--no-journal", "--quiet", *cfg, str(bundle)],
+        [str(VENV_BIN / "ocsp-responder"), "import", *journal, "--quiet", *cfg, str(bundle)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -287,6 +288,15 @@ def test_cli_issue_and_import_refuse_a_collision(  # type: ignore[no-untyped-def
     assert imported.returncode == 1, imported.stdout + imported.stderr
     refused = [x for x in imported.stderr.splitlines() if "refused" in x]
     assert len(refused) == 1 and "serial collision" in refused[0], imported.stderr
+    assert refused[0].startswith(f"{bundle.resolve()}: certificate #2 (serial "), refused[0]
+    # not journaled as done: a rerun reports it again instead of "skipped"
+    rerun = subprocess.run(
+        [str(VENV_BIN / "ocsp-responder"), "import", *journal, "--quiet", *cfg, str(bundle)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert rerun.returncode == 1 and "1 refused" in rerun.stdout, rerun.stdout + rerun.stderr
     assert "3 new, 0 already recorded, 1 refused" in imported.stdout
     for cert in others:
         assert fingerprint_row(module_database, cert)[0][1] == tbs_fingerprint(cert)
