@@ -224,12 +224,20 @@ class CTIndexStore:
             "UPDATE ct_logs SET lag_seconds = $2 WHERE id = $1", log_db_id, lag_seconds
         )
 
-    async def unrepaired_gaps(self, issuer_ids: Sequence[int], limit: int = 1000) -> list[Gap]:
+    async def unrepaired_gaps(
+        self,
+        issuer_ids: Sequence[int],
+        limit: int = 1000,
+        *,
+        skip: Sequence[tuple[int, int]] = (),
+    ) -> list[Gap]:
         """Gaps still without a stored response, with any recorded revocation.
 
         A gap whose certificate has since expired beyond ``expired_retention`` is left out:
         it is retired (answered unauthorized) and is not signed any more. It stays open in
-        ``coverage_gaps``, the record that this serial was never covered."""
+        ``coverage_gaps``, the record that this serial was never covered. ``skip``:
+        (issuer id, serial) pairs the caller could not sign in this pass, left out so that
+        they never hide the gaps behind them."""
         if self.ct_not_after is None:
             self.ct_not_after = await ct_index_has_not_after(self.pool)
         not_after = "coalesce(c.not_after, t.not_after)" if self.ct_not_after else "c.not_after"
@@ -243,10 +251,14 @@ class CTIndexStore:
             "LEFT JOIN ct_index t ON t.issuer_id = g.issuer_id AND t.serial = g.serial "
             "WHERE g.repaired_at IS NULL AND g.issuer_id = ANY($1::smallint[]) "
             f"  AND ($3::timestamptz IS NULL OR {not_after} IS NULL OR {not_after} >= $3) "
+            "  AND NOT EXISTS (SELECT 1 FROM unnest($4::smallint[], $5::bytea[]) AS x(i, s) "
+            "                  WHERE x.i = g.issuer_id AND x.s = g.serial) "
             "ORDER BY g.detected_at LIMIT $2",
             list(issuer_ids),
             limit,
             self._retired_before(),
+            [issuer_id for issuer_id, _ in skip],
+            [serial_key(serial) for _, serial in skip],
         )
         return [
             Gap(

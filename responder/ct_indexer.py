@@ -70,6 +70,14 @@ POLL_ERRORS: tuple[type[BaseException], ...] = (
     httpx.HTTPError,
     *DATABASE_ERRORS,
 )
+#: the latest CT timestamp ``ct_index.logged_at`` holds (9999-12-31T23:59:59.999Z); a
+#: log may sign any uint64
+MAX_LOGGED_AT_MS = 253_402_300_799_999
+
+#: gaps that may fail to sign in one repair pass before it stops (the rest of the pass
+#: would only fail the same way; the skip list stays small)
+MAX_UNSIGNED_PER_PASS = 4096
+
 #: gaps signed per repair transaction (bounds memory and the transaction's size)
 REPAIR_CHUNK = 256
 
@@ -140,6 +148,8 @@ class CTIndexer:
             self.logs.append(_FollowedLog(cfg, key))
         self._started = False
         self._repairing = asyncio.Lock()
+        #: gaps whose signing failed, already logged at ERROR (bounded)
+        self._unsignable: set[tuple[int, int]] = set()
 
     @classmethod
     def from_config(cls, config: Config, registry: IssuerRegistry, pool: asyncpg.Pool) -> CTIndexer:
@@ -236,19 +246,33 @@ class CTIndexer:
     async def _commit(self, followed: _FollowedLog, batch: Batch, result: PollResult) -> None:
         name = followed.config.name
         rows: list[IndexRow] = []
+        clamped = 0
         for entry in batch.entries:
             issuer = self.registry.for_spki_sha256(entry.issuer_key_hash)
             if issuer is None:  # cannot happen: the filter only passes our issuers
                 continue
+            logged_at_ms = entry.timestamp_ms
+            if logged_at_ms > MAX_LOGGED_AT_MS:
+                # A log-signed uint64 the database cannot hold: the serial is ours and must
+                # be indexed all the same (refusing the batch stopped the log for good).
+                logged_at_ms = MAX_LOGGED_AT_MS
+                clamped += 1
             rows.append(
                 IndexRow(
                     issuer.db_id,
                     entry.serial,
                     entry.leaf_index,
                     entry.kind,
-                    entry.timestamp_ms,
+                    logged_at_ms,
                     entry.not_after,
                 )
+            )
+        if clamped:
+            log.warning(
+                "CT log %s: %d entries of ours carry a timestamp beyond year 9999; "
+                "indexed with logged_at 9999-12-31",
+                name,
+                clamped,
             )
         for bad in batch.malformed:
             log.error(
@@ -302,19 +326,29 @@ class CTIndexer:
             return await self._repair_pending()
 
     async def _repair_pending(self) -> int:
-        issuer_ids = [i.db_id for i in self.registry.issuers]
+        # an issuer configured without any signing key cannot repair anything: its gaps
+        # stay open (and counted) without being read and refused chunk after chunk
+        issuer_ids = [i.db_id for i in self.registry.issuers if i.responders]
         repaired = 0
+        #: gaps that could not be signed in this pass: left out of the next chunks, so
+        #: they never starve the gaps behind them (they are tried again next poll)
+        unsigned: list[tuple[int, int]] = []
         while True:
-            gaps = await self.store.unrepaired_gaps(issuer_ids, REPAIR_CHUNK)
+            gaps = await self.store.unrepaired_gaps(issuer_ids, REPAIR_CHUNK, skip=unsigned)
+            if not gaps:
+                return repaired
             # Signing a chunk takes up to ~0.5 s (RSA): off the event loop, so a follower
             # inside `serve` does not stall the OCSP hot path during a burst of gaps.
             signed = await asyncio.to_thread(self._sign_all, gaps)
-            if not signed:
-                return repaired
-            await self.store.store_repairs(signed)
-            repaired += len(signed)
-            if len(signed) < len(gaps):
-                return repaired  # some cannot be signed now; retried next poll
+            if signed:
+                await self.store.store_repairs(signed)
+                repaired += len(signed)
+            done = {(g.issuer_id, g.serial) for g, _ in signed}
+            unsigned += [
+                (g.issuer_id, g.serial) for g in gaps if (g.issuer_id, g.serial) not in done
+            ]
+            if len(unsigned) >= MAX_UNSIGNED_PER_PASS:
+                return repaired  # something is wrong with signing: the next poll retries
 
     def _sign_all(self, gaps: Sequence[Gap]) -> list[tuple[Gap, SignedResponse]]:
         return [s for s in (self._sign(g) for g in gaps) if s is not None]
@@ -329,10 +363,15 @@ class CTIndexer:
                 issuer, gap.serial, status, self.policy, revocation=gap.revocation
             )
         except (IssuerConfigError, SigningError, ValueError) as exc:
-            log.error(
+            # once per gap and process at ERROR; every pass retries it, quietly
+            first = (gap.issuer_id, gap.serial) not in self._unsignable
+            if first and len(self._unsignable) < MAX_UNSIGNED_PER_PASS:
+                self._unsignable.add((gap.issuer_id, gap.serial))
+            log.log(
+                logging.ERROR if first else logging.DEBUG,
                 "coverage gap of issuer %s serial %s cannot be signed now: %s",
                 issuer.name,
-                format(gap.serial, "x"),
+                format(gap.serial, "x")[:64],
                 exc,
             )
             return None

@@ -420,3 +420,42 @@ async def test_retired_serials_are_not_gaps_and_null_not_after_is_filled(
         assert not_after[0x9005] == earlier
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_absurd_timestamps_and_unsignable_gaps_do_not_stop_the_follower(
+    fake_server: FakeLogServer, fake_log: FakeLog, database: str, ct_ca: DemoCA, kind: str
+) -> None:
+    """A log-signed timestamp beyond what the database holds (2^62 ms, 2^64-1 ms) made the
+    batch fail on every poll, so the log was never advanced again; and 256 gaps that
+    cannot be signed (first in line) starved the repair of every gap behind them."""
+    registry = signing_registry({"ctca": ct_ca})
+    issuer = registry.issuers[0]
+    store = await connect(database, registry)
+    serials = [0x6100 + i for i in range(6)]
+    stamps = [now_ms(), 2**62, now_ms(), 2**64 - 1, now_ms(), now_ms()]
+    for serial, ts in zip(serials, stamps, strict=True):
+        fake_log.add_x509(ct_ca.issue_leaf("t.test", serial=serial).public_bytes(DER), [], ts)
+    fake_log.publish()
+    try:
+        # 300 older open gaps that no key can sign (negative serials: cryptography refuses)
+        for n in range(300):
+            await store.pool.execute(
+                "INSERT INTO coverage_gaps (issuer_id, serial, detected_by, detected_at) "
+                "VALUES ($1, $2, 'test', now() - interval '1 day')",
+                issuer.db_id,
+                serial_key(-(n + 1)),
+            )
+        indexer = CTIndexer([log_config(fake_server, kind)], registry, store.pool, POLICY)
+        [r] = await indexer.run_once()
+        await indexer.aclose()
+        assert r.error is None and r.indexed == 6, r
+        [position] = await fetch(database, "SELECT next_index FROM ct_logs")
+        assert position["next_index"] == 6
+        rows = await fetch(database, "SELECT serial FROM ct_index")
+        assert sorted(serial_from_key(x["serial"]) for x in rows) == serials
+        responses = await fetch(database, "SELECT serial FROM responses")
+        assert sorted(serial_from_key(x["serial"]) for x in responses) == serials
+        assert r.repaired == 6
+    finally:
+        await store.close()
