@@ -116,7 +116,9 @@ def verify_sth(sth: bytes | Mapping[str, object], key: LogKey) -> TreeHead:
         ds = base64.b64decode(str(obj["tree_head_signature"]), validate=True)
     except (ValueError, KeyError, TypeError, binascii.Error) as exc:
         raise MalformedResponseError(f"bad get-sth response: {exc!r}") from exc
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (size, ts)):
+    if isinstance(size, bool) or isinstance(ts, bool):
+        raise MalformedResponseError("tree_size/timestamp must be integers, not booleans")
+    if not isinstance(size, int) or not isinstance(ts, int):
         raise MalformedResponseError("tree_size/timestamp must be integers")
     if not (0 <= size <= MAX_TREE_SIZE and 0 <= ts <= MAX_TREE_SIZE):
         raise MalformedResponseError("tree_size/timestamp out of range")
