@@ -21,8 +21,8 @@ from cryptography.exceptions import InvalidSignature
 from prometheus_client import REGISTRY
 
 from responder.config import CTLogConfig
-from responder.ct_index_store import CTIndexStore
 from responder.ct import LogFollower
+from responder.ct_index_store import CTIndexStore
 from responder.ct_indexer import CTIndexer
 from responder.ct_status import EXIT_LOG_ERROR, EXIT_OPEN_GAPS, collect, exit_status
 from responder.store import CertificateRecord, serial_from_key, serial_key
