@@ -101,7 +101,9 @@ class _FollowedLog:
     key: LogKey
     db_id: int = -1
     follower: LogFollower | None = None
-    unexpected: str | None = None  # the last unexpected error (its traceback was logged)
+    #: type of the last poll's unexpected exception, whose traceback was logged: while
+    #: the same type repeats, one line per poll (a serve loop must not spam tracebacks)
+    unexpected: type[BaseException] | None = None
 
 
 class CTIndexer:
@@ -212,11 +214,11 @@ class CTIndexer:
                 log.error("CT log %s failed verification, not advancing: %s", name, result.error)
             elif isinstance(exc, (FetchError, PositionConflict)):
                 log.warning("CT log %s: %s (will retry)", name, result.error)
-            elif isinstance(exc, POLL_ERRORS) or followed.unexpected == result.error:
+            elif isinstance(exc, POLL_ERRORS) or followed.unexpected is type(exc):
                 log.error("CT log %s: %s", name, result.error)
             else:
                 log.exception("CT log %s: unexpected failure (will retry)", name)
-            followed.unexpected = None if isinstance(exc, POLL_ERRORS) else result.error
+            followed.unexpected = None if isinstance(exc, POLL_ERRORS) else type(exc)
             with contextlib.suppress(*DATABASE_ERRORS):
                 await self.store.record_log_error(
                     followed.db_id, result.error, head.tree_size if head is not None else None
