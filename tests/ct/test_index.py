@@ -9,6 +9,7 @@ those serials are shown in test_index_http.py with test twins of the issuers.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from cryptography.exceptions import InvalidSignature
 from prometheus_client import REGISTRY
 
 from responder.config import CTLogConfig
-from responder.ct import LogFollower
+from responder.ct import LogFollower, RetryPolicy
 from responder.ct_index_store import CTIndexStore
 from responder.ct_indexer import CTIndexer
 from responder.ct_status import EXIT_LOG_ERROR, EXIT_OPEN_GAPS, collect, exit_status
@@ -528,5 +529,37 @@ async def test_status_is_current_after_errors_and_ct_status_exits_non_zero(
         assert n < 1024 and size == 1024 and err
         assert await status() == EXIT_LOG_ERROR
         await indexer.aclose()
+    finally:
+        await store.close()
+
+
+async def test_a_dripping_log_fails_with_its_error_stored_and_the_next_log_is_polled(
+    fake_server: FakeLogServer, fixture_log: FakeLog, database: str
+) -> None:
+    """A checkpoint dripped a byte at a time (each within the read timeout) held run_once
+    forever: the healthy log behind it was never polled and no error was stored."""
+    registry = bare_registry(staging_certs())
+    store = await connect(database, registry)
+    retry = RetryPolicy(attempts=2, base_delay=0.01, max_delay=0.05, timeout=1, total_timeout=1)
+    try:
+        with FakeLogServer(FakeLog("drip.example/log")) as slow:
+            slow.log.publish(0)
+            slow.log.faults.drip = 0.05
+            indexer = CTIndexer(
+                [log_config(slow, "static", name="drip"), log_config(fake_server, "static")],
+                registry,
+                store.pool,
+                POLICY,
+                retry=retry,
+            )
+            try:
+                drip, healthy = await asyncio.wait_for(indexer.run_once(), 20)
+            finally:
+                slow.log.faults.drip = None
+            assert drip.error and "RetriesExhausted" in drip.error and "within 1s" in drip.error
+            assert healthy.error is None and healthy.next_index == 1024
+            [row] = await fetch(database, "SELECT last_error FROM ct_logs WHERE name = 'drip'")
+            assert "within 1s" in row["last_error"]
+            await indexer.aclose()
     finally:
         await store.close()
