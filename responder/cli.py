@@ -346,13 +346,16 @@ def cmd_ct_follow(args: argparse.Namespace) -> None:
 
 
 def cmd_ct_status(args: argparse.Namespace) -> None:
-    from responder.ct_status import collect, render_json, render_table
+    from responder.ct_status import collect, exit_status, render_json, render_table
     from responder.service import resolve_database_url
 
     config = _config(args)
     _setup_logging(config.log_level)
     doc = asyncio.run(collect(config, resolve_database_url(config)))
     print(render_json(doc) if args.json else render_table(doc))
+    status = exit_status(doc)
+    if status:
+        raise SystemExit(status)
 
 
 def cmd_audit(args: argparse.Namespace) -> None:

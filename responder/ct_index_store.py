@@ -211,12 +211,31 @@ class CTIndexStore:
             ],
         )
 
-    async def record_log_error(self, log_db_id: int, error: str) -> None:
-        """Remember why the last poll failed (shown by ct-status); the position stays."""
+    async def record_log_error(
+        self, log_db_id: int, error: str, tree_size: int | None = None
+    ) -> None:
+        """Remember why the last poll failed (shown by ct-status); the position stays.
+
+        ``tree_size``: a signature-verified tree head seen before the failure, so that
+        ct-status shows how far behind a stuck log is (never lowers the stored size).
+        """
         await self.pool.execute(
-            "UPDATE ct_logs SET last_error = $2, updated_at = now() WHERE id = $1",
+            "UPDATE ct_logs SET last_error = $2, "
+            "  tree_size = GREATEST(tree_size, COALESCE($3::bigint, tree_size)), "
+            "  updated_at = now() WHERE id = $1",
             log_db_id,
             error[:1000],
+            tree_size,
+        )
+
+    async def record_poll_ok(self, log_db_id: int, tree_size: int) -> None:
+        """A poll succeeded: clear the last error (a log that did not grow commits no
+        batch, so commit_batch would never clear it) and keep the verified tree size."""
+        await self.pool.execute(
+            "UPDATE ct_logs SET last_error = NULL, tree_size = GREATEST(tree_size, $2), "
+            "  updated_at = now() WHERE id = $1",
+            log_db_id,
+            tree_size,
         )
 
     async def record_lag(self, log_db_id: int, lag_seconds: float) -> None:

@@ -63,7 +63,8 @@ DATABASE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
 )
-#: what one poll of one log may fail with; anything else is a bug and propagates
+#: what one poll of one log is expected to fail with (anything else is a bug: it is
+#: stored as the log's error too, and its traceback logged once)
 POLL_ERRORS: tuple[type[BaseException], ...] = (
     CTError,
     PositionConflict,
@@ -108,6 +109,9 @@ class _FollowedLog:
     key: LogKey
     db_id: int = -1
     follower: LogFollower | None = None
+    #: type of the last poll's unexpected exception, whose traceback was logged: while
+    #: the same type repeats, one line per poll (a serve loop must not spam tracebacks)
+    unexpected: type[BaseException] | None = None
 
 
 class CTIndexer:
@@ -187,9 +191,15 @@ class CTIndexer:
         return results
 
     async def poll(self, followed: _FollowedLog) -> PollResult:
-        """Catch one log up; commit batch by batch; never raises for a log's fault."""
+        """Catch one log up; commit batch by batch; never raises for a log's fault.
+
+        An unexpected exception (a bug, or a hostile log finding one) is stored as the
+        log's error like any other: logged with its traceback once, then one line per
+        poll while it repeats, and the other logs are still polled.
+        """
         name = followed.config.name
         result = PollResult(name)
+        follower: LogFollower | None = None
         try:
             follower = await self._follower(followed)
 
@@ -199,22 +209,34 @@ class CTIndexer:
             await pipelined(follower.poll_once(), commit)
             result.next_index = follower.state.next_index
             result.tree_size = follower.state.head_size
-        except POLL_ERRORS as exc:
+            await self.store.record_poll_ok(followed.db_id, result.tree_size)
+        except Exception as exc:
             # The follower's in-memory state may be ahead of what committed: rebuild it
             # from the stored position next time.
+            head = follower.verified_head if follower is not None else None
+            if follower is not None:
+                result.tree_size = max(
+                    follower.state.head_size, head.tree_size if head is not None else 0
+                )
             await self._drop_follower(followed)
-            result.error = f"{type(exc).__name__}: {exc}"
+            result.error = " ".join(f"{type(exc).__name__}: {exc}".split())
             if isinstance(exc, VerificationError):
                 log.error("CT log %s failed verification, not advancing: %s", name, result.error)
             elif isinstance(exc, (FetchError, PositionConflict)):
                 log.warning("CT log %s: %s (will retry)", name, result.error)
-            else:
+            elif isinstance(exc, POLL_ERRORS) or followed.unexpected is type(exc):
                 log.error("CT log %s: %s", name, result.error)
+            else:
+                log.exception("CT log %s: unexpected failure (will retry)", name)
+            followed.unexpected = None if isinstance(exc, POLL_ERRORS) else type(exc)
             with contextlib.suppress(*DATABASE_ERRORS):
-                await self.store.record_log_error(followed.db_id, result.error)
+                await self.store.record_log_error(
+                    followed.db_id, result.error, head.tree_size if head is not None else None
+                )
                 position = await self.store.position(followed.db_id)
                 result.next_index = position.next_index
             return result
+        followed.unexpected = None
         metrics.ct_log_position.labels(name).set(result.next_index)
         return result
 

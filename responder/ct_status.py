@@ -35,6 +35,21 @@ async def collect(config: Config, dsn: str) -> dict[str, Any]:
     }
 
 
+#: exit statuses of ``ct-status`` (docs/ct-index.md): a monitoring check can run it as is
+EXIT_OK = 0
+EXIT_LOG_ERROR = 1  # a log's last poll failed (``last_error`` is set)
+EXIT_OPEN_GAPS = 2  # no failing log, but coverage gaps are not repaired (no answer signed)
+
+
+def exit_status(doc: dict[str, Any]) -> int:
+    """1 if a log's last poll failed, else 2 if a coverage gap is open, else 0."""
+    if any(item.get("last_error") for item in doc["logs"]):
+        return EXIT_LOG_ERROR
+    if any(g["unrepaired"] for g in doc["gaps_by_issuer"].values()):
+        return EXIT_OPEN_GAPS
+    return EXIT_OK
+
+
 def render_json(doc: dict[str, Any]) -> str:
     return json.dumps(doc, indent=2, sort_keys=True)
 

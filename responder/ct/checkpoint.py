@@ -34,6 +34,10 @@ SIG_ECDSA = 3
 NOTE_SIG_ED25519 = 0x01
 NOTE_SIG_RFC6962 = 0x05
 MAX_NOTE_SIZE = 1 << 16
+#: tree sizes and timestamps are uint64 on the wire; we keep them below 2^63 (signed
+#: bigint columns). 19 digits hold 2^63 - 1: a longer size line is refused before int().
+MAX_TREE_SIZE = (1 << 63) - 1
+MAX_SIZE_DIGITS = len(str(MAX_TREE_SIZE))
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,9 +116,11 @@ def verify_sth(sth: bytes | Mapping[str, object], key: LogKey) -> TreeHead:
         ds = base64.b64decode(str(obj["tree_head_signature"]), validate=True)
     except (ValueError, KeyError, TypeError, binascii.Error) as exc:
         raise MalformedResponseError(f"bad get-sth response: {exc!r}") from exc
-    if not (isinstance(size, int) and isinstance(ts, int)) or size < 0 or ts < 0:
-        raise MalformedResponseError("tree_size/timestamp must be non-negative integers")
-    if isinstance(size, bool) or size >= 1 << 63 or ts >= 1 << 63:
+    if isinstance(size, bool) or isinstance(ts, bool):
+        raise MalformedResponseError("tree_size/timestamp must be integers, not booleans")
+    if not isinstance(size, int) or not isinstance(ts, int):
+        raise MalformedResponseError("tree_size/timestamp must be integers")
+    if not (0 <= size <= MAX_TREE_SIZE and 0 <= ts <= MAX_TREE_SIZE):
         raise MalformedResponseError("tree_size/timestamp out of range")
     _check_root(root)
     key.verify_digitally_signed(ds, tree_head_signature_input(ts, size, root))
@@ -131,7 +137,15 @@ def _parse_body(body: str) -> tuple[str, int, bytes, list[str]]:
     if len(lines) < 4 or lines[-1] != "":
         raise MalformedResponseError("checkpoint body needs origin, size, root lines")
     origin, size_s, root_s, *ext = lines[:-1]
-    if not size_s.isdigit() or not size_s.isascii() or (size_s != "0" and size_s[0] == "0"):
+    # Bounded before int() and struct packing: the note is not yet authenticated, so a
+    # 20-digit or 5,000-digit size must be a MalformedResponseError, never a crash.
+    if (
+        not 0 < len(size_s) <= MAX_SIZE_DIGITS
+        or not size_s.isascii()
+        or not size_s.isdigit()
+        or (size_s != "0" and size_s[0] == "0")
+        or int(size_s) > MAX_TREE_SIZE
+    ):
         raise MalformedResponseError("bad checkpoint tree size")
     try:
         root = base64.b64decode(root_s, validate=True)

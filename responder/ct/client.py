@@ -7,9 +7,16 @@ of it is trusted; the follower verifies what these functions return.
   exponential backoff and full jitter; a ``Retry-After`` header (seconds or
   HTTP date) raises the delay up to ``RetryPolicy.max_delay``.
 * Bodies are streamed and capped at ``max_body`` bytes, so one tile or one
-  get-entries page is the most memory a fetch can take.
-* Tiles may be gzip-compressed either via ``Content-Encoding: gzip`` (httpx
-  decodes it) or as a raw gzip body, recognised by its magic bytes.
+  get-entries page is the most memory a fetch can take; tree heads and proofs
+  have their own small cap (``MAX_SMALL_BODY``).
+* Each attempt has an overall deadline (``RetryPolicy.total_timeout``): httpx's
+  timeout applies per read, so a body dripped one byte at a time would never
+  time out. A missed deadline is transient: retried like a 503.
+* Tiles may be gzip-compressed either via ``Content-Encoding: gzip`` (inflated
+  here, streaming, with the same cap: a gzip bomb never lands in memory) or as
+  a raw gzip body, recognised by its magic bytes.
+* get-entries pages are bounded by the number of entries asked for before the
+  JSON is decoded (RFC 6962 allows fewer entries, never more).
 """
 
 from __future__ import annotations
@@ -39,6 +46,12 @@ from .errors import (
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 GZIP_MAGIC = b"\x1f\x8b"
 DEFAULT_MAX_BODY = 64 << 20
+#: checkpoints/STHs (a signed note is at most 64 KiB) and inclusion proofs
+MAX_SMALL_BODY = 1 << 16
+#: JSON structure characters ({ [ , :) allowed per requested get-entries entry (a
+#: compliant entry has 5), plus slack: bounds the objects json.loads can build
+ENTRY_TOKENS = 16
+PAGE_TOKEN_SLACK = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +61,12 @@ class RetryPolicy:
     attempts: int = 6
     base_delay: float = 0.5
     max_delay: float = 30.0
-    timeout: float = 30.0
+    timeout: float = 30.0  # per connect/read/write (httpx)
+    total_timeout: float | None = None  # per attempt, whole body; None: 3 x timeout
+
+    @property
+    def deadline(self) -> float:
+        return self.total_timeout if self.total_timeout is not None else 3 * self.timeout
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
         backoff = min(self.max_delay, self.base_delay * (2**attempt))
@@ -83,6 +101,50 @@ def _gunzip(body: bytes, limit: int) -> bytes:
     return out
 
 
+_DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+class _CappedBody:
+    """Collects a body (inflating a Content-Encoding) and refuses it past ``limit`` bytes.
+
+    Inflation is bounded per chunk (``max_length``), so the decoded bytes held in memory
+    never exceed the limit, whatever the compression ratio.
+    """
+
+    def __init__(self, url: str, encoding: str, limit: int) -> None:
+        self.url = url
+        self.limit = limit
+        self.total = 0
+        self.chunks: list[bytes] = []
+        enc = encoding.strip().lower()
+        if enc in ("", "identity"):
+            self.inflate: zlib._Decompress | None = None
+        elif enc in _DECODERS:
+            self.inflate = zlib.decompressobj(_DECODERS[enc])
+        else:
+            raise MalformedResponseError(f"{url}: unsupported Content-Encoding {encoding!r}")
+
+    def _add(self, data: bytes) -> None:
+        self.total += len(data)
+        if self.total > self.limit:
+            raise ResponseTooLargeError(f"{self.url}: body exceeds {self.limit} bytes")
+        self.chunks.append(data)
+
+    def feed(self, raw: bytes) -> None:
+        if self.inflate is None:
+            self._add(raw)
+            return
+        try:
+            self._add(self.inflate.decompress(raw, self.limit - self.total + 1))
+        except zlib.error as exc:
+            raise MalformedResponseError(f"{self.url}: bad compressed body: {exc}") from exc
+        if self.inflate.unconsumed_tail:  # output stopped at the cap
+            raise ResponseTooLargeError(f"{self.url}: body expands beyond {self.limit} bytes")
+
+    def body(self) -> bytes:
+        return b"".join(self.chunks)
+
+
 class LogClient:
     """GETs below a log's base URL with retries and a body size bound."""
 
@@ -108,30 +170,36 @@ class LogClient:
             await self.http.aclose()
 
     async def _once(
-        self, url: str, params: dict[str, Any] | None
+        self, url: str, params: dict[str, Any] | None, limit: int
     ) -> tuple[int, bytes, float | None]:
-        async with self.http.stream("GET", url, params=params) as resp:
+        async with (
+            asyncio.timeout(self.retry.deadline),
+            self.http.stream("GET", url, params=params) as resp,
+        ):
             if resp.status_code != 200:
                 return resp.status_code, b"", _retry_after(resp)
-            chunks: list[bytes] = []
-            total = 0
-            async for chunk in resp.aiter_bytes():
-                total += len(chunk)
-                if total > self.max_body:
-                    raise ResponseTooLargeError(f"{url}: body exceeds {self.max_body} bytes")
-                chunks.append(chunk)
-            return 200, b"".join(chunks), None
+            body = _CappedBody(url, resp.headers.get("content-encoding", ""), limit)
+            async for chunk in resp.aiter_raw():
+                body.feed(chunk)
+            return 200, body.body(), None
 
-    async def get(self, path: str, params: dict[str, Any] | None = None) -> bytes:
-        """GET ``path``; retry transient failures; 404 -> NotFoundError."""
+    async def get(
+        self, path: str, params: dict[str, Any] | None = None, *, limit: int | None = None
+    ) -> bytes:
+        """GET ``path`` (body capped at ``limit``, default ``max_body``); retry transient
+        failures and missed deadlines; 404 -> NotFoundError."""
         url = self.base_url + path
+        cap = self.max_body if limit is None else min(limit, self.max_body)
         last = ""
         for attempt in range(self.retry.attempts):
             retry_after: float | None = None
             try:
-                status, body, retry_after = await self._once(url, params)
+                status, body, retry_after = await self._once(url, params, cap)
             except httpx.TransportError as exc:
                 status, body, last = -1, b"", f"{type(exc).__name__}: {exc}"
+            except TimeoutError:
+                status, body = -1, b""
+                last = f"no complete response within {self.retry.deadline:g}s"
             except httpx.DecodingError as exc:
                 raise MalformedResponseError(f"{url}: undecodable body: {exc}") from exc
             if status == 200:
@@ -160,7 +228,7 @@ class StaticCTClient(LogClient):
     """Static CT API (c2sp.org/static-ct-api) read path."""
 
     async def checkpoint(self) -> bytes:
-        return await self.get("checkpoint")
+        return await self.get("checkpoint", limit=MAX_SMALL_BODY)
 
     async def _tile(
         self, level: int | str, index: int, width: int, plain: tuple[int, ...] = ()
@@ -202,13 +270,33 @@ class RFC6962Client(LogClient):
     """RFC 6962 ``/ct/v1/`` read path."""
 
     async def get_sth(self) -> bytes:
-        return await self.get("ct/v1/get-sth")
+        return await self.get("ct/v1/get-sth", limit=MAX_SMALL_BODY)
 
     async def get_entries(self, start: int, end: int) -> list[tuple[bytes, bytes]]:
-        """One get-entries call for [start, end] inclusive; may return fewer entries."""
-        obj = _json(await self.get("ct/v1/get-entries", {"start": start, "end": end}))
+        """One get-entries call for [start, end] inclusive; may return fewer entries.
+
+        A page with more entries than asked for is refused before it is decoded: a
+        60 MiB page of a million tiny entries would otherwise cost gigabytes as Python
+        objects. The structure characters bound every JSON value json.loads can make.
+        """
+        wanted = end - start + 1
+        body = await self.get("ct/v1/get-entries", {"start": start, "end": end})
+        tokens = sum(body.count(c) for c in (b"{", b"[", b",", b":"))
+        if tokens > wanted * ENTRY_TOKENS + PAGE_TOKEN_SLACK:
+            raise MalformedResponseError(
+                f"get-entries page for {wanted} entries has {tokens} JSON tokens: "
+                "more entries than requested"
+            )
+        obj = _json(body)
+        del body
         try:
             entries = obj["entries"]
+            if not isinstance(entries, list):
+                raise TypeError("entries is not a list")
+            if len(entries) > wanted:
+                raise MalformedResponseError(
+                    f"get-entries returned {len(entries)} entries for {wanted} requested"
+                )
             return [
                 (
                     base64.b64decode(e["leaf_input"], validate=True),
@@ -224,6 +312,7 @@ class RFC6962Client(LogClient):
             await self.get(
                 "ct/v1/get-proof-by-hash",
                 {"hash": base64.b64encode(leaf_hash).decode(), "tree_size": tree_size},
+                limit=MAX_SMALL_BODY,
             )
         )
         try:

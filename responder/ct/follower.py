@@ -218,6 +218,9 @@ class LogFollower:
         if state.log_id != self.key.log_id:
             raise ResumeStateError("resume state belongs to another log (log ID differs)")
         self.state: ResumeState = state
+        #: the last tree head that verified (signature and consistency with ``state``),
+        #: even if the batches after it failed: the caller may show how far behind it is
+        self.verified_head: TreeHead | None = None
         client_cls = StaticCTClient if config.kind == "static" else RFC6962Client
         self.client = client_cls(
             config.url, http=http, retry=config.retry, max_body=config.max_body
@@ -249,6 +252,7 @@ class LogFollower:
             raise LogRollbackError("two different signed roots for the same tree size")
         if head.tree_size == st.next_index and st.compact_range().root() != head.root_hash:
             raise RootMismatchError("signed root does not extend the verified tree")
+        self.verified_head = head
         return head
 
     async def poll_once(self) -> AsyncIterator[Batch]:

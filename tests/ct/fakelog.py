@@ -17,6 +17,7 @@ or directly::
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import hashlib
@@ -24,6 +25,7 @@ import json
 import socket
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +104,11 @@ class Faults:
     bad_signature: bool = False
     tamper: set[int] = field(default_factory=set)  # entries served != entries hashed
     on_head: Callable[[], None] | None = None  # called after serving checkpoint/STH
+    head_size: Any = None  # served as the checkpoint size line / STH tree_size (unsigned)
+    head_padding: int = 0  # bytes of witness-like junk appended to the checkpoint
+    extra_entries: int = 0  # get-entries pads its page with this many tiny bogus entries
+    drip: float | None = None  # seconds between the bytes of every 200 body (slow drip)
+    bomb_mib: int = 0  # tiles: a Content-Encoding gzip body inflating to this many MiB
 
 
 class FakeLog:
@@ -233,13 +240,15 @@ class FakeLog:
         size = self.published
         root = self.mth(0, size)
         ts = int(time.time() * 1000)
-        body = f"{self.origin}\n{size}\n{base64.b64encode(root).decode()}\n"
+        shown = size if self.faults.head_size is None else self.faults.head_size
+        body = f"{self.origin}\n{shown}\n{base64.b64encode(root).decode()}\n"
         key_id = sha256(self.origin.encode() + b"\n\x05" + self.log_id)[:4]
         sig = key_id + u(ts, 8) + self._digitally_signed(ts, size, root)
         witness = b"\x01\x02\x03\x04" + bytes(64)  # an unknown cosigner: must be ignored
         lines = (
             f"\u2014 witness.example {base64.b64encode(witness).decode()}\n"
-            f"\u2014 {self.origin} {base64.b64encode(sig).decode()}\n"
+            * (1 + self.faults.head_padding // 100)
+            + f"\u2014 {self.origin} {base64.b64encode(sig).decode()}\n"
         )
         return (body + "\n" + lines).encode()
 
@@ -248,7 +257,7 @@ class FakeLog:
         root = self.mth(0, size)
         ts = int(time.time() * 1000)
         return {
-            "tree_size": size,
+            "tree_size": size if self.faults.head_size is None else self.faults.head_size,
             "timestamp": ts,
             "sha256_root_hash": base64.b64encode(root).decode(),
             "tree_head_signature": base64.b64encode(
@@ -298,6 +307,7 @@ class FakeLog:
                 }
                 for i in range(start, end + 1)
             ]
+            out += [{"leaf_input": "AAAA", "extra_data": ""}] * f.extra_entries
             return 200, json.dumps({"entries": out}).encode(), {}
         if path == "/ct/v1/get-proof-by-hash":
             h = base64.b64decode(query["hash"][0])
@@ -337,11 +347,25 @@ class FakeLog:
         else:
             body = self.hash_tile(level, index, width)
         hdrs: dict[str, str] = {}
+        if self.faults.bomb_mib:
+            return 200, _gzip_zeros(self.faults.bomb_mib), {"content-encoding": "gzip"}
         if self.faults.gzip:
             body = gzip.compress(body)
             if self.faults.gzip == "header":
                 hdrs["content-encoding"] = "gzip"
         return 200, body, hdrs
+
+
+_BOMBS: dict[int, bytes] = {}
+
+
+def _gzip_zeros(mib: int) -> bytes:
+    """A gzip member inflating to ``mib`` MiB of zeros (about 1,000:1), made once."""
+    if mib not in _BOMBS:
+        c = zlib.compressobj(9, zlib.DEFLATED, 31)
+        chunk = bytes(1 << 20)
+        _BOMBS[mib] = b"".join([*(c.compress(chunk) for _ in range(mib)), c.flush()])
+    return _BOMBS[mib]
 
 
 def _fixture_issuer_ders() -> list[bytes]:
@@ -376,6 +400,13 @@ class FakeLogServer:
         headers = [(b"content-length", str(len(body)).encode())]
         headers += [(k.encode(), v.encode()) for k, v in hdrs.items()]
         await send({"type": "http.response.start", "status": status, "headers": headers})
+        if status == 200 and log.faults.drip is not None:
+            # One byte at a time, each within any per-read timeout, until the fault is
+            # cleared (then the rest at once, so the server thread never lingers).
+            while body and log.faults.drip is not None:
+                await send({"type": "http.response.body", "body": body[:1], "more_body": True})
+                body = body[1:]
+                await asyncio.sleep(log.faults.drip)
         await send({"type": "http.response.body", "body": body})
 
     @property

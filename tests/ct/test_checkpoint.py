@@ -89,3 +89,37 @@ def test_ed25519_note() -> None:
     assert head.tree_size == 7 and head.timestamp_ms is None
     with pytest.raises(SignatureError):
         verify_checkpoint(note.replace(b"\n7\n", b"\n8\n"), LogKey(pem), "example.com/log")
+
+
+@pytest.mark.parametrize(
+    "size", [str(2**64), str(2**63), "9" * 20, "9" * 5000, "\u0661\u0662", "+5", "5 ", "-1"]
+)
+def test_unsigned_absurd_checkpoint_size_is_malformed_not_a_crash(size: str) -> None:
+    """The size line is parsed before the signature is checked: 2^64 used to raise
+    struct.error and 5,000 digits ValueError (int's digit limit), neither a CTError."""
+    log = FakeLog()
+    log.publish(0)
+    log.faults.head_size = size
+    with pytest.raises(MalformedResponseError, match="tree size"):
+        verify_checkpoint(log.checkpoint(), LogKey(log.public_key_pem), log.origin)
+    log.faults.head_size = str(2**63 - 1)  # in range: reaches the signature, which fails
+    with pytest.raises(SignatureError):
+        verify_checkpoint(log.checkpoint(), LogKey(log.public_key_pem), log.origin)
+
+
+@pytest.mark.parametrize("size", [True, 2**63, 2**64, -1, 1.0, "5", []])
+def test_sth_tree_size_must_be_an_int_in_range(size: object) -> None:
+    log = FakeLog()
+    log.publish(0)
+    log.faults.head_size = size
+    with pytest.raises(MalformedResponseError):
+        verify_sth(log.sth(), LogKey(log.public_key_pem))
+    sth = log.sth()
+    sth["tree_size"], sth["timestamp"] = 0, True
+    with pytest.raises(MalformedResponseError):
+        verify_sth(sth, LogKey(log.public_key_pem))
+    huge = json.dumps({**sth, "timestamp": 0}).replace(
+        '"tree_size": 0', '"tree_size": ' + "9" * 5000
+    )
+    with pytest.raises(MalformedResponseError):
+        verify_sth(huge.encode(), LogKey(log.public_key_pem))

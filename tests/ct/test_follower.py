@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+import tracemalloc
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
 from responder.ct import Batch, IssuerSet, LogConfig, LogFollower, ResumeState, RetryPolicy
+from responder.ct import client as client_module
+from responder.ct.client import MAX_SMALL_BODY, RFC6962Client
 from responder.ct.errors import (
     InclusionProofError,
     LeafHashMismatchError,
     LogRollbackError,
+    MalformedResponseError,
+    ResponseTooLargeError,
     ResumeStateError,
     RetriesExhaustedError,
     RootMismatchError,
@@ -21,7 +28,7 @@ from responder.ct.errors import (
 )
 from responder.ct.leaf import Issuer
 
-from .fakelog import ISSUERS, FakeLog, FakeLogServer
+from .fakelog import ISSUERS, FakeLog, FakeLogServer, _gzip_zeros
 from .pki import DER, Pki, leaf
 
 KINDS = ["static", "rfc6962"]
@@ -326,3 +333,76 @@ async def test_forked_log_is_detected(
     fake_server.log = fork
     with pytest.raises(VerificationError):
         await follow(cfg, f.state.to_json())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_slow_drip_hits_the_overall_deadline(
+    fake_server: FakeLogServer, fixture_log: FakeLog, kind: str
+) -> None:
+    """httpx's timeout is per read: a head dripped a byte every 0.05 s never tripped a
+    1 s timeout. The per-attempt deadline turns it into a retried, then failed, fetch."""
+    fixture_log.faults.drip = 0.05  # a ~300-byte head: ~15 s per attempt
+    drip = RetryPolicy(attempts=2, base_delay=0.01, max_delay=0.05, timeout=1, total_timeout=1)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(RetriesExhaustedError, match="within 1s"):
+            await asyncio.wait_for(follow(config(fake_server, kind, staging(), retry=drip)), 10)
+    finally:
+        fixture_log.faults.drip = None
+    assert time.monotonic() - t0 < 5
+
+
+async def test_checkpoint_has_its_own_small_body_cap(
+    fake_server: FakeLogServer, fixture_log: FakeLog
+) -> None:
+    """A checkpoint was read up to max_body (64 MiB) before the 64 KiB note limit."""
+    fixture_log.faults.head_padding = 2 * MAX_SMALL_BODY
+    with pytest.raises(ResponseTooLargeError, match=str(MAX_SMALL_BODY)):
+        await follow(config(fake_server, "static", staging()))
+
+
+async def test_gzip_bomb_is_refused_while_streaming(
+    fake_server: FakeLogServer, fixture_log: FakeLog
+) -> None:
+    """Content-Encoding gzip is inflated in bounded steps: no decoded chunk (and so no
+    allocation) much beyond max_body, where httpx inflated each read whole."""
+    fixture_log.faults.bomb_mib = 64
+    _gzip_zeros(64)  # made before tracing
+    tracemalloc.start()
+    try:
+        with pytest.raises(ResponseTooLargeError):
+            await follow(config(fake_server, "static", staging(), max_body=1 << 20))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+
+
+async def test_get_entries_with_more_entries_than_asked_is_refused_undecoded(
+    fake_server: FakeLogServer, fixture_log: FakeLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RFC 6962 allows fewer entries, never more. A page padded with a million tiny
+    entries was decoded whole (~0.5 GiB) before the follower cut it to the request."""
+    client = RFC6962Client(fake_server.url, retry=FAST)
+    decoded: list[int] = []
+    real = client_module._json
+
+    def counting_json(body: bytes) -> Any:
+        obj = real(body)
+        decoded.append(len(obj["entries"]))
+        return obj
+
+    monkeypatch.setattr(client_module, "_json", counting_json)
+    try:
+        fixture_log.faults.extra_entries = 100_000
+        with pytest.raises(MalformedResponseError, match="more entries than requested"):
+            await client.get_entries(0, 0)
+        assert decoded == []  # refused before the JSON was decoded
+        fixture_log.faults.extra_entries = 1
+        with pytest.raises(MalformedResponseError, match="2 entries for 1 requested"):
+            await client.get_entries(0, 0)
+        fixture_log.faults.extra_entries = 0
+        assert len(await client.get_entries(0, 9)) == 10
+        assert decoded == [2, 10]
+    finally:
+        await client.aclose()

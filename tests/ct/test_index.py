@@ -9,9 +9,11 @@ those serials are shown in test_index_http.py with test twins of the issuers.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import asyncpg
 import pytest
@@ -20,8 +22,10 @@ from cryptography.exceptions import InvalidSignature
 from prometheus_client import REGISTRY
 
 from responder.config import CTLogConfig
+from responder.ct import LogFollower, RetryPolicy
 from responder.ct_index_store import CTIndexStore
 from responder.ct_indexer import CTIndexer
+from responder.ct_status import EXIT_LOG_ERROR, EXIT_OPEN_GAPS, collect, exit_status
 from responder.store import CertificateRecord, serial_from_key, serial_key
 from signer.demo_ca import DemoCA, create_ca
 from signer.response_builder import CertStatus, Revocation, ValidityPolicy, sign_response
@@ -457,5 +461,144 @@ async def test_absurd_timestamps_and_unsignable_gaps_do_not_stop_the_follower(
         responses = await fetch(database, "SELECT serial FROM responses")
         assert sorted(serial_from_key(x["serial"]) for x in responses) == serials
         assert r.repaired == 6
+    finally:
+        await store.close()
+
+
+async def test_a_hostile_log_is_an_error_of_its_own_and_the_next_log_is_polled(
+    fake_server: FakeLogServer,
+    fixture_log: FakeLog,
+    database: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An unsigned checkpoint with a 2^64 size line raised struct.error out of run_once:
+    no result for any log, the healthy log behind it never polled, last_error NULL.
+    Any unexpected exception is now the log's stored error, its traceback logged once."""
+    registry = bare_registry(staging_certs())
+    store = await connect(database, registry)
+    try:
+        with FakeLogServer(FakeLog("hostile.example/log")) as bad:
+            bad.log.publish(0)
+            bad.log.faults.head_size = str(2**64)
+            indexer = CTIndexer(
+                [log_config(bad, "static", name="hostile"), log_config(fake_server, "static")],
+                registry,
+                store.pool,
+                POLICY,
+                retry=FAST,
+            )
+            hostile, healthy = await indexer.run_once()
+            assert hostile.error and "MalformedResponseError" in hostile.error
+            assert "tree size" in hostile.error
+            assert healthy.error is None and healthy.next_index == 1024
+            errors = {
+                r["name"]: r["last_error"]
+                for r in await fetch(database, "SELECT name, last_error FROM ct_logs")
+            }
+            assert errors["fake"] is None and "tree size" in (errors["hostile"] or "")
+
+            # A bug met while polling one log (here: a RuntimeError) is that log's error.
+            real = LogFollower.fetch_head
+
+            async def buggy(self: LogFollower) -> object:
+                if self.config.url == bad.url:
+                    raise RuntimeError("bug\nin two lines")
+                return await real(self)
+
+            monkeypatch.setattr(LogFollower, "fetch_head", buggy)
+            caplog.set_level(logging.ERROR, logger="responder.ct_indexer")
+            caplog.clear()
+            for _ in range(3):
+                hostile, healthy = await indexer.run_once()
+                assert hostile.error == "RuntimeError: bug in two lines"
+                assert healthy.error is None
+            [stored] = await fetch(
+                database, "SELECT last_error FROM ct_logs WHERE name = 'hostile'"
+            )
+            assert stored["last_error"] == "RuntimeError: bug in two lines"
+            tracebacks = [r for r in caplog.records if r.exc_info]
+            lines = [r for r in caplog.records if "RuntimeError: bug in two lines" in r.message]
+            assert len(tracebacks) == 1 and len(lines) == 2  # traceback once, then one line
+            await indexer.aclose()
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_status_is_current_after_errors_and_ct_status_exits_non_zero(
+    fake_server: FakeLogServer, fixture_log: FakeLog, database: str, kind: str
+) -> None:
+    """A 503 storm's error stayed in last_error after a poll that succeeded on a log that
+    had not grown (only a committed batch cleared it); a log stuck on a bad entry showed
+    its old tree size (0 behind); ct-status exited 0 whatever it showed."""
+    registry = bare_registry(staging_certs())
+    store = await connect(database, registry)
+
+    async def position() -> tuple[int, int, str | None]:
+        [p] = await fetch(database, "SELECT next_index, tree_size, last_error FROM ct_logs")
+        return p["next_index"], p["tree_size"], p["last_error"]
+
+    async def status() -> int:
+        return exit_status(await collect(SimpleNamespace(ct_logs=[]), database))  # type: ignore[arg-type]
+
+    try:
+        indexer = CTIndexer(
+            [log_config(fake_server, kind, batch=200)], registry, store.pool, POLICY, retry=FAST
+        )
+        fixture_log.publish(512)
+        [r] = await indexer.run_once()
+        assert r.error is None and await position() == (512, 512, None)
+        assert await status() == EXIT_OPEN_GAPS  # staging issuers: we cannot sign, gaps open
+        fixture_log.faults.failures = {"/": [503] * 10}
+        [r] = await indexer.run_once()
+        assert r.error and "RetriesExhausted" in r.error
+        assert (r.next_index, r.tree_size) == (512, 512)
+        assert await status() == EXIT_LOG_ERROR
+        fixture_log.faults.failures = {}
+        [r] = await indexer.run_once()  # no growth: no batch to commit
+        assert r.error is None and await position() == (512, 512, None)
+        assert await status() == EXIT_OPEN_GAPS
+        # A bad entry stops the log below its verified head: the head's size is shown.
+        fixture_log.publish()
+        fixture_log.faults.tamper = {700}
+        [r] = await indexer.run_once()
+        assert r.error is not None and r.tree_size == 1024
+        n, size, err = await position()
+        assert n < 1024 and size == 1024 and err
+        assert await status() == EXIT_LOG_ERROR
+        await indexer.aclose()
+    finally:
+        await store.close()
+
+
+async def test_a_dripping_log_fails_with_its_error_stored_and_the_next_log_is_polled(
+    fake_server: FakeLogServer, fixture_log: FakeLog, database: str
+) -> None:
+    """A checkpoint dripped a byte at a time (each within the read timeout) held run_once
+    forever: the healthy log behind it was never polled and no error was stored."""
+    registry = bare_registry(staging_certs())
+    store = await connect(database, registry)
+    retry = RetryPolicy(attempts=2, base_delay=0.01, max_delay=0.05, timeout=1, total_timeout=1)
+    try:
+        with FakeLogServer(FakeLog("drip.example/log")) as slow:
+            slow.log.publish(0)
+            slow.log.faults.drip = 0.05
+            indexer = CTIndexer(
+                [log_config(slow, "static", name="drip"), log_config(fake_server, "static")],
+                registry,
+                store.pool,
+                POLICY,
+                retry=retry,
+            )
+            try:
+                drip, healthy = await asyncio.wait_for(indexer.run_once(), 20)
+            finally:
+                slow.log.faults.drip = None
+            assert drip.error and "RetriesExhausted" in drip.error and "within 1s" in drip.error
+            assert healthy.error is None and healthy.next_index == 1024
+            [row] = await fetch(database, "SELECT last_error FROM ct_logs WHERE name = 'drip'")
+            assert "within 1s" in row["last_error"]
+            await indexer.aclose()
     finally:
         await store.close()
