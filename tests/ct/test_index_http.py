@@ -291,13 +291,21 @@ async def test_ct_only_serials_are_answered_and_never_unauthorized(
         serial_key(corrupted),
         serial_key(lost[2]),
     )
+    # A negative serial in the index (no CA issues one; no OCSP request can carry it:
+    # cryptography refuses to build one) is a violation, not a crash of the audit.
+    await db.rows(
+        "INSERT INTO ct_index (issuer_id, serial, log, leaf_index, entry_kind, logged_at) "
+        "SELECT issuer_id, $1, log, 999999, entry_kind, logged_at FROM ct_index LIMIT 1",
+        serial_key(-0x51),
+    )
     fresh = write_config(tmp_path, database, [ct_issuer]).start()  # empty cache
     responders.append(fresh)
     audit = cli(fresh, "audit", "--url", fresh.url, "--json")
     assert audit.returncode == 1, audit.stdout + audit.stderr
     report = json.loads(audit.stdout)
     assert [(v["serial"], v["problem"]) for v in report["violations"]] == [
-        (format(corrupted, "x"), "wrong-certid")
+        ("-51", "unaskable-serial"),
+        (format(corrupted, "x"), "wrong-certid"),
     ]
     human = cli(fresh, "audit", "--url", fresh.url, "--sample", "5")
     assert human.returncode in (0, 1) and "audited 5 indexed serials" in human.stdout
