@@ -177,6 +177,9 @@ class Batch:
         return self.end - self.start
 
 
+#: Static CT chain certificates cached per follower, and fetches allowed per poll
+CHAIN_CACHE = 64
+CHAIN_FETCHES = 64
 #: our entries verified between two yields to the event loop (a P-384 precertificate
 #: signature costs ~0.5 ms: 16 of them keep an in-``serve`` follower's stall under ~10 ms)
 YIELD_EVERY = 16
@@ -235,7 +238,8 @@ class LogFollower:
             raise ResumeStateError("resume state belongs to another log (log ID differs)")
         self.state: ResumeState = state
         #: Static CT chain certificates fetched by fingerprint (None: the log has none)
-        self._chain_certs: OrderedDict[bytes, bytes | None] = OrderedDict()
+        self._chain_certs: OrderedDict[bytes, bytes] = OrderedDict()
+        self._fetch_budget = CHAIN_FETCHES
         client_cls = StaticCTClient if config.kind == "static" else RFC6962Client
         self.client = client_cls(
             config.url, http=http, retry=config.retry, max_body=config.max_body
@@ -276,6 +280,7 @@ class LogFollower:
         next; the follower advances its own ``state`` as it yields.
         """
         head = await self.fetch_head()
+        self._fetch_budget = CHAIN_FETCHES
         gen = self._static(head) if self.config.kind == "static" else self._rfc6962(head)
         async for batch in gen:
             self.state = batch.new_state
@@ -352,18 +357,27 @@ class LogFollower:
         Only asked for entries naming our key hash whose precertificate our key did
         not sign directly (a Precertificate Signing Certificate's). A log without it
         (404) or serving another body leaves the entry unverified, hence unindexed.
+        Failed fetches are not cached (they would evict real signing CAs) but
+        budgeted per poll: forged entries must not buy one request each.
         """
         if fingerprint in self._chain_certs:
             self._chain_certs.move_to_end(fingerprint)
             return self._chain_certs[fingerprint]
+        if self._fetch_budget <= 0:
+            return None
+        self._fetch_budget -= 1
         assert isinstance(self.client, StaticCTClient)
         try:
-            der: bytes | None = await self.client.issuer(fingerprint)
+            der = await self.client.issuer(fingerprint)
         except (NotFoundError, MalformedResponseError) as exc:
-            log.warning("CT log chain certificate %s unavailable: %s", fingerprint.hex(), exc)
-            der = None
+            log.debug("CT log chain certificate %s unavailable: %s", fingerprint.hex(), exc)
+            if self._fetch_budget == 0:
+                log.warning(
+                    "CT log %s: chain certificate fetch budget of this poll spent", self.config.url
+                )
+            return None
         self._chain_certs[fingerprint] = der
-        if len(self._chain_certs) > 64:
+        if len(self._chain_certs) > CHAIN_CACHE:
             self._chain_certs.popitem(last=False)
         return der
 
