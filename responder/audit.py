@@ -306,7 +306,21 @@ async def run_audit(
 async def _audit_one(
     client: httpx.AsyncClient, url: str, target: Target, report: AuditReport
 ) -> None:
-    body = build_request(target.issuer, target.serial)
+    try:
+        body = build_request(target.issuer, target.serial)
+    except ValueError as exc:
+        # e.g. a negative serial in the CT index: no relying party can ask for it, and
+        # cryptography refuses to encode it; report it rather than abort the audit
+        report.checked += 1
+        report.violations.append(
+            Violation(
+                target.issuer.name,
+                format(target.serial, "x"),
+                "unaskable-serial",
+                f"no OCSP request can carry this serial: {exc}",
+            )
+        )
+        return
     try:
         answer = await client.post(
             url, content=body, headers={"Content-Type": "application/ocsp-request"}

@@ -94,6 +94,7 @@ class PollResult:
     gaps: int = 0
     repaired: int = 0
     malformed: int = 0
+    suspicious: int = 0
     next_index: int = 0
     tree_size: int = 0
     lag_seconds: float | None = None
@@ -303,6 +304,20 @@ class CTIndexer:
                 bad.leaf_index,
                 bad.reason,
             )
+        if batch.suspicious:
+            # one line per batch, not per entry: a hostile log may send thousands
+            first = batch.suspicious[0]
+            log.warning(
+                "CT log %s: %d entries in leaves [%d, %d) name our issuer_key_hash but our "
+                "issuer did not sign them (not indexed); first: leaf %d: %s",
+                name,
+                len(batch.suspicious),
+                batch.start,
+                batch.end,
+                first.leaf_index,
+                first.reason,
+            )
+            metrics.ct_suspicious_entries_total.labels(name).inc(len(batch.suspicious))
         outcome = await self.store.commit_batch(
             followed.db_id,
             name,
@@ -316,6 +331,7 @@ class CTIndexer:
         result.scanned += batch.scanned
         result.indexed += outcome.new_serials
         result.malformed += len(batch.malformed)
+        result.suspicious += len(batch.suspicious)
         metrics.ct_entries_indexed_total.labels(name).inc(outcome.new_serials)
         metrics.ct_log_position.labels(name).set(batch.end)
         for gap in outcome.gaps:

@@ -57,6 +57,11 @@ coverage_gaps_total = Counter(
 ct_entries_indexed_total = Counter(
     "ct_entries_indexed_total", "CT entries of our issuers indexed", ["log"]
 )
+ct_suspicious_entries_total = Counter(
+    "ct_suspicious_entries_total",
+    "CT precert entries naming our issuer_key_hash that our issuer did not sign (not indexed)",
+    ["log"],
+)
 ct_lag_seconds = Gauge(
     "ct_lag_seconds",
     "Seconds from the newest indexed entry's log timestamp to its authoritative answer",

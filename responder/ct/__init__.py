@@ -20,7 +20,7 @@ from .errors import (
     VerificationError,
 )
 from .follower import Batch, LogConfig, LogFollower, ResumeState
-from .leaf import IndexedEntry, Issuer, IssuerSet, MalformedEntry
+from .leaf import IndexedEntry, Issuer, IssuerSet, MalformedEntry, SuspiciousEntry
 
 __all__ = [
     "Batch",
@@ -42,6 +42,7 @@ __all__ = [
     "ResumeStateError",
     "RetryPolicy",
     "SignatureError",
+    "SuspiciousEntry",
     "TreeHead",
     "VerificationError",
     "verify_checkpoint",

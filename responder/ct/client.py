@@ -25,6 +25,7 @@ import asyncio
 import base64
 import binascii
 import email.utils
+import hashlib
 import json
 import random
 import time
@@ -244,6 +245,16 @@ class StaticCTClient(LogClient):
             return await self.get_maybe_gzip(merkle.tile_path(level, index, width), plain), False
         except NotFoundError:
             return await self.get_maybe_gzip(merkle.tile_path(level, index), plain), True
+
+    async def issuer(self, fingerprint: bytes) -> bytes:
+        """The chain certificate (DER) a tile names by SHA-256 ``fingerprint``.
+
+        A body that does not hash to the fingerprint is the log lying about it.
+        """
+        body = await self.get("issuer/" + fingerprint.hex())
+        if hashlib.sha256(body).digest() != fingerprint:
+            raise MalformedResponseError(f"issuer/{fingerprint.hex()}: body has another hash")
+        return body
 
     async def data_tile(self, index: int, width: int) -> tuple[bytes, bool]:
         """Data tile ``index`` holding at least ``width`` entries; (body, is_full)."""

@@ -8,8 +8,14 @@ our own issuers' entries have their serial read by :mod:`signer.der`.
 Issuer identity is the SHA-256 of the issuer's whole SubjectPublicKeyInfo
 (CT's ``issuer_key_hash``):
 
-* precert entries carry it; the log has already rewritten a precertificate
-  signing CA's precert to the real issuing CA, so it is taken as is;
+* precert entries carry it, but a log (or whoever submitted to it) can write
+  any 32 bytes there. An entry naming one of our key hashes is ours only if
+  its precertificate (tile ``pre_certificate`` / get-entries ``extra_data``)
+  is signed by that issuer's key, or by a Precertificate Signing Certificate
+  (RFC 6962 3.1: first chain element, CT precert-signing EKU) that our key
+  signed; and the precertificate carries the logged TBS's serial and notAfter.
+  Anything else is a :class:`SuspiciousEntry`: counted, never indexed.
+  Entries naming another key hash are skipped without any verification;
 * x509 entries: the certificate's issuer Name must byte-equal a configured
   issuer's subject (cheap skip), and then the configured issuer's key must
   verify the certificate's signature. A Name match alone is not enough: a
@@ -42,6 +48,9 @@ EntryKind = Literal["x509", "precert"]
 X509_ENTRY = 0
 PRECERT_ENTRY = 1
 EXT_LEAF_INDEX = 0
+#: RFC 6962 3.1 Precertificate Signing Certificate EKU
+PRECERT_SIGNING_EKU = x509.ObjectIdentifier("1.3.6.1.4.1.11129.2.4.4")
+NOT_SIGNED_BY_ISSUER = "precertificate not signed by the named issuer's key"
 _KINDS: dict[int, EntryKind] = {X509_ENTRY: "x509", PRECERT_ENTRY: "precert"}
 # 0x00 leaf-hash domain separator, MerkleTreeLeaf version v1 (0), leaf_type timestamped_entry (0)
 _LEAF_PREFIX = b"\x00\x00\x00"
@@ -59,6 +68,21 @@ class IndexedEntry:
     issuer_key_hash: bytes  # SHA-256 of the issuer's DER SubjectPublicKeyInfo
     #: the certificate's notAfter, POSIX seconds (None: its Validity did not parse)
     not_after: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SuspiciousEntry:
+    """An entry naming our issuer_key_hash that our issuer did not sign; never indexed.
+
+    ``want_issuer``: a Static CT tile names its chain by fingerprint only; when the
+    precertificate may come from a Precertificate Signing Certificate, this is the
+    first chain fingerprint: the follower fetches that certificate and asks again.
+    """
+
+    leaf_index: int
+    reason: str
+    issuer_key_hash: bytes
+    want_issuer: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,10 +271,12 @@ class IssuerSet:
     def __init__(self, issuers: Iterable[Issuer | x509.Certificate | bytes]) -> None:
         self.by_key_hash: dict[bytes, Issuer] = {}
         self.by_subject: dict[bytes, list[Issuer]] = {}
+        self._keys: dict[bytes, object] = {}
         for item in issuers:
             iss = item if isinstance(item, Issuer) else Issuer.from_certificate(item)
             # A cross-signed copy has the same key, hence the same identity.
             self.by_key_hash.setdefault(iss.key_hash, iss)
+            self._keys.setdefault(iss.key_hash, iss.certificate.public_key())
             cands = self.by_subject.setdefault(iss.subject_der, [])
             if all(c.key_hash != iss.key_hash for c in cands):
                 cands.append(iss)
@@ -268,9 +294,50 @@ class IssuerSet:
         except ValueError as exc:
             raise MalformedEntryError(f"certificate does not load: {exc}") from exc
         for iss in cands:
-            if _signed_by(cert, iss.certificate.public_key()):
+            if _signed_by(cert, self._keys[iss.key_hash]):
                 return iss.key_hash
         log.warning("x509 entry names a configured issuer but no configured key signed it")
+        return None
+
+    def precert_problem(
+        self,
+        key_hash: bytes,
+        precert_der: bytes,
+        serial: int,
+        not_after: int | None,
+        chain_first: bytes | None,
+    ) -> str | None:
+        """Why this precertificate is not our issuer's (None: it is).
+
+        Ours: signed by the issuer of ``key_hash`` directly, or by ``chain_first``,
+        a Precertificate Signing Certificate (CT EKU) that issuer's key signed;
+        and it carries the logged TBS's serial and notAfter. Only the serial and
+        notAfter are indexed, so they are what must agree: a full TBS comparison
+        (minus poison, issuer/AKI rewritten for a PSC) would cost a DER rebuild.
+        """
+        try:
+            pre = x509.load_der_x509_certificate(precert_der)
+        except ValueError as exc:
+            return f"precertificate does not load: {exc}"
+        pub = self._keys[key_hash]
+        if not _signed_by(pre, pub):
+            if chain_first is None:
+                return NOT_SIGNED_BY_ISSUER
+            try:
+                psc = x509.load_der_x509_certificate(chain_first)
+                eku = psc.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+            except (ValueError, x509.ExtensionNotFound):
+                return "precertificate not signed by the named issuer (no signing CA)"
+            if PRECERT_SIGNING_EKU not in eku:
+                return "precertificate not signed by the named issuer (chain[0] lacks CT EKU)"
+            if not _signed_by(psc, pub):
+                return "precertificate signing CA not signed by the named issuer's key"
+            if not _signed_by(pre, psc.public_key()):
+                return "precertificate not signed by the named issuer or its signing CA"
+        if pre.serial_number != serial:
+            return "precertificate serial differs from the logged TBSCertificate"
+        if not_after is not None and int(pre.not_valid_after_utc.timestamp()) != not_after:
+            return "precertificate notAfter differs from the logged TBSCertificate"
         return None
 
 
@@ -298,11 +365,34 @@ def _signed_by(cert: x509.Certificate, pub: object) -> bool:
     return True
 
 
-def extract(
-    buf: bytes, raw: RawEntry, leaf_index: int, issuers: IssuerSet
-) -> IndexedEntry | MalformedEntry | None:
-    """Our IndexedEntry for ``raw``, None for another CA's entry, or a MalformedEntry.
+def tile_precert_tail(tile: bytes, raw: RawEntry) -> tuple[bytes, list[bytes]]:
+    """A Static CT precert TileLeaf's pre_certificate and chain fingerprints.
 
+    Framing was checked by :func:`iter_tile_entries`; only our entries get here.
+    """
+    pos = raw.te_end
+    n = _u(tile, pos, 3, len(tile))
+    pre = tile[pos + 3 : pos + 3 + n]
+    pos += 3 + n
+    m = _u(tile, pos, 2, len(tile))
+    fps = tile[pos + 2 : pos + 2 + m]
+    return pre, [fps[i : i + 32] for i in range(0, len(fps), 32)]
+
+
+def extract(
+    buf: bytes,
+    raw: RawEntry,
+    leaf_index: int,
+    issuers: IssuerSet,
+    extra_data: bytes | None = None,
+    chain_first: bytes | None = None,
+) -> IndexedEntry | MalformedEntry | SuspiciousEntry | None:
+    """Our IndexedEntry for ``raw``, None for another CA's entry, or a Malformed/SuspiciousEntry.
+
+    ``extra_data``: an RFC 6962 entry's get-entries extra_data; None means ``buf``
+    is a Static CT data tile holding the TileLeaf's pre_certificate and chain.
+    ``chain_first``: for a tile, the certificate behind the first chain fingerprint,
+    once fetched on a SuspiciousEntry's ``want_issuer``.
     Never raises for a bad certificate: a follower must not stop on one entry.
     """
     if raw.entry_type == PRECERT_ENTRY:
@@ -313,6 +403,22 @@ def extract(
             serial, not_after = der.tbs_serial_and_not_after(buf, raw.body_start, raw.body_end)
         except DERError as exc:
             return MalformedEntry(leaf_index, f"precert TBSCertificate: {exc}", ikh)
+        want: bytes | None = None
+        try:
+            if extra_data is None:
+                pre, fps = tile_precert_tail(buf, raw)
+                want = fps[0] if fps and chain_first is None else None
+            else:
+                logged, chain = parse_extra_data(extra_data, PRECERT_ENTRY)
+                assert logged is not None  # always present for a precert entry
+                pre, chain_first = logged, (chain[0] if chain else None)
+        except MalformedEntryError as exc:
+            return MalformedEntry(leaf_index, f"precert chain data: {exc}", ikh)
+        problem = issuers.precert_problem(ikh, pre, serial, not_after, chain_first)
+        if problem is not None:
+            if problem != NOT_SIGNED_BY_ISSUER:
+                want = None
+            return SuspiciousEntry(leaf_index, problem, ikh, want)
         return IndexedEntry(leaf_index, raw.timestamp_ms, "precert", serial, ikh, not_after)
     try:
         serial, i0, i1 = der.certificate_serial_and_issuer(buf, raw.body_start, raw.body_end)

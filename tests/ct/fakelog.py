@@ -29,10 +29,11 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qs
 
 import uvicorn
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -86,6 +87,30 @@ def _split_fixture_tile(tile: bytes) -> list[tuple[bytes, bytes]]:
     return out
 
 
+class Twin(NamedTuple):
+    """A test twin of a real issuer: its key hash, and the key that re-signs precerts."""
+
+    key_hash: bytes
+    key: Any  # private key of the twin CA
+
+
+def resign_precert(precert: bytes, key: Any) -> bytes:
+    """The same precertificate (every field kept) signed by ``key`` instead."""
+    pre = x509.load_der_x509_certificate(precert)
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(pre.subject)
+        .issuer_name(pre.issuer)
+        .serial_number(pre.serial_number)
+        .not_valid_before(pre.not_valid_before_utc)
+        .not_valid_after(pre.not_valid_after_utc)
+        .public_key(pre.public_key())
+    )
+    for ext in pre.extensions:
+        b = b.add_extension(ext.value, ext.critical)
+    return b.sign(key, pre.signature_hash_algorithm).public_bytes(serialization.Encoding.DER)
+
+
 def _asn1_list(items: list[bytes]) -> bytes:
     body = b"".join(u(len(c), 3) + c for c in items)
     return u(len(body), 3) + body
@@ -129,6 +154,8 @@ class FakeLog:
         self.requests: list[str] = []
         self._memo: dict[tuple[int, int], bytes] = {}
         self._clock = 1_750_000_000_000
+        #: chain certificates by SHA-256, served at /issuer/<hex> (Static CT)
+        self.chain_certs: dict[bytes, bytes] = {}
 
     # --- content -------------------------------------------------------------
 
@@ -142,24 +169,29 @@ class FakeLog:
         root: Path = NAVIGLI,
         tiles: int = 4,
         *,
-        rekey: dict[bytes, bytes] | None = None,
+        rekey: dict[bytes, Twin] | None = None,
     ) -> None:
         """Append the real navigli2025h2 entries (they must land at their own indexes).
 
-        ``rekey`` maps a real issuer_key_hash to another one: the same real entries
-        (timestamps, TBSCertificates, serials) re-attributed to a test twin of the issuer,
-        whose key the tests hold; the log computes and signs its own tree over them.
+        ``rekey`` maps a real issuer_key_hash to a test twin of the issuer: the same real
+        entries (timestamps, TBSCertificates, serials) re-attributed to the twin, their
+        precertificates re-signed by the twin's key (a follower checks that signature);
+        the log computes and signs its own tree over them.
         """
         issuers = {sha256(c): c for c in _fixture_issuer_ders()}
         for k in range(tiles):
             for te, tail in _split_fixture_tile((root / "tile" / "data" / f"{k:03d}").read_bytes()):
                 assert int.from_bytes(te[-5:], "big") == len(self.entries)
-                if rekey is not None and te[8:10] == b"\x00\x01":
-                    te = te[:10] + rekey[te[10:42]] + te[42:]
                 pre_len = int.from_bytes(tail[:3], "big")
                 pre = tail[3 : 3 + pre_len]
                 fps = tail[3 + pre_len + 2 :]
+                if rekey is not None and te[8:10] == b"\x00\x01":
+                    twin = rekey[te[10:42]]
+                    te = te[:10] + twin.key_hash + te[42:]
+                    pre = resign_precert(pre, twin.key)
+                    tail = u(len(pre), 3) + pre + u(len(fps), 2) + fps
                 chain = [issuers.get(fps[i : i + 32], b"") for i in range(0, len(fps), 32)]
+                self.chain_certs.update((sha256(c), c) for c in chain if c)
                 extra = u(len(pre), 3) + pre + _asn1_list([c for c in chain if c])
                 self._append(te, tail, extra)
 
@@ -173,6 +205,7 @@ class FakeLog:
     def add_x509(self, cert: bytes, chain: list[bytes], ts: int | None = None) -> int:
         te = self._te(0, u(len(cert), 3) + cert, ts)
         fps = b"".join(sha256(c) for c in chain)
+        self.chain_certs.update((sha256(c), c) for c in chain)
         return self._append(te, u(len(fps), 2) + fps, _asn1_list(chain))
 
     def add_precert(
@@ -185,6 +218,7 @@ class FakeLog:
     ) -> int:
         te = self._te(1, issuer_key_hash + u(len(tbs), 3) + tbs, ts)
         fps = b"".join(sha256(c) for c in chain)
+        self.chain_certs.update((sha256(c), c) for c in chain)
         tail = u(len(precert), 3) + precert + u(len(fps), 2) + fps
         return self._append(te, tail, u(len(precert), 3) + precert + _asn1_list(chain))
 
@@ -320,6 +354,12 @@ class FakeLog:
             return 200, json.dumps({"leaf_index": m, "audit_path": proof}).encode(), {}
         if path.startswith("/tile/"):
             return self._tile(path[len("/tile/") :])
+        if path.startswith("/issuer/"):
+            try:
+                cert = self.chain_certs.get(bytes.fromhex(path[len("/issuer/") :]))
+            except ValueError:
+                cert = None
+            return (200, cert, {}) if cert is not None else (404, b"no such issuer", {})
         return 404, b"no such endpoint", {}
 
     def _tile(self, rest: str) -> tuple[int, bytes, dict[str, str]]:

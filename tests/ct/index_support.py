@@ -22,7 +22,7 @@ from signer.demo_ca import (
 )
 from signer.issuers import Issuer, IssuerRegistry, issuer_from_certificate, make_responder
 
-from .fakelog import ISSUERS, FakeLog, FakeLogServer
+from .fakelog import ISSUERS, FakeLog, FakeLogServer, Twin
 from .pki import CA, make_ca
 
 DER = serialization.Encoding.DER
@@ -100,7 +100,7 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def fixture_log(rekey: dict[bytes, bytes] | None = None) -> FakeLog:
+def fixture_log(rekey: dict[bytes, Twin] | None = None) -> FakeLog:
     log = FakeLog()
     log.add_fixture_tiles(rekey=rekey)
     log.publish()

@@ -406,3 +406,26 @@ async def test_get_entries_with_more_entries_than_asked_is_refused_undecoded(
         assert decoded == [2, 10]
     finally:
         await client.aclose()
+
+
+async def test_static_forged_precerts_with_made_up_chains_are_suspicious_and_fetches_bounded(
+    fake_server: FakeLogServer, fake_log: FakeLog, pki: Pki
+) -> None:
+    """Precerts naming our key hash but signed by another CA, each with a different
+    made-up chain certificate: none indexed, all reported as suspicious, and the /issuer/
+    fetches they cause are bounded per poll; a genuine signing CA's precert still counts."""
+    log = fake_log
+    pre = leaf(pki.precert_ca, 1, precert=True)
+    tbs = leaf(pki.ca, 1).tbs_certificate_bytes
+    log.add_precert(pki.ca.key_hash, tbs, pre.public_bytes(DER), [pki.precert_ca.der])
+    for s in range(2, 102):
+        forged = leaf(pki.other, s, precert=True).public_bytes(DER)
+        tbs = leaf(pki.other, s).tbs_certificate_bytes
+        log.add_precert(pki.ca.key_hash, tbs, forged, [b"junk %d" % s])
+    log.publish()
+    batches, _ = await follow(config(fake_server, "static", IssuerSet([pki.ca.cert])))
+    assert [(e.kind, e.serial) for b in batches for e in b.entries] == [("precert", 1)]
+    suspicious = [x for b in batches for x in b.suspicious]
+    assert [x.leaf_index for x in suspicious] == list(range(1, 101))
+    assert all(x.issuer_key_hash == pki.ca.key_hash for x in suspicious)
+    assert 1 < sum(p.startswith("/issuer/") for p in log.requests) <= 65

@@ -42,6 +42,7 @@ from .index_support import (
     signing_registry,
     staging_certs,
 )
+from .pki import CA, make_ca
 
 KINDS = ["static", "rfc6962"]
 POLICY = ValidityPolicy()
@@ -59,10 +60,13 @@ def log_config(srv: FakeLogServer, kind: str, name: str = "fake", batch: int = 2
     )
 
 
-def expected_fixture_serials(log: FakeLog) -> dict[tuple[str, int], int]:
+def expected_fixture_serials(
+    log: FakeLog, certs: dict[str, x509.Certificate] | None = None
+) -> dict[tuple[str, int], int]:
     """(issuer name, serial) -> leaf index, found without the code under test: load each
-    precertificate with cryptography and find the staging issuer whose key signed it."""
-    certs = staging_certs()
+    precertificate with cryptography and find the issuer (default: the staging issuers;
+    test twins for a re-keyed log) whose key signed it."""
+    certs = certs or staging_certs()
     out: dict[tuple[str, int], int] = {}
     for index, entry in enumerate(log.entries):
         n = int.from_bytes(entry.tail[:3], "big")
@@ -600,5 +604,73 @@ async def test_a_dripping_log_fails_with_its_error_stored_and_the_next_log_is_po
             [row] = await fetch(database, "SELECT last_error FROM ct_logs WHERE name = 'drip'")
             assert "within 1s" in row["last_error"]
             await indexer.aclose()
+    finally:
+        await store.close()
+
+
+def suspicious_metric(log_name: str) -> float:
+    value = REGISTRY.get_sample_value("ct_suspicious_entries_total", {"log": log_name})
+    return value or 0.0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_precert_naming_our_key_hash_is_indexed_only_if_our_key_signed_it(
+    fake_server: FakeLogServer,
+    fake_log: FakeLog,
+    database: str,
+    ct_ca: DemoCA,
+    caplog: pytest.LogCaptureFixture,
+    kind: str,
+) -> None:
+    """A hostile log (or submitter) can write our issuer_key_hash on any precert: an entry
+    is ours only if our key signed its precertificate, directly or through a
+    Precertificate Signing Certificate (CT EKU) that our key signed, and only for the
+    logged TBS's serial. Forged entries get no index row, no gap, no 'good' response;
+    they are counted and logged once per batch. The genuine ones are indexed and signed."""
+    registry = signing_registry({"ctca": ct_ca})
+    issuer = registry.issuers[0]
+    store = await connect(database, registry)
+    evil = create_ca("p256", "Evil Foreign CA")
+    evil_psc = precert_signing_ca(evil)  # a signing CA, but not under our key
+    no_eku = make_ca("Not A Precert Signer", CA(ct_ca.ca_cert, ct_ca.ca_key))  # type: ignore[arg-type]
+    pcsa = precert_signing_ca(ct_ca)
+    ikh, ts, log = issuer.spki_sha256, now_ms(), fake_log
+
+    def add(
+        ca: DemoCA,
+        serial: int,
+        chain: list[bytes],
+        signer: CA | None = None,
+        *,
+        logged_serial: int | None = None,
+    ) -> None:
+        kw = {"issuer_cert": signer.cert, "issuer_key": signer.key} if signer else {}
+        pre = ca.issue_leaf("v.test", serial=serial, precertificate=True, **kw)  # type: ignore[arg-type]
+        tbs = ca.issue_leaf("v.test", serial=logged_serial or serial).tbs_certificate_bytes
+        log.add_precert(ikh, tbs, pre.public_bytes(DER), chain, ts)
+
+    add(evil, 0x4242, [])  # the audit's probe: foreign CA, our key hash
+    add(evil, 0x4243, [evil_psc.der], evil_psc)  # signing CA chained to the foreign CA
+    add(ct_ca, 0x4244, [no_eku.der], no_eku)  # under our key, but no CT precert EKU
+    add(ct_ca, 0x4245, [], logged_serial=0x4246)  # ours, but the logged TBS names another
+    add(ct_ca, 0x5001, [])  # genuine, direct
+    add(ct_ca, 0x5002, [pcsa.der], pcsa)  # genuine, via our precertificate signing CA
+    log.publish()
+    before = suspicious_metric("fake")
+    try:
+        with caplog.at_level(logging.WARNING, logger="responder.ct_indexer"):
+            indexer = CTIndexer([log_config(fake_server, kind)], registry, store.pool, POLICY)
+            [r] = await indexer.run_once()
+            await indexer.aclose()
+        assert r.error is None and r.malformed == 0
+        indexed = await fetch(database, "SELECT serial FROM ct_index")
+        assert sorted(serial_from_key(x["serial"]) for x in indexed) == [0x5001, 0x5002]
+        gaps = await fetch(database, "SELECT serial FROM coverage_gaps")
+        assert sorted(serial_from_key(g["serial"]) for g in gaps) == [0x5001, 0x5002]
+        answered = await fetch(database, "SELECT serial FROM responses")
+        assert sorted(serial_from_key(a["serial"]) for a in answered) == [0x5001, 0x5002]
+        assert r.suspicious == 4 and suspicious_metric("fake") - before == 4
+        [line] = [m for m in caplog.messages if "did not sign" in m]
+        assert "CT log fake: 4 entries" in line and "leaf 0" in line
     finally:
         await store.close()

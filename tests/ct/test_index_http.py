@@ -20,6 +20,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
+from cryptography import x509
 from cryptography.x509 import ocsp
 
 from responder.store import serial_key
@@ -34,7 +35,7 @@ from tests.support import (
     write_config,
 )
 
-from .fakelog import FakeLog, FakeLogServer
+from .fakelog import FakeLog, FakeLogServer, Twin
 from .index_support import (
     DER,
     ct_log_table,
@@ -290,13 +291,21 @@ async def test_ct_only_serials_are_answered_and_never_unauthorized(
         serial_key(corrupted),
         serial_key(lost[2]),
     )
+    # A negative serial in the index (no CA issues one; no OCSP request can carry it:
+    # cryptography refuses to build one) is a violation, not a crash of the audit.
+    await db.rows(
+        "INSERT INTO ct_index (issuer_id, serial, log, leaf_index, entry_kind, logged_at) "
+        "SELECT issuer_id, $1, log, 999999, entry_kind, logged_at FROM ct_index LIMIT 1",
+        serial_key(-0x51),
+    )
     fresh = write_config(tmp_path, database, [ct_issuer]).start()  # empty cache
     responders.append(fresh)
     audit = cli(fresh, "audit", "--url", fresh.url, "--json")
     assert audit.returncode == 1, audit.stdout + audit.stderr
     report = json.loads(audit.stdout)
     assert [(v["serial"], v["problem"]) for v in report["violations"]] == [
-        (format(corrupted, "x"), "wrong-certid")
+        ("-51", "unaskable-serial"),
+        (format(corrupted, "x"), "wrong-certid"),
     ]
     human = cli(fresh, "audit", "--url", fresh.url, "--sample", "5")
     assert human.returncode in (0, 1) and "audited 5 indexed serials" in human.stdout
@@ -370,7 +379,8 @@ async def test_real_fixture_serials_answered_over_http_via_twins(
     under the right issuer and answered with a valid signed response."""
     files, rekey = twin_issuers(tmp_path)
     fake_server.log = fixture_log("twins.example/static", rekey)
-    want = expected_fixture_serials(fake_server.log)  # (real issuer, serial) -> leaf index
+    # (issuer, serial) -> leaf index: the precerts are re-signed by the twins
+    want = expected_fixture_serials(fake_server.log, twin_certs(files))
     with FakeLogServer() as rfc_server:
         rfc_server.log = fixture_log("twins.example/rfc6962", rekey)
         extra = (
@@ -421,16 +431,22 @@ def _kind(name: str) -> str:
     return "p384" if name.startswith("e") else "rsa2048"
 
 
-def twin_issuers(tmp_path: Path) -> tuple[dict[str, IssuerFiles], dict[bytes, bytes]]:
+def twin_issuers(tmp_path: Path) -> tuple[dict[str, IssuerFiles], dict[bytes, Twin]]:
     """Test twins of the four staging issuers (same names, our keys) and the key rewrite
-    that makes the fixture's precertificates name them."""
+    that makes the fixture's precertificates name them (and be signed by them)."""
     real = staging_certs()
     twins = {name: twin_ca(cert, _kind(name)) for name, cert in real.items()}
     files = {n: issuer_files(n, ca, tmp_path / "issuers") for n, ca in twins.items()}
-    return files, {spki_sha256(real[n]): spki_sha256(twins[n].ca_cert) for n in real}
+    return files, {
+        spki_sha256(real[n]): Twin(spki_sha256(twins[n].ca_cert), twins[n].ca_key) for n in real
+    }
 
 
-def fixture_log(origin: str, rekey: dict[bytes, bytes]) -> FakeLog:
+def twin_certs(files: dict[str, IssuerFiles]) -> dict[str, x509.Certificate]:
+    return {n: f.ca.ca_cert for n, f in files.items()}
+
+
+def fixture_log(origin: str, rekey: dict[bytes, Twin]) -> FakeLog:
     """A published log of the 1,024 real fixture entries, re-keyed to the twins."""
     log = FakeLog(origin)
     log.add_fixture_tiles(rekey=rekey)
@@ -450,7 +466,7 @@ async def test_long_expired_fixture_serials_are_retired_not_signed(
     (retired) and `audit` does not count that as a violation."""
     files, rekey = twin_issuers(tmp_path)
     fake_server.log = fixture_log("twins.example/static", rekey)
-    want = expected_fixture_serials(fake_server.log)
+    want = expected_fixture_serials(fake_server.log, twin_certs(files))
     extra = "ct_follow_in_serve = true\n" + ct_log_table(fake_server, "static", name="static")
     proc = write_config(tmp_path, database, list(files.values()), extra=extra).start(60)
     responders.append(proc)
