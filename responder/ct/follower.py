@@ -52,6 +52,7 @@ from .leaf import (
     IndexedEntry,
     IssuerSet,
     MalformedEntry,
+    RawEntry,
     SuspiciousEntry,
     extract,
     iter_tile_entries,
@@ -180,15 +181,48 @@ class Batch:
 #: Static CT chain certificates cached per follower, and fetches allowed per poll
 CHAIN_CACHE = 64
 CHAIN_FETCHES = 64
-#: our entries verified between two yields to the event loop (a P-384 precertificate
-#: signature costs ~0.5 ms: 16 of them keep an in-``serve`` follower's stall under ~10 ms)
-YIELD_EVERY = 16
 
 
-async def _yield_every(n: int) -> None:
-    """Let the event loop run (OCSP requests, when following inside ``serve``)."""
-    if n % YIELD_EVERY == 0:
-        await asyncio.sleep(0)
+#: what ``extract`` makes of an entry that is (or claims to be) ours
+Found = IndexedEntry | MalformedEntry | SuspiciousEntry
+
+
+def _scan_tile(
+    data: bytes, width: int, exact: bool, base: int, pos: int, issuers: IssuerSet
+) -> tuple[list[bytes], list[tuple[RawEntry, int, Found]]]:
+    """One data tile from leaf ``pos`` on: every leaf hash, and what ``extract`` made of
+    each entry that is ours (or claims to be). Pure and CPU-bound: run in a thread."""
+    hashes: list[bytes] = []
+    scanned: list[tuple[RawEntry, int, Found]] = []
+    for i, raw in enumerate(iter_tile_entries(data, width, exact=exact)):
+        idx = base + i
+        if idx < pos:
+            continue
+        if raw.leaf_index != idx:
+            raise LeafIndexMismatchError(f"entry {idx} carries leaf_index {raw.leaf_index}")
+        hashes.append(leaf_hash_of(data, raw))
+        found = extract(data, raw, idx, issuers)
+        if found is not None:
+            scanned.append((raw, idx, found))
+    return hashes, scanned
+
+
+def _scan_page(
+    page: list[tuple[bytes, bytes]], first: int, issuers: IssuerSet
+) -> list[Found | None]:
+    """What ``extract`` makes of each entry of one get-entries page starting at leaf
+    ``first`` (None: not ours). Pure and CPU-bound: run in a thread."""
+    out: list[Found | None] = []
+    for idx, (leaf_input, extra) in enumerate(page, start=first):
+        try:
+            raw = parse_merkle_tree_leaf(leaf_input)
+        except MalformedEntryError as exc:
+            out.append(MalformedEntry(idx, f"MerkleTreeLeaf: {exc}", None))
+            continue
+        if raw.leaf_index is not None and raw.leaf_index != idx:
+            raise LeafIndexMismatchError(f"entry {idx} carries leaf_index {raw.leaf_index}")
+        out.append(extract(leaf_input, raw, idx, issuers, extra_data=extra))
+    return out
 
 
 class _HashTileCache:
@@ -323,31 +357,27 @@ class LogFollower:
                 base = k * merkle.TILE_WIDTH
                 width = min(merkle.TILE_WIDTH, n - base)
                 data, is_full = await self.client.data_tile(k, width)
-                hashes: list[bytes] = []
                 exact = not is_full or width == merkle.TILE_WIDTH
-                for i, raw in enumerate(iter_tile_entries(data, width, exact=exact)):
-                    idx = base + i
-                    if idx < pos:
-                        continue
-                    if raw.leaf_index != idx:
-                        raise LeafIndexMismatchError(
-                            f"entry {idx} carries leaf_index {raw.leaf_index}"
-                        )
-                    hashes.append(leaf_hash_of(data, raw))
-                    found = extract(data, raw, idx, issuers)
+                # parsing, hashing and (for our precertificates) signature verification
+                # run in a thread: cryptography lets go of the GIL while it verifies, so a
+                # follower inside `serve` leaves the event loop free for OCSP answers
+                hashes, scanned = await asyncio.to_thread(
+                    _scan_tile, data, width, exact, base, pos, issuers
+                )
+                for raw, idx, found in scanned:
                     if isinstance(found, SuspiciousEntry) and found.want_issuer is not None:
                         first = await self._chain_cert(found.want_issuer)
                         if first is not None:
-                            found = extract(data, raw, idx, issuers, chain_first=first)
-                    if found is None:
-                        continue
+                            again = extract(data, raw, idx, issuers, chain_first=first)
+                            if again is None:
+                                continue
+                            found = again
                     if isinstance(found, IndexedEntry):
                         entries.append(found)
                     elif isinstance(found, SuspiciousEntry):
                         suspicious.append(found)
                     else:
                         malformed.append(found)
-                    await _yield_every(len(entries) + len(suspicious))
                 del data
                 new = cr.copy()
                 new.extend(hashes)
@@ -434,27 +464,20 @@ class LogFollower:
                     await asyncio.sleep(self.config.retry.delay(empty, None))
                     continue
                 empty = 0
-                for leaf_input, extra in page[: target - cr.size]:
+                page = page[: target - cr.size]
+                # parsing and (for our precertificates) signature verification run in a
+                # thread, as for Static CT tiles: the event loop stays free meanwhile
+                found_in_page = await asyncio.to_thread(_scan_page, page, cr.size, issuers)
+                for i, (leaf_input, _) in enumerate(page):
                     idx = cr.size
                     last_hash = merkle.leaf_hash(leaf_input)
-                    try:
-                        raw = parse_merkle_tree_leaf(leaf_input)
-                    except MalformedEntryError as exc:
-                        malformed.append(MalformedEntry(idx, f"MerkleTreeLeaf: {exc}", None))
-                    else:
-                        if raw.leaf_index is not None and raw.leaf_index != idx:
-                            raise LeafIndexMismatchError(
-                                f"entry {idx} carries leaf_index {raw.leaf_index}"
-                            )
-                        found = extract(leaf_input, raw, idx, issuers, extra_data=extra)
-                        if isinstance(found, IndexedEntry):
-                            entries.append(found)
-                        elif isinstance(found, SuspiciousEntry):
-                            suspicious.append(found)
-                        elif found is not None:
-                            malformed.append(found)
-                        if found is not None:
-                            await _yield_every(len(entries) + len(suspicious))
+                    found = found_in_page[i]
+                    if isinstance(found, IndexedEntry):
+                        entries.append(found)
+                    elif isinstance(found, SuspiciousEntry):
+                        suspicious.append(found)
+                    elif found is not None:
+                        malformed.append(found)
                     if idx == target - 1:
                         before_last = cr.copy()
                     cr.append(last_hash)
