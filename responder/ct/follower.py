@@ -187,6 +187,21 @@ CHAIN_FETCHES = 64
 Found = IndexedEntry | MalformedEntry | SuspiciousEntry
 
 
+def _file(
+    found: Found,
+    entries: list[IndexedEntry],
+    malformed: list[MalformedEntry],
+    suspicious: list[SuspiciousEntry],
+) -> None:
+    """Put what ``extract`` made of one entry into the batch list it belongs to."""
+    if isinstance(found, IndexedEntry):
+        entries.append(found)
+    elif isinstance(found, SuspiciousEntry):
+        suspicious.append(found)
+    else:
+        malformed.append(found)
+
+
 def _scan_tile(
     data: bytes, width: int, exact: bool, base: int, pos: int, issuers: IssuerSet
 ) -> tuple[list[bytes], list[tuple[RawEntry, int, Found]]]:
@@ -372,12 +387,7 @@ class LogFollower:
                             if again is None:
                                 continue
                             found = again
-                    if isinstance(found, IndexedEntry):
-                        entries.append(found)
-                    elif isinstance(found, SuspiciousEntry):
-                        suspicious.append(found)
-                    else:
-                        malformed.append(found)
+                    _file(found, entries, malformed, suspicious)
                 del data
                 new = cr.copy()
                 new.extend(hashes)
@@ -472,12 +482,8 @@ class LogFollower:
                     idx = cr.size
                     last_hash = merkle.leaf_hash(leaf_input)
                     found = found_in_page[i]
-                    if isinstance(found, IndexedEntry):
-                        entries.append(found)
-                    elif isinstance(found, SuspiciousEntry):
-                        suspicious.append(found)
-                    elif found is not None:
-                        malformed.append(found)
+                    if found is not None:
+                        _file(found, entries, malformed, suspicious)
                     if idx == target - 1:
                         before_last = cr.copy()
                     cr.append(last_hash)
