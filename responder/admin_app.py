@@ -40,6 +40,7 @@ from signer.recording import (
     format_serial,
     load_certificates,
     parse_serial,
+    quote,
 )
 from signer.response_builder import (
     RevocationReasonError,
@@ -81,7 +82,7 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     obj: dict[str, object] = {}
     for key, value in pairs:
         if key in obj:
-            raise DuplicateKeyError(f"key {key[:64]!r} appears twice in the JSON object")
+            raise DuplicateKeyError(f"key {quote(key)} appears twice in the JSON object")
         obj[key] = value
     return obj
 

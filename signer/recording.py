@@ -497,11 +497,8 @@ class CertificateRecorder:
 def certificate_serial(cert: x509.Certificate) -> int:
     """The certificate's serial if RFC 5280 allows it, else CertificateRejected (400): a
     zero, negative or over-long serial is refused like any malformed certificate."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
-        serial = cert.serial_number
     try:
-        return check_serial(serial)
+        return check_serial(_serial_number(cert))
     except SerialError as exc:
         raise CertificateRejected(str(exc)) from exc
 
@@ -527,8 +524,14 @@ def describe_issuer(cert: x509.Certificate) -> str:
 
 def describe_certificate_serial(cert: x509.Certificate) -> str:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
-            return describe_serial(cert.serial_number)
+        return describe_serial(_serial_number(cert))
     except ValueError:
         return "?"
+
+
+def _serial_number(cert: x509.Certificate) -> int:
+    """``cert.serial_number`` without cryptography's deprecation warning for a zero or
+    negative one: check_serial refuses those with a message that says why."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        return cert.serial_number

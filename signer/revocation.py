@@ -18,6 +18,7 @@ from responder.store import (
     serial_key,
 )
 from signer.issuers import Issuer
+from signer.recording import quote
 from signer.response_builder import (
     CertStatus,
     Revocation,
@@ -81,13 +82,13 @@ def parse_revocation_time(text: object) -> dt.datetime:
         # datetime.fromisoformat alone also takes a space for T, offsets with seconds
         # (+00:00:30.5, a time shifted by 30.5 s) and no zone at all
         raise RevocationTimeError(
-            f"revocation time {text[:64]!r} is not an RFC 3339 date-time with a zone "
+            f"revocation time {quote(text)} is not an RFC 3339 date-time with a zone "
             "(e.g. 2026-01-02T03:04:05Z or 2026-01-02T04:04:05+01:00)"
         )
     try:
         when = dt.datetime.fromisoformat(text.upper())
     except ValueError as exc:  # e.g. month 13, second 60
-        raise RevocationTimeError(f"revocation time {text[:64]!r} is not ISO 8601: {exc}") from exc
+        raise RevocationTimeError(f"revocation time {quote(text)} is not ISO 8601: {exc}") from exc
     return utc_whole_seconds(when)
 
 
