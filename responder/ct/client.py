@@ -49,6 +49,8 @@ GZIP_MAGIC = b"\x1f\x8b"
 DEFAULT_MAX_BODY = 64 << 20
 #: checkpoints/STHs (a signed note is at most 64 KiB) and inclusion proofs
 MAX_SMALL_BODY = 1 << 16
+#: one entry with its chain and proof (get-entry-and-proof)
+MAX_ENTRY_AND_PROOF_BODY = 1 << 20
 #: JSON structure characters ({ [ , :) allowed per requested get-entries entry (a
 #: compliant entry has 5), plus slack: bounds the objects json.loads can build
 ENTRY_TOKENS = 16
@@ -143,6 +145,19 @@ class _CappedBody:
         return b"".join(self.chunks)
 
 
+def new_http_client(retry: RetryPolicy) -> httpx.AsyncClient:
+    """The HTTP client for CT logs.
+
+    Building one loads the system CA bundle, ~90 ms of CPU here: a process that
+    follows logs beside the OCSP port builds it once, in a thread
+    (``await asyncio.to_thread(new_http_client, retry)``), and shares it.
+    """
+    return httpx.AsyncClient(
+        timeout=retry.timeout,
+        headers={"Accept-Encoding": "gzip, identity", "User-Agent": "ocsp-responder-ct/1"},
+    )
+
+
 class LogClient:
     """GETs below a log's base URL with retries and a body size bound."""
 
@@ -158,10 +173,7 @@ class LogClient:
         self.retry = retry or RetryPolicy()
         self.max_body = max_body
         self._own_http = http is None
-        self.http = http or httpx.AsyncClient(
-            timeout=self.retry.timeout,
-            headers={"Accept-Encoding": "gzip, identity", "User-Agent": "ocsp-responder-ct/1"},
-        )
+        self.http = http or new_http_client(self.retry)
 
     async def aclose(self) -> None:
         if self._own_http:
@@ -267,6 +279,42 @@ class StaticCTClient(LogClient):
         return merkle.split_hashes(body, width)
 
 
+def _decode_entries(body: bytes, wanted: int) -> list[tuple[bytes, bytes]]:
+    """(leaf_input, extra_data) of a get-entries page of at most ``wanted`` entries."""
+    tokens = sum(body.count(c) for c in (b"{", b"[", b",", b":"))
+    if tokens > wanted * ENTRY_TOKENS + PAGE_TOKEN_SLACK:
+        raise MalformedResponseError(
+            f"get-entries page for {wanted} entries has {tokens} JSON tokens: "
+            "more entries than requested"
+        )
+    obj = _json(body)
+    del body
+    try:
+        entries = obj["entries"]
+        if not isinstance(entries, list):
+            raise TypeError("entries is not a list")
+        if len(entries) > wanted:
+            raise MalformedResponseError(
+                f"get-entries returned {len(entries)} entries for {wanted} requested"
+            )
+        return [
+            (
+                base64.b64decode(e["leaf_input"], validate=True),
+                base64.b64decode(e.get("extra_data", ""), validate=True),
+            )
+            for e in entries
+        ]
+    except (KeyError, TypeError, binascii.Error) as exc:
+        raise MalformedResponseError(f"bad get-entries response: {exc!r}") from exc
+
+
+def _audit_path(obj: Any) -> list[bytes]:
+    path = obj["audit_path"]
+    if not isinstance(path, list):
+        raise TypeError("audit_path is not a list")
+    return [base64.b64decode(p, validate=True) for p in path]
+
+
 def _json(body: bytes) -> Any:
     try:
         return json.loads(body)
@@ -289,31 +337,9 @@ class RFC6962Client(LogClient):
         """
         wanted = end - start + 1
         body = await self.get("ct/v1/get-entries", {"start": start, "end": end})
-        tokens = sum(body.count(c) for c in (b"{", b"[", b",", b":"))
-        if tokens > wanted * ENTRY_TOKENS + PAGE_TOKEN_SLACK:
-            raise MalformedResponseError(
-                f"get-entries page for {wanted} entries has {tokens} JSON tokens: "
-                "more entries than requested"
-            )
-        obj = _json(body)
-        del body
-        try:
-            entries = obj["entries"]
-            if not isinstance(entries, list):
-                raise TypeError("entries is not a list")
-            if len(entries) > wanted:
-                raise MalformedResponseError(
-                    f"get-entries returned {len(entries)} entries for {wanted} requested"
-                )
-            return [
-                (
-                    base64.b64decode(e["leaf_input"], validate=True),
-                    base64.b64decode(e.get("extra_data", ""), validate=True),
-                )
-                for e in entries
-            ]
-        except (KeyError, TypeError, binascii.Error) as exc:
-            raise MalformedResponseError(f"bad get-entries response: {exc!r}") from exc
+        # a 1,024-entry page is megabytes of JSON and base64: decoded in a thread, so
+        # that a follower inside ``serve`` does not hold the OCSP event loop meanwhile
+        return await asyncio.to_thread(_decode_entries, body, wanted)
 
     async def get_proof_by_hash(self, leaf_hash: bytes, tree_size: int) -> tuple[int, list[bytes]]:
         obj = _json(
@@ -325,9 +351,31 @@ class RFC6962Client(LogClient):
         )
         try:
             index = obj["leaf_index"]
-            path = [base64.b64decode(p, validate=True) for p in obj["audit_path"]]
+            path = _audit_path(obj)
         except (KeyError, TypeError, binascii.Error) as exc:
             raise MalformedResponseError(f"bad get-proof-by-hash response: {exc!r}") from exc
-        if not isinstance(index, int):
+        if not isinstance(index, int) or isinstance(index, bool):
             raise MalformedResponseError("leaf_index must be an integer")
         return index, path
+
+    async def get_entry_and_proof(
+        self, leaf_index: int, tree_size: int
+    ) -> tuple[bytes, list[bytes]]:
+        """(leaf_input, audit path) of the leaf at ``leaf_index`` (RFC 6962 4.8).
+
+        The proof by index, for a leaf whose hash the log holds more than once:
+        get-proof-by-hash proves one of the copies, not necessarily ours.
+        """
+        obj = _json(
+            await self.get(
+                "ct/v1/get-entry-and-proof",
+                {"leaf_index": leaf_index, "tree_size": tree_size},
+                limit=MAX_ENTRY_AND_PROOF_BODY,
+            )
+        )
+        try:
+            leaf_input = base64.b64decode(obj["leaf_input"], validate=True)
+            path = _audit_path(obj)
+        except (KeyError, TypeError, binascii.Error) as exc:
+            raise MalformedResponseError(f"bad get-entry-and-proof response: {exc!r}") from exc
+        return leaf_input, path

@@ -499,6 +499,25 @@ class LogFollower:
             return
         assert isinstance(self.client, RFC6962Client)
         index, path = await self.client.get_proof_by_hash(last_hash, head.tree_size)
+        if index < cr.size - 1:
+            # the log holds this leaf more than once (RFC 6962 logs may log a submission
+            # twice) and proved an earlier copy: ask for the proof of ours by its index
+            log.info(
+                "CT log %s: leaf %d is a duplicate of leaf %d; proving it by index",
+                self.config.url,
+                cr.size - 1,
+                index,
+            )
+            duplicate_of, index = index, cr.size - 1
+            try:
+                leaf_input, path = await self.client.get_entry_and_proof(index, head.tree_size)
+            except NotFoundError as exc:
+                raise InclusionProofError(
+                    f"leaf {index} duplicates leaf {duplicate_of} and the log does not serve "
+                    "get-entry-and-proof, the only proof by index"
+                ) from exc
+            if merkle.leaf_hash(leaf_input) != last_hash:
+                raise InclusionProofError(f"get-entry-and-proof returned another leaf {index}")
         if index != cr.size - 1:
             raise InclusionProofError(f"proof is for leaf {index}, expected {cr.size - 1}")
         lefts = merkle.verify_inclusion(index, head.tree_size, last_hash, path, head.root_hash)

@@ -134,6 +134,7 @@ class Faults:
     extra_entries: int = 0  # get-entries pads its page with this many tiny bogus entries
     drip: float | None = None  # seconds between the bytes of every 200 body (slow drip)
     bomb_mib: int = 0  # tiles: a Content-Encoding gzip body inflating to this many MiB
+    entry_and_proof: bool = True  # serve RFC 6962 get-entry-and-proof
 
 
 class FakeLog:
@@ -352,6 +353,16 @@ class FakeLog:
                 return 404, b"not found", {}
             proof = [base64.b64encode(p).decode() for p in self.path(m, 0, size)]
             return 200, json.dumps({"leaf_index": m, "audit_path": proof}).encode(), {}
+        if path == "/ct/v1/get-entry-and-proof" and f.entry_and_proof:
+            m, size = int(query["leaf_index"][0]), int(query["tree_size"][0])
+            if not 0 <= m < size <= self.published:
+                return 400, b"bad leaf_index or tree_size", {}
+            obj = {
+                "leaf_input": base64.b64encode(self.served(m).leaf_input).decode(),
+                "extra_data": base64.b64encode(self.served(m).extra_data).decode(),
+                "audit_path": [base64.b64encode(p).decode() for p in self.path(m, 0, size)],
+            }
+            return 200, json.dumps(obj).encode(), {}
         if path.startswith("/tile/"):
             return self._tile(path[len("/tile/") :])
         if path.startswith("/issuer/"):

@@ -28,7 +28,7 @@ from responder.ct.errors import (
 )
 from responder.ct.leaf import Issuer
 
-from .fakelog import ISSUERS, FakeLog, FakeLogServer, _gzip_zeros
+from .fakelog import ISSUERS, FakeEntry, FakeLog, FakeLogServer, _gzip_zeros, sha256, u
 from .pki import DER, Pki, leaf
 
 KINDS = ["static", "rfc6962"]
@@ -236,6 +236,39 @@ async def test_tampered_entry_is_never_indexed(
     assert got and got[-1].end <= 700
     assert all(e.leaf_index < 700 for b in got for e in b.entries)
     assert f.state.next_index == got[-1].end
+
+
+async def test_rfc6962_duplicate_leaf_at_a_batch_end_is_proved_by_index(
+    fake_server: FakeLogServer, fake_log: FakeLog, pki: Pki
+) -> None:
+    """An RFC 6962 log may hold one timestamped entry twice. get-proof-by-hash then
+    proves the first copy, and a batch ending on the second copy was refused on every
+    poll: the log was never followed past it, and what it logged later never indexed."""
+    log = fake_log
+    for s in range(1, 8):
+        log.add_x509(leaf(pki.ca, s).public_bytes(DER), [pki.ca.der])
+    # leaf 7 == leaf 2, both without the Static CT leaf_index extension (RFC 6962 only)
+    cert = leaf(pki.ca, 3).public_bytes(DER)
+    te = u(1_750_000_000_000, 8) + u(0, 2) + u(len(cert), 3) + cert + u(0, 2)
+    first = log.entries[2]
+    log.entries[2] = FakeEntry(te, first.tail, first.extra_data)
+    log.leaf_hashes[2] = sha256(b"\x00\x00\x00" + te)
+    log._append(te, first.tail, first.extra_data)
+    for s in range(8, 20):
+        log.add_x509(leaf(pki.ca, s).public_bytes(DER), [pki.ca.der])
+    log.publish()
+    cfg = config(fake_server, "rfc6962", IssuerSet([pki.ca.cert]), batch_size=8)
+
+    log.faults.entry_and_proof = False  # a log without the endpoint: refused, as before
+    with pytest.raises(InclusionProofError, match="leaf 7 duplicates leaf 2"):
+        await follow(cfg)
+
+    log.faults.entry_and_proof = True
+    batches, f = await follow(cfg)
+    check_contiguous(batches)
+    assert batches[0].end == 8 and f.state.next_index == 20
+    assert sorted(e.serial for b in batches for e in b.entries) == sorted([*range(1, 20), 3])
+    assert "/ct/v1/get-entry-and-proof" in log.requests
 
 
 @pytest.mark.parametrize("kind", KINDS)
