@@ -43,6 +43,7 @@ from responder.ct import (
     VerificationError,
 )
 from responder.ct import Issuer as CTIssuer
+from responder.ct.client import new_http_client
 from responder.ct_index_store import CTIndexStore, Gap, IndexRow, PositionConflict
 from signer.issuers import Issuer, IssuerConfigError, IssuerRegistry
 from signer.response_builder import (
@@ -135,7 +136,10 @@ class CTIndexer:
         self.store = CTIndexStore(pool, expired_retention=expired_retention)
         self.policy = policy
         self.retry = retry or RetryPolicy()
+        #: one client for every log, built in start() unless given (see new_http_client);
+        #: a follower rebuilt after an error reuses it instead of building its own
         self.http = http
+        self._own_http = http is None
         self.issuer_set = IssuerSet(
             CTIssuer.from_certificate(i.certificate) for i in registry.issuers
         )
@@ -170,6 +174,8 @@ class CTIndexer:
 
     async def start(self) -> None:
         """Create or find each log's row (the issuers must be registered already)."""
+        if self.http is None:
+            self.http = await asyncio.to_thread(new_http_client, self.retry)
         for followed in self.logs:
             pos = await self.store.ensure_log(
                 followed.key.log_id, followed.config.name, followed.config.url
@@ -180,6 +186,10 @@ class CTIndexer:
     async def aclose(self) -> None:
         for followed in self.logs:
             await self._drop_follower(followed)
+        if self._own_http and self.http is not None:
+            http, self.http = self.http, None
+            self._started = False  # a later run_once/run builds a new client in start()
+            await http.aclose()
 
     # --- one poll ---------------------------------------------------------------
 

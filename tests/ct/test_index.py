@@ -210,6 +210,10 @@ async def test_rate_limits_errors_and_bad_signatures_do_not_advance(
         [r] = await indexer.run_once()
         assert r.error is None and r.next_index == 512
         fixture_log.publish()
+        # one HTTP client (its CA bundle load is ~90 ms of CPU, off the event loop) for
+        # the life of the indexer: a follower rebuilt after each error below reuses it
+        http = indexer.http
+        assert http is not None
 
         async def position() -> tuple[int, int, str | None]:
             [p] = await fetch(database, "SELECT next_index, tree_size, last_error FROM ct_logs")
@@ -232,7 +236,10 @@ async def test_rate_limits_errors_and_bad_signatures_do_not_advance(
         assert r.error is None
         assert await position() == (1024, 1024, None)
         assert len(await index_rows(database)) == 1024
+        follower = indexer.logs[0].follower
+        assert indexer.http is http and follower is not None and follower.client.http is http
         await indexer.aclose()
+        assert http.is_closed
     finally:
         await store.close()
 
