@@ -148,6 +148,8 @@ class ResponderService:
             await self.warmup.stop()
         if hasattr(self, "live"):
             await self.live.drain()
+        if hasattr(self, "purger"):
+            await self.purger.aclose()
         if self.monitor is not None:
             await self.monitor.stop()
         await self.store.close()
