@@ -117,6 +117,13 @@ class Issuer:
     #: row id in the ``issuers`` table, set once registered with the store
     db_id: int = -1
 
+    @property
+    def token_signed(self) -> bool:
+        """A responder key of this issuer is inside a PKCS#11 token: each signature is a
+        round trip to it (milliseconds on a network HSM), so callers in an event loop
+        that also answers OCSP sign for it in a thread."""
+        return any(isinstance(r.key, Pkcs11Key) for r in self.responders)
+
     def active_responder(self, now: dt.datetime | None = None) -> ResponderIdentity:
         """The newest identity that is valid now: a new responder certificate configured
         beside the old one takes over as soon as its notBefore has passed (key rollover)."""

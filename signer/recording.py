@@ -339,6 +339,8 @@ class CertificateRecorder:
         self.store = store
         self.policy = policy
         self.presigner = PresignedSigner(policy)
+        #: prepare in a thread: some issuer signs with a token key (see Issuer.token_signed)
+        self._off_loop = any(issuer.token_signed for issuer in registry.issuers)
 
     def prepare(self, cert: x509.Certificate) -> PreparedRecord:
         """Check the serial, find the issuer (name and signature) and sign the response
@@ -373,7 +375,10 @@ class CertificateRecorder:
             if index and index % PREPARE_SLICE == 0:
                 await asyncio.sleep(0)
             try:
-                prepared.append(self.prepare(cert))
+                if self._off_loop:
+                    prepared.append(await asyncio.to_thread(self.prepare, cert))
+                else:
+                    prepared.append(self.prepare(cert))
             except CertificateRejected as exc:
                 rejected.append((index, exc))
                 metrics.recording_failures_total.labels(

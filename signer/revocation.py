@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import functools
 import logging
 import re
 from dataclasses import dataclass
@@ -199,9 +201,16 @@ class Revoker:
                 revocation = Revocation(when or now, reason)
             else:
                 revocation = merge_revocation(stored, reason, when)
-            signed = sign_response(
-                issuer, serial, CertStatus.REVOKED, self.policy, revocation=revocation
+            sign = functools.partial(
+                sign_response,
+                issuer,
+                serial,
+                CertStatus.REVOKED,
+                self.policy,
+                revocation=revocation,
             )
+            # a token key's round trip runs in a thread (Issuer.token_signed)
+            signed = await asyncio.to_thread(sign) if issuer.token_signed else sign()
             if stored is None:
                 created = await self.store.record_revocation(
                     issuer.db_id, serial, revocation, signed

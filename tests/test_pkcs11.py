@@ -7,19 +7,25 @@ nonce echoes, every answer checked by cryptography and `openssl ocsp`.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from responder.config import ConfigError, load_config
+from responder.protocol import parse_request
+from responder.service import ResponderService
 from signer.demo_ca import create_ca
 from signer.keys import KeyLoadError, write_pem_key
-from signer.pkcs11_key import parse_pkcs11_uri, spec_from_table
+from signer.pkcs11_key import Pkcs11Key, parse_pkcs11_uri, spec_from_table
 from tests.softhsm import SoftHSMToken, softhsm_module
 from tests.support import (
     VENV_BIN,
@@ -263,3 +269,54 @@ def test_lost_session_is_reopened(token, hsm_p256, hsm_rsa, monkeypatch):  # typ
         hsm_rsa.ca.ca_cert.public_key().verify(sig, b"probe", padding.PKCS1v15(), hashes.SHA256())
     assert ec_key._session is rsa_key._session
     assert ec_key._session is not old  # a new session was opened
+
+
+def test_token_signatures_run_off_the_event_loop(  # type: ignore[no-untyped-def]
+    token, hsm_p256, hsm_rsa, module_database, workdir, monkeypatch
+):
+    """A token signature is a PKCS#11 round trip (milliseconds on a network HSM): made in
+    the event loop, every answer from memory of that worker waited for it. Recording,
+    on-demand signing (with a nonce echo) and revocation sign in a thread for a token key;
+    the answers are the same, checked by cryptography and `openssl ocsp`."""
+    for name, value in token.env.items():
+        monkeypatch.setenv(name, value)
+    proc = hsm_process(
+        workdir / "hsm-in-process", module_database, token, hsm_tables(token, hsm_p256, hsm_rsa)
+    )
+    config = load_config(proc.config_path, {})
+    threads: list[int] = []
+    real_sign = Pkcs11Key.sign
+
+    def sign(self: Pkcs11Key, data: bytes, algorithm: hashes.HashAlgorithm) -> bytes:
+        threads.append(threading.get_ident())  # the real token signs; we note where
+        return real_sign(self, data, algorithm)
+
+    monkeypatch.setattr(Pkcs11Key, "sign", sign)
+    cert = hsm_p256.ca.issue_leaf("off-loop.test")
+    nonce = secrets.token_bytes(16)
+
+    async def go() -> tuple[int, bytes, bytes]:
+        service = ResponderService(config)
+        await service.start(pool_size=2, monitor=False)
+        try:
+            threads.clear()  # the start-up check of each key is not on the serving path
+            issuer = next(i for i in service.registry.issuers if i.name == hsm_p256.name)
+            assert issuer.token_signed
+            await service.recorder.record([cert])
+            recorded = len(threads)
+            der = build_request(cert, hsm_p256.ca.ca_cert, alg="sha256", nonce=nonce)
+            answer = await service.chain.response(parse_request(der))
+            await service.revoker.revoke(issuer, cert.serial_number, x509.ReasonFlags.superseded)
+            der = build_request(cert, hsm_p256.ca.ca_cert, alg="sha384")
+            revoked = await service.chain.response(parse_request(der))
+            assert recorded >= 1 and len(threads) >= recorded + 3
+            return threading.get_ident(), answer.response.der, revoked.response.der
+        finally:
+            await service.close()
+
+    loop_thread, live, revoked = asyncio.run(go())
+    assert threads and loop_thread not in threads
+    check_response(live, issuer=hsm_p256, serial=cert.serial_number, alg="sha256", nonce=nonce)
+    check_response(
+        revoked, issuer=hsm_p256, serial=cert.serial_number, alg="sha384", expect="revoked"
+    )
