@@ -120,8 +120,16 @@ class Refresher:
         for issuer in self.registry.issuers:
             try:
                 stale = self.stale_signers(issuer, dt.datetime.now(dt.UTC))
+            except IssuerConfigError as exc:
+                # no responder valid now: nothing of this issuer can be re-signed; say so
+                # as loudly as a refused signature (_batch) instead of only in the summary
+                metrics.refresher_failures_total.labels(issuer.name, "signing").inc()
+                log.error("refresher: issuer %s: signing refused: %s", issuer.name, exc)
+                report.failures[issuer.name] = str(exc)
+                continue
+            try:
                 await self._issuer_pass(issuer, stale, report)
-            except (_IssuerFailed, IssuerConfigError) as exc:
+            except _IssuerFailed as exc:
                 report.failures[issuer.name] = str(exc)
         return report
 
