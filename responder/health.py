@@ -34,6 +34,7 @@ from typing import Any
 
 from responder import metrics
 from responder.refresh_store import overdue_query
+from responder.signer_expiry import SignerExpiryWatch
 from responder.sources import LiveSigningSource
 from responder.store import MAX_CERTIFICATE_LIFETIME, PresignedStore
 from signer.issuers import IssuerConfigError, IssuerRegistry
@@ -71,6 +72,7 @@ class HealthMonitor:
         deadline_slack: dt.timedelta,
         check_interval: float,
         require_fresh_responses: bool = True,
+        signer_expiry: SignerExpiryWatch | None = None,
     ) -> None:
         self.registry = registry
         self.store = store
@@ -79,6 +81,7 @@ class HealthMonitor:
         self.deadline_slack = deadline_slack
         self.check_interval = check_interval
         self.require_fresh_responses = require_fresh_responses
+        self.signer_expiry = signer_expiry
         self.past_deadline: int | None = None  # None: not known (the query failed)
         self.past_deadline_error = "not checked yet"
         self._task: asyncio.Task[None] | None = None
@@ -87,6 +90,8 @@ class HealthMonitor:
         """Run the first checks now (readiness is known from the start), then periodically."""
         await self.check_responses()
         self.sample()
+        if self.signer_expiry is not None:
+            self.signer_expiry.check()
         self._task = asyncio.create_task(self._run(), name="health-monitor")
 
     async def stop(self) -> None:
@@ -103,6 +108,8 @@ class HealthMonitor:
             try:
                 self.sample()
                 if time.monotonic() >= next_check:
+                    if self.signer_expiry is not None:
+                        self.signer_expiry.check()
                     await self.check_responses()
                     next_check = time.monotonic() + self.check_interval
             except Exception:  # a monitoring bug must not stop monitoring for good
