@@ -168,9 +168,9 @@ def test_next_update_never_passes_the_issuer_certificate(lifecycle_responder, sh
         checked = check_response(der.content, issuer=short_ca, serial=cert.serial_number, alg=alg)
         next_update = checked.response.next_update_utc
         assert next_update is not None and next_update <= ca_not_after
-    assert metric(
-        proc, "ocsp_signer_expiry_timestamp_seconds", issuer="shortca"
-    ) == pytest.approx(ca_not_after.timestamp())
+    assert metric(proc, "ocsp_signer_expiry_timestamp_seconds", issuer="shortca") == pytest.approx(
+        ca_not_after.timestamp()
+    )
 
 
 if softhsm_module() is None and os.environ.get("CI"):
