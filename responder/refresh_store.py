@@ -8,9 +8,10 @@ refreshers (one per ``serve`` instance, plus ``ocsp-responder refresh``) therefo
 sign the same row twice at once, and a crash mid-batch only rolls back that batch.
 
 When a row is due (all in SQL, mirroring ``signer.response_builder.renewal_point``):
-a response with the configured validity renews ``refresh_margin`` before nextUpdate; one
-whose nextUpdate was capped by an expiring signer certificate renews at its own BR 4.9.9
-deadline. Each row is claimed ``spread * (0.25 .. 1.0)`` before that point, the fraction
+a response with the configured validity renews ``refresh_margin`` before nextUpdate (a
+longer one, from before the validity was lowered, at its BR 4.9.9 deadline if that comes
+first); one whose nextUpdate was capped by an expiring signer certificate renews at its own
+BR 4.9.9 deadline. Each row is claimed ``spread * (0.25 .. 1.0)`` before that point, the fraction
 taken from the serial's last byte (serials are random), so rows signed in the same second
 (a bulk import, a rollover) come due spread over ``spread`` instead of all at once.
 """
@@ -61,7 +62,7 @@ _BR_DEADLINE = """
 
 _RENEWAL_POINT = f"""
     (CASE WHEN r.next_update - r.this_update >= :validity::interval
-          THEN r.next_update - :margin::interval
+          THEN least(r.next_update - :margin::interval, {_BR_DEADLINE})
           ELSE {_BR_DEADLINE} END)"""
 
 _JITTER = ":spread::interval * (0.25 + 0.75 * get_byte(r.serial, length(r.serial) - 1) / 255.0)"

@@ -171,12 +171,18 @@ def renewal_point(this_update: int, next_update: int, policy: ValidityPolicy) ->
     """When a response stops being served as-is and is re-signed (Unix seconds).
 
     A response with the configured validity renews ``refresh_margin`` before nextUpdate
-    (``ValidityPolicy.check`` proves that is within BR 4.9.9). A response whose nextUpdate
+    (``ValidityPolicy.check`` proves that is within BR 4.9.9). A longer one (signed
+    before ``response_validity`` was lowered, e.g. 7 days with a 3-day margin, now 4 days
+    and 2) renews at that point or its BR deadline, whichever comes first: ``next_update -
+    margin`` alone would be 5 days after its thisUpdate. A response whose nextUpdate
     was capped by an expiring signer certificate is shorter: ``next_update - margin``
     could lie before its thisUpdate and make it due forever, so it renews at its own
     BR deadline instead."""
     if next_update - this_update >= policy.validity.total_seconds():
-        return next_update - int(policy.refresh_margin.total_seconds())
+        return min(
+            next_update - int(policy.refresh_margin.total_seconds()),
+            br_refresh_deadline(this_update, next_update),
+        )
     return br_refresh_deadline(this_update, next_update)
 
 
