@@ -119,13 +119,28 @@ class _Statements:
       AND r.next_update <= :now::timestamptz + :margin::interval + :spread::interval
       AND {_RENEWAL_POINT} - {_JITTER} <= :now::timestamptz
       AND {in_cycle}"""
-        #: :stale: fingerprints of this issuer's responders that are no longer the active one
+        #: :stale: fingerprints of this issuer's responders that are no longer the active
+        #: one; a row signed by a responder not configured at all (:known) is stale too
+        #: when it was signed before :older_than (SignerSet: then that responder is older
+        #: than the active one, not a newer one this instance does not know yet)
         stale_where = f"""
     WHERE r.issuer_id = :issuer
-      AND (r.signer = ANY(:stale::bigint[]) OR r.signer IS NULL)
+      AND (r.signer = ANY(:stale::bigint[]) OR r.signer IS NULL
+           OR ((r.signer < :active::bigint OR r.signer > :active::bigint)
+               AND r.signer <> ALL(:known::bigint[])
+               AND r.this_update < :older_than::timestamptz))
       AND r.next_update > :now::timestamptz
       AND {in_cycle}"""
-        stale_names = ("issuer", "now", "retention", "lifetime", "stale")
+        stale_names = (
+            "issuer",
+            "now",
+            "retention",
+            "lifetime",
+            "stale",
+            "active",
+            "known",
+            "older_than",
+        )
         return cls(
             claim_due=_numbered(
                 f"SELECT {_COLUMNS} {joins} {due_where} "
@@ -134,7 +149,7 @@ class _Statements:
             ),
             claim_stale_signer=_numbered(
                 f"SELECT {_COLUMNS} {joins} {stale_where} LIMIT :limit FOR UPDATE OF r SKIP LOCKED",
-                ("issuer", "now", "retention", "lifetime", "limit", "stale"),
+                (*stale_names, "limit"),
             ),
             count_due=_numbered(f"SELECT count(*) {joins} {due_where}", _WINDOW),
             count_stale_signer=_numbered(f"SELECT count(*) {joins} {stale_where}", stale_names),
@@ -224,6 +239,36 @@ class Window:
         ]
 
 
+#: thisUpdate is backdated at most this much (ValidityPolicy.check): a response signed by
+#: a responder has thisUpdate >= its notBefore - MAX_BACKDATE
+MAX_BACKDATE = dt.timedelta(hours=2)
+
+
+@dataclass(frozen=True, slots=True)
+class SignerSet:
+    """Which of an issuer's stored responses were signed by a retired responder.
+
+    ``stale``: configured responders other than the active one. A responder that is not
+    configured at all (replaced in place) is retired too, but only for rows signed before
+    the active responder's notBefore - MAX_BACKDATE: a newer certificate that this
+    instance does not know yet (another instance already restarted with it) signs only
+    after its own notBefore, which is later, so its rows are never taken back."""
+
+    stale: Sequence[int]
+    active: int | None = None
+    known: Sequence[int] = ()
+    older_than: dt.datetime | None = None
+
+    @classmethod
+    def of(cls, signers: Sequence[int] | SignerSet) -> SignerSet:
+        """A plain list means: only these (no unknown-signer rule)."""
+        return signers if isinstance(signers, SignerSet) else cls(list(signers))
+
+    def args(self) -> list[object]:
+        """Values for (stale, active, known, older_than), in order."""
+        return [list(self.stale), self.active, list(self.known), self.older_than]
+
+
 @dataclass(frozen=True, slots=True)
 class Freshness:
     """What the periodic sampler exports (see responder/metrics.py)."""
@@ -255,7 +300,7 @@ class RefreshStore:
         limit: int,
         sign: BatchSigner,
         *,
-        stale_signers: Sequence[int] | None = None,
+        stale_signers: Sequence[int] | SignerSet | None = None,
     ) -> int:
         """Claim up to ``limit`` due rows (or, with ``stale_signers``, rows signed by a
         retired responder), sign them, write them back; one transaction. Returns the
@@ -271,8 +316,8 @@ class RefreshStore:
                     window.now,
                     window.retention,
                     MAX_CERTIFICATE_LIFETIME,
+                    *SignerSet.of(stale_signers).args(),
                     limit,
-                    list(stale_signers),
                 )
             if not rows:
                 return 0
@@ -289,7 +334,10 @@ class RefreshStore:
             return len(rows)
 
     async def freshness(
-        self, window: Window, stale_signers: dict[int, list[int]], sample_rows: int
+        self,
+        window: Window,
+        stale_signers: dict[int, list[int]] | dict[int, SignerSet],
+        sample_rows: int,
     ) -> Freshness:
         """Backlog, rows past their BR deadline, and the age distribution of a sample."""
         sql = await self._sql()
@@ -304,7 +352,7 @@ class RefreshStore:
                         window.now,
                         window.retention,
                         MAX_CERTIFICATE_LIFETIME,
-                        stale,
+                        *SignerSet.of(stale).args(),
                     )
                 )
             past = int(
