@@ -21,7 +21,7 @@ import datetime as dt
 import logging
 
 from responder import metrics
-from signer.issuers import Issuer, IssuerRegistry
+from signer.issuers import Issuer, IssuerConfigError, IssuerRegistry
 from signer.response_builder import MIN_VALIDITY, ValidityPolicy
 
 log = logging.getLogger(__name__)
@@ -57,14 +57,22 @@ class SignerExpiryWatch:
                 continue
             metrics.signer_expiry_timestamp.labels(issuer.name).set(ends.timestamp())
             left = ends - at
-            if left >= self.policy.validity + WARN_LEAD:
+            unusable: IssuerConfigError | None = None
+            try:
+                issuer.active_responder(at)
+            except IssuerConfigError as exc:  # none valid yet (or any more)
+                unusable = exc
+            if unusable is None and left >= self.policy.validity + WARN_LEAD:
                 self._logged.pop(issuer.name, None)
                 continue
             last = self._logged.get(issuer.name)
             if last is not None and at - last < LOG_EVERY:
                 continue
             self._logged[issuer.name] = at
-            self._log(issuer, ends, left)
+            if unusable is not None:
+                log.error("issuer %s cannot sign: %s", issuer.name, unusable)
+            else:
+                self._log(issuer, ends, left)
 
     def _log(self, issuer: Issuer, ends: dt.datetime, left: dt.timedelta) -> None:
         when = f"{ends:%Y-%m-%d %H:%M}Z"

@@ -75,6 +75,14 @@ def ending(workdir: Path) -> IssuerFiles:
 
 
 @pytest.fixture(scope="module")
+def not_yet(workdir: Path) -> IssuerFiles:
+    """Its only responder certificate starts in 3 days (configured too early)."""
+    return issuer_with_responder(
+        "notyet", workdir, valid_from=-dt.timedelta(days=3), valid_for=dt.timedelta(days=90)
+    )
+
+
+@pytest.fixture(scope="module")
 def short_ca(workdir: Path) -> IssuerFiles:
     """A responder valid for a year under an issuing CA certificate that ends in 2 days."""
     return issuer_files(
@@ -88,9 +96,12 @@ def lifecycle_responder(
     expired: IssuerFiles,
     ending: IssuerFiles,
     short_ca: IssuerFiles,
+    not_yet: IssuerFiles,
     workdir: Path,
 ) -> Iterator[ResponderProcess]:
-    proc = write_config(workdir / "lifecycle", module_database, [expired, ending, short_ca])
+    proc = write_config(
+        workdir / "lifecycle", module_database, [expired, ending, short_ca, not_yet]
+    )
     proc.start()
     try:
         yield proc
@@ -215,3 +226,14 @@ def test_token_gone_mid_run_is_try_later_without_traceback_storm(database, tmp_p
         assert "reason=signing" in log  # the recording failure is counted as signing
     finally:
         proc.stop()
+
+
+def test_no_responder_valid_yet_is_logged_at_start(lifecycle_responder, not_yet):  # type: ignore[no-untyped-def]
+    log = wait_for_log(lifecycle_responder, "issuer notyet cannot sign")
+    starts = f"{not_yet.ca.responder_cert.not_valid_before_utc:%Y-%m-%d %H:%M}Z"
+    assert re.search(
+        r"ERROR .*issuer notyet cannot sign: .*no responder certificate is valid now", log
+    )
+    assert starts in log  # the line says when the configured one becomes valid
+    ready = httpx.get(lifecycle_responder.url + "/readyz", timeout=10)
+    assert ready.status_code == 503 and "notyet" in ready.text
