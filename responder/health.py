@@ -7,9 +7,10 @@ Readiness (``/readyz``) is true when all three hold:
   was verified (``ResponderIdentity.verified_at``, set by ``make_responder``);
 - **responses**: no stored response is past its refresh deadline. A response for a
   certificate that has not expired (or a revocation without a certificate record) is past
-  its deadline when ``now > next_update - refresh_margin + refresh_deadline_slack``: it
-  should have been re-signed ``refresh_margin`` before nextUpdate and the refresher has
-  had ``refresh_deadline_slack`` more (default: 6h, at most a quarter of the margin; it
+  its deadline when ``now > next_update - refresh_margin + refresh_deadline_slack`` (a
+  response capped by an expiring signer certificate: its BR deadline + the slack, as the
+  refresher reckons it): it should have been re-signed ``refresh_margin`` before
+  nextUpdate and the refresher has had ``refresh_deadline_slack`` more (default: 6h, at most a quarter of the margin; it
   must be shorter than the margin, so this fires while responses are still valid). The
   count is a cheap indexed query (``responses_next_update``) run every
   ``health_check_interval`` and exported as ``ocsp_responses_overdue_refresh`` (the
@@ -73,6 +74,7 @@ class HealthMonitor:
         check_interval: float,
         require_fresh_responses: bool = True,
         signer_expiry: SignerExpiryWatch | None = None,
+        validity: dt.timedelta = dt.timedelta(days=4),
     ) -> None:
         self.registry = registry
         self.store = store
@@ -82,6 +84,8 @@ class HealthMonitor:
         self.check_interval = check_interval
         self.require_fresh_responses = require_fresh_responses
         self.signer_expiry = signer_expiry
+        #: response_validity: a shorter (capped) response is due at its BR deadline
+        self.validity = validity
         self.past_deadline: int | None = None  # None: not known (the query failed)
         self.past_deadline_error = "not checked yet"
         self._task: asyncio.Task[None] | None = None
@@ -141,6 +145,9 @@ class HealthMonitor:
                     now,
                     dt.timedelta(0),
                     MAX_CERTIFICATE_LIFETIME,
+                    self.refresh_margin,
+                    self.validity,
+                    self.deadline_slack,
                 ),
                 timeout=5.0,
             )

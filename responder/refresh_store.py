@@ -107,7 +107,8 @@ class _Statements:
     count_stale_signer: str
     count_past_deadline: str
     age_quantiles: str
-    #: readiness (responder/health.py): rows whose nextUpdate is before :threshold, of
+    #: readiness (responder/health.py): rows whose nextUpdate is before :threshold and
+    #: whose renewal point (as the refresher reckons it) is more than :slack ago, of
     #: certificates in the cycle (with retention 0: not yet expired)
     count_overdue: str
 
@@ -172,10 +173,12 @@ class _Statements:
                 + f" WHERE {in_cycle}",
                 ("now", "percent", "retention", "lifetime"),
             ),
+            # a response capped by an expiring signer renews at its own BR deadline, later
+            # than nextUpdate - margin: it is not overdue before then
             count_overdue=_numbered(
                 f"SELECT count(*) {joins} WHERE r.next_update < :threshold::timestamptz "
-                f"AND {in_cycle}",
-                ("threshold", "now", "retention", "lifetime"),
+                f"AND {_RENEWAL_POINT} + :slack::interval < :now::timestamptz AND {in_cycle}",
+                ("threshold", "now", "retention", "lifetime", "margin", "validity", "slack"),
             ),
         )
 
@@ -185,8 +188,9 @@ _STATEMENTS = {flag: _Statements.build(flag) for flag in (False, True)}
 
 def overdue_query(ct_not_after: bool) -> str:
     """Readiness's count of responses overdue for refresh, reckoning which certificates
-    are still in the cycle exactly as the refresher does: $1 threshold, $2 now, $3
-    retention, $4 MAX_CERTIFICATE_LIFETIME."""
+    are still in the cycle and when a response is due exactly as the refresher does: $1
+    threshold (now + margin - slack), $2 now, $3 retention, $4 MAX_CERTIFICATE_LIFETIME,
+    $5 refresh_margin, $6 response_validity, $7 refresh_deadline_slack."""
     return _STATEMENTS[ct_not_after].count_overdue
 
 

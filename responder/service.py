@@ -118,6 +118,7 @@ class ResponderService:
                 check_interval=self.config.health_check_interval.total_seconds(),
                 require_fresh_responses=self.config.readiness_requires_fresh_responses,
                 signer_expiry=SignerExpiryWatch(self.registry, policy),
+                validity=policy.validity,
             )
             await self.monitor.start()
 

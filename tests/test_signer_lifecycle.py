@@ -115,7 +115,9 @@ def metric(proc: ResponderProcess, name: str, **labels: str) -> float:
     ).text
     wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
     for line in text.splitlines():
-        if line.startswith(f"{name}{{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+        if not line.startswith((f"{name}{{", f"{name} ")):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"no {name}{{{wanted}}} in /metrics")
 
@@ -237,3 +239,30 @@ def test_no_responder_valid_yet_is_logged_at_start(lifecycle_responder, not_yet)
     assert starts in log  # the line says when the configured one becomes valid
     ready = httpx.get(lifecycle_responder.url + "/readyz", timeout=10)
     assert ready.status_code == 503 and "notyet" in ready.text
+
+
+def test_capped_responses_are_not_overdue(module_database, workdir):  # type: ignore[no-untyped-def]
+    """A responder certificate ending in 30 h caps every new response at its notAfter, and
+    such a response is renewed at its own BR deadline (the refresher's rule): readiness
+    must not count it overdue (every instance would turn not-ready at once, 42 h before
+    the certificate ends, while the responses are valid and renewed on time)."""
+    capped = issuer_with_responder(
+        "capped",
+        workdir,
+        valid_from=dt.timedelta(days=60),
+        valid_for=dt.timedelta(days=61, hours=6),
+    )
+    proc = write_config(workdir / "capped", module_database, [capped]).start()
+    try:
+        cert = capped.ca.issue_leaf("capped.test")
+        assert proc.record(cert).status_code == 201
+        der = httpx.get(get_url(proc.url, build_request(cert, capped.ca.ca_cert))).content
+        checked = check_response(der, issuer=capped, serial=cert.serial_number)
+        assert checked.response.next_update_utc == capped.ca.responder_cert.not_valid_after_utc
+        proc.stop()
+        proc.start()  # readiness counts at start
+        ready = httpx.get(proc.url + "/readyz", timeout=10)
+        assert ready.status_code == 200, ready.text
+        assert metric(proc, "ocsp_responses_overdue_refresh") == 0
+    finally:
+        proc.stop()
