@@ -90,8 +90,8 @@ class SignerExpiryWatch:
         log.warning(
             "issuer %s: its last responder certificate (or the issuer certificate) expires "
             "%s (in %.1f days): new responses %s capped at it, and nothing can be signed "
-            "from 8 hours + this_update_backdate before it; configure the next responder certificate beside it "
-            "(docs/deploy.md, Responder key rollover)",
+            "from 8 hours + this_update_backdate before it; configure the next responder "
+            "certificate beside it (docs/deploy.md, Responder key rollover)",
             issuer.name,
             when,
             left.total_seconds() / 86400,
