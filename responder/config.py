@@ -468,6 +468,16 @@ def _refresh_settings(cfg: Config, v: dict[str, Any]) -> None:
         raise ConfigError("refresher_interval: must be at least 1s")
     if cfg.refresher_spread >= cfg.policy.refresh_margin:
         raise ConfigError("refresher_spread: must be shorter than refresh_margin")
+    # a row is claimed up to the spread before its renewal point, which comes
+    # validity - margin - backdate after it was signed: a longer spread re-signs responses
+    # as soon as they are signed, every pass, and a pass with a batch of them never ends
+    served = cfg.policy.validity - cfg.policy.refresh_margin - cfg.policy.backdate
+    if cfg.refresher_spread > served / 2:
+        raise ConfigError(
+            f"refresher_spread: must be at most half of response_validity - refresh_margin - "
+            f"this_update_backdate ({served.total_seconds() / 3600:g}h / 2): a new response "
+            "would be due again (almost) as soon as it is signed"
+        )
     if cfg.expired_retention < dt.timedelta(0):
         raise ConfigError("expired_retention: must not be negative")
     cfg.cdn_purge = [_cdn_purge(item, i) for i, item in enumerate(v.get("cdn_purge", []))]

@@ -7,9 +7,10 @@ Readiness (``/readyz``) is true when all three hold:
   was verified (``ResponderIdentity.verified_at``, set by ``make_responder``);
 - **responses**: no stored response is past its refresh deadline. A response for a
   certificate that has not expired (or a revocation without a certificate record) is past
-  its deadline when ``now > next_update - refresh_margin + refresh_deadline_slack``: it
-  should have been re-signed ``refresh_margin`` before nextUpdate and the refresher has
-  had ``refresh_deadline_slack`` more (default: 6h, at most a quarter of the margin; it
+  its deadline when ``now > next_update - refresh_margin + refresh_deadline_slack`` (a
+  response capped by an expiring signer certificate: its BR deadline + the slack, as the
+  refresher reckons it): it should have been re-signed ``refresh_margin`` before
+  nextUpdate and the refresher has had ``refresh_deadline_slack`` more (default: 6h, at most a quarter of the margin; it
   must be shorter than the margin, so this fires while responses are still valid). The
   count is a cheap indexed query (``responses_next_update``) run every
   ``health_check_interval`` and exported as ``ocsp_responses_overdue_refresh`` (the
@@ -34,6 +35,7 @@ from typing import Any
 
 from responder import metrics
 from responder.refresh_store import overdue_query
+from responder.signer_expiry import SignerExpiryWatch
 from responder.sources import LiveSigningSource
 from responder.store import MAX_CERTIFICATE_LIFETIME, PresignedStore
 from signer.issuers import IssuerConfigError, IssuerRegistry
@@ -71,6 +73,8 @@ class HealthMonitor:
         deadline_slack: dt.timedelta,
         check_interval: float,
         require_fresh_responses: bool = True,
+        signer_expiry: SignerExpiryWatch | None = None,
+        validity: dt.timedelta = dt.timedelta(days=4),
     ) -> None:
         self.registry = registry
         self.store = store
@@ -79,6 +83,9 @@ class HealthMonitor:
         self.deadline_slack = deadline_slack
         self.check_interval = check_interval
         self.require_fresh_responses = require_fresh_responses
+        self.signer_expiry = signer_expiry
+        #: response_validity: a shorter (capped) response is due at its BR deadline
+        self.validity = validity
         self.past_deadline: int | None = None  # None: not known (the query failed)
         self.past_deadline_error = "not checked yet"
         self._task: asyncio.Task[None] | None = None
@@ -87,6 +94,8 @@ class HealthMonitor:
         """Run the first checks now (readiness is known from the start), then periodically."""
         await self.check_responses()
         self.sample()
+        if self.signer_expiry is not None:
+            self.signer_expiry.check()
         self._task = asyncio.create_task(self._run(), name="health-monitor")
 
     async def stop(self) -> None:
@@ -103,6 +112,8 @@ class HealthMonitor:
             try:
                 self.sample()
                 if time.monotonic() >= next_check:
+                    if self.signer_expiry is not None:
+                        self.signer_expiry.check()
                     await self.check_responses()
                     next_check = time.monotonic() + self.check_interval
             except Exception:  # a monitoring bug must not stop monitoring for good
@@ -134,6 +145,9 @@ class HealthMonitor:
                     now,
                     dt.timedelta(0),
                     MAX_CERTIFICATE_LIFETIME,
+                    self.refresh_margin,
+                    self.validity,
+                    self.deadline_slack,
                 ),
                 timeout=5.0,
             )

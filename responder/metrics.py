@@ -35,6 +35,14 @@ signing_seconds = Histogram(
     ["issuer"],
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25),
 )
+#: on-demand signatures that failed (answered tryLater), by issuer and exception type
+#: (SigningError: the signer refused, e.g. its certificate expires too soon or its token
+#: is gone; responder/signing_failures.py logs them once a minute, without tracebacks)
+on_demand_signing_failures_total = Counter(
+    "ocsp_on_demand_signing_failures_total",
+    "On-demand signatures that failed (answered tryLater)",
+    ["issuer", "error"],
+)
 signing_queue_depth = Gauge(
     "ocsp_signing_queue_depth", "On-demand signatures waiting or running", multiprocess_mode="sum"
 )
@@ -79,6 +87,15 @@ response_age_seconds = Histogram(
 responses_past_refresh_deadline = Gauge(
     "ocsp_responses_past_refresh_deadline",
     "Stored responses past their BR refresh deadline (must stay 0)",
+    multiprocess_mode="max",
+)
+#: Unix time at which an issuer's last responder certificate (or the issuer certificate,
+#: if earlier) expires: responses are capped at it, and none can be signed from 8 h before
+#: it (responder/signer_expiry.py). Alert well ahead: it is the rollover deadline.
+signer_expiry_timestamp = Gauge(
+    "ocsp_signer_expiry_timestamp_seconds",
+    "When the issuer's last signing certificate expires (Unix time)",
+    ["issuer"],
     multiprocess_mode="max",
 )
 refresher_backlog = Gauge(

@@ -225,7 +225,12 @@ class OCSPEndpoint:
     ) -> Reply:
         der = entry.head + entry.tail if entry.tail else entry.head
         now = int(time())
-        left = entry.next_update - now - NEXT_UPDATE_SLACK
+        # no cache (client, CDN) may keep it past nextUpdate, nor past its renewal point:
+        # from then on we answer with a newer response (for a response renewed at its BR
+        # 4.9.9 deadline, a full max_age after it would be a stale answer). Past the
+        # renewal point (re-signing failed: the still-valid bytes) only nextUpdate counts.
+        expires = entry.next_update - NEXT_UPDATE_SLACK
+        left = (entry.renew_at if now < entry.renew_at < expires else expires) - now
         cache_control = (
             self._full_cache_control if left >= self.max_age else _cache_control(max(0, left))
         )

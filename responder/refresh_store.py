@@ -8,9 +8,10 @@ refreshers (one per ``serve`` instance, plus ``ocsp-responder refresh``) therefo
 sign the same row twice at once, and a crash mid-batch only rolls back that batch.
 
 When a row is due (all in SQL, mirroring ``signer.response_builder.renewal_point``):
-a response with the configured validity renews ``refresh_margin`` before nextUpdate; one
-whose nextUpdate was capped by an expiring signer certificate renews at its own BR 4.9.9
-deadline. Each row is claimed ``spread * (0.25 .. 1.0)`` before that point, the fraction
+a response with the configured validity renews ``refresh_margin`` before nextUpdate (a
+longer one, from before the validity was lowered, at its BR 4.9.9 deadline if that comes
+first); one whose nextUpdate was capped by an expiring signer certificate renews at its own
+BR 4.9.9 deadline. Each row is claimed ``spread * (0.25 .. 1.0)`` before that point, the fraction
 taken from the serial's last byte (serials are random), so rows signed in the same second
 (a bulk import, a rollover) come due spread over ``spread`` instead of all at once.
 """
@@ -61,7 +62,7 @@ _BR_DEADLINE = """
 
 _RENEWAL_POINT = f"""
     (CASE WHEN r.next_update - r.this_update >= :validity::interval
-          THEN r.next_update - :margin::interval
+          THEN least(r.next_update - :margin::interval, {_BR_DEADLINE})
           ELSE {_BR_DEADLINE} END)"""
 
 _JITTER = ":spread::interval * (0.25 + 0.75 * get_byte(r.serial, length(r.serial) - 1) / 255.0)"
@@ -106,7 +107,8 @@ class _Statements:
     count_stale_signer: str
     count_past_deadline: str
     age_quantiles: str
-    #: readiness (responder/health.py): rows whose nextUpdate is before :threshold, of
+    #: readiness (responder/health.py): rows whose nextUpdate is before :threshold and
+    #: whose renewal point (as the refresher reckons it) is more than :slack ago, of
     #: certificates in the cycle (with retention 0: not yet expired)
     count_overdue: str
 
@@ -118,13 +120,28 @@ class _Statements:
       AND r.next_update <= :now::timestamptz + :margin::interval + :spread::interval
       AND {_RENEWAL_POINT} - {_JITTER} <= :now::timestamptz
       AND {in_cycle}"""
-        #: :stale: fingerprints of this issuer's responders that are no longer the active one
+        #: :stale: fingerprints of this issuer's responders that are no longer the active
+        #: one; a row signed by a responder not configured at all (:known) is stale too
+        #: when it was signed before :older_than (SignerSet: then that responder is older
+        #: than the active one, not a newer one this instance does not know yet)
         stale_where = f"""
     WHERE r.issuer_id = :issuer
-      AND (r.signer = ANY(:stale::bigint[]) OR r.signer IS NULL)
+      AND (r.signer = ANY(:stale::bigint[]) OR r.signer IS NULL
+           OR ((r.signer < :active::bigint OR r.signer > :active::bigint)
+               AND r.signer <> ALL(:known::bigint[])
+               AND r.this_update < :older_than::timestamptz))
       AND r.next_update > :now::timestamptz
       AND {in_cycle}"""
-        stale_names = ("issuer", "now", "retention", "lifetime", "stale")
+        stale_names = (
+            "issuer",
+            "now",
+            "retention",
+            "lifetime",
+            "stale",
+            "active",
+            "known",
+            "older_than",
+        )
         return cls(
             claim_due=_numbered(
                 f"SELECT {_COLUMNS} {joins} {due_where} "
@@ -133,7 +150,7 @@ class _Statements:
             ),
             claim_stale_signer=_numbered(
                 f"SELECT {_COLUMNS} {joins} {stale_where} LIMIT :limit FOR UPDATE OF r SKIP LOCKED",
-                ("issuer", "now", "retention", "lifetime", "limit", "stale"),
+                (*stale_names, "limit"),
             ),
             count_due=_numbered(f"SELECT count(*) {joins} {due_where}", _WINDOW),
             count_stale_signer=_numbered(f"SELECT count(*) {joins} {stale_where}", stale_names),
@@ -156,10 +173,12 @@ class _Statements:
                 + f" WHERE {in_cycle}",
                 ("now", "percent", "retention", "lifetime"),
             ),
+            # a response capped by an expiring signer renews at its own BR deadline, later
+            # than nextUpdate - margin: it is not overdue before then
             count_overdue=_numbered(
                 f"SELECT count(*) {joins} WHERE r.next_update < :threshold::timestamptz "
-                f"AND {in_cycle}",
-                ("threshold", "now", "retention", "lifetime"),
+                f"AND {_RENEWAL_POINT} + :slack::interval < :now::timestamptz AND {in_cycle}",
+                ("threshold", "now", "retention", "lifetime", "margin", "validity", "slack"),
             ),
         )
 
@@ -169,8 +188,9 @@ _STATEMENTS = {flag: _Statements.build(flag) for flag in (False, True)}
 
 def overdue_query(ct_not_after: bool) -> str:
     """Readiness's count of responses overdue for refresh, reckoning which certificates
-    are still in the cycle exactly as the refresher does: $1 threshold, $2 now, $3
-    retention, $4 MAX_CERTIFICATE_LIFETIME."""
+    are still in the cycle and when a response is due exactly as the refresher does: $1
+    threshold (now + margin - slack), $2 now, $3 retention, $4 MAX_CERTIFICATE_LIFETIME,
+    $5 refresh_margin, $6 response_validity, $7 refresh_deadline_slack."""
     return _STATEMENTS[ct_not_after].count_overdue
 
 
@@ -223,6 +243,36 @@ class Window:
         ]
 
 
+#: thisUpdate is backdated at most this much (ValidityPolicy.check): a response signed by
+#: a responder has thisUpdate >= its notBefore - MAX_BACKDATE
+MAX_BACKDATE = dt.timedelta(hours=2)
+
+
+@dataclass(frozen=True, slots=True)
+class SignerSet:
+    """Which of an issuer's stored responses were signed by a retired responder.
+
+    ``stale``: configured responders other than the active one. A responder that is not
+    configured at all (replaced in place) is retired too, but only for rows signed before
+    the active responder's notBefore - MAX_BACKDATE: a newer certificate that this
+    instance does not know yet (another instance already restarted with it) signs only
+    after its own notBefore, which is later, so its rows are never taken back."""
+
+    stale: Sequence[int]
+    active: int | None = None
+    known: Sequence[int] = ()
+    older_than: dt.datetime | None = None
+
+    @classmethod
+    def of(cls, signers: Sequence[int] | SignerSet) -> SignerSet:
+        """A plain list means: only these (no unknown-signer rule)."""
+        return signers if isinstance(signers, SignerSet) else cls(list(signers))
+
+    def args(self) -> list[object]:
+        """Values for (stale, active, known, older_than), in order."""
+        return [list(self.stale), self.active, list(self.known), self.older_than]
+
+
 @dataclass(frozen=True, slots=True)
 class Freshness:
     """What the periodic sampler exports (see responder/metrics.py)."""
@@ -254,7 +304,7 @@ class RefreshStore:
         limit: int,
         sign: BatchSigner,
         *,
-        stale_signers: Sequence[int] | None = None,
+        stale_signers: Sequence[int] | SignerSet | None = None,
     ) -> int:
         """Claim up to ``limit`` due rows (or, with ``stale_signers``, rows signed by a
         retired responder), sign them, write them back; one transaction. Returns the
@@ -270,8 +320,8 @@ class RefreshStore:
                     window.now,
                     window.retention,
                     MAX_CERTIFICATE_LIFETIME,
+                    *SignerSet.of(stale_signers).args(),
                     limit,
-                    list(stale_signers),
                 )
             if not rows:
                 return 0
@@ -288,7 +338,10 @@ class RefreshStore:
             return len(rows)
 
     async def freshness(
-        self, window: Window, stale_signers: dict[int, list[int]], sample_rows: int
+        self,
+        window: Window,
+        stale_signers: dict[int, list[int]] | dict[int, SignerSet],
+        sample_rows: int,
     ) -> Freshness:
         """Backlog, rows past their BR deadline, and the age distribution of a sample."""
         sql = await self._sql()
@@ -303,7 +356,7 @@ class RefreshStore:
                         window.now,
                         window.retention,
                         MAX_CERTIFICATE_LIFETIME,
-                        stale,
+                        *SignerSet.of(stale).args(),
                     )
                 )
             past = int(

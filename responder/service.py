@@ -19,6 +19,7 @@ from responder.health import HealthMonitor, Readiness
 from responder.replicas import connect_replicas
 from responder.response_cache import SHARED_SUFFIXES, ResponseCache
 from responder.schema import check_schema
+from responder.signer_expiry import SignerExpiryWatch
 from responder.sources import IssuerFilter, LiveSigningSource, build_chain
 from responder.store import PresignedStore, StoreUnavailable
 from responder.warmup import WarmUp
@@ -116,6 +117,8 @@ class ResponderService:
                 deadline_slack=self.config.refresh_deadline_slack,
                 check_interval=self.config.health_check_interval.total_seconds(),
                 require_fresh_responses=self.config.readiness_requires_fresh_responses,
+                signer_expiry=SignerExpiryWatch(self.registry, policy),
+                validity=policy.validity,
             )
             await self.monitor.start()
 

@@ -28,6 +28,7 @@ from responder import metrics
 from responder.ct_index_store import record_request_gap
 from responder.protocol import CertIdRequest
 from responder.response_cache import ResponseCache, ServedResponse, cache_key
+from responder.signing_failures import SigningFailureLog
 from responder.store import Knowledge, PresignedStore
 from responder.store_lookup import QUEUE_LIMIT, BatchedLookup, LookupQueueFull
 from responder.write_back import WriteBack
@@ -37,6 +38,7 @@ from signer.response_builder import (
     CertStatus,
     Revocation,
     SignedResponse,
+    SigningError,
     ValidityPolicy,
     renewal_point,
     sign_response,
@@ -243,6 +245,7 @@ class LiveSigningSource:
         self._waiting = 0
         self._write_back = WriteBack(store)
         self._presigner = PresignedSigner(policy)
+        self._failures = SigningFailureLog()
 
     @property
     def waiting(self) -> int:
@@ -284,7 +287,10 @@ class LiveSigningSource:
                     functools.partial(self._signatures, issuer, req, status, knowledge.revocation),
                 )
             except Exception as exc:
-                log.exception("on-demand signing failed for issuer %s", issuer.name)
+                # one line per outage, not a traceback per request (a SigningError is a
+                # refusal whose message says what to fix; anything else is a bug)
+                expected = isinstance(exc, SigningError)
+                self._failures.report(issuer.name, exc, expected=expected)
                 raise Unavailable("signing failed") from exc
         if knowledge.ct_only and not knowledge.has_response:
             # a coverage gap is stored and recorded before the answer, not batched

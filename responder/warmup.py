@@ -17,6 +17,7 @@ import time
 
 from responder.response_cache import ResponseCache, ServedResponse, cache_key
 from responder.store import PresignedStore, StoredResponse
+from signer.response_builder import br_refresh_deadline
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,11 @@ class WarmUp:
     ) -> None:
         now = time.time()
         for issuer_id, serial, row in batch:
-            renew_at = row.next_update - self.margin
+            # never later than the serving path's renewal point (a response longer than
+            # the configured validity renews at its BR deadline: renewal_point)
+            renew_at = min(
+                row.next_update - self.margin, br_refresh_deadline(row.this_update, row.next_update)
+            )
             if now >= renew_at or (issuer_id, serial) in dropped:
                 continue
             key = cache_key(issuer_id, serial, "sha1")

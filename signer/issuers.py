@@ -130,7 +130,15 @@ class Issuer:
         at = now or dt.datetime.now(dt.UTC)
         usable = [r for r in self.responders if r.not_before <= at < r.not_after]
         if not usable:
-            raise IssuerConfigError(f"issuer {self.name}: no responder certificate is valid now")
+            configured = "; ".join(
+                f"{r.certificate.subject.rfc4514_string()!r} valid "
+                f"{r.not_before:%Y-%m-%d %H:%M}Z..{r.not_after:%Y-%m-%d %H:%M}Z"
+                for r in self.responders
+            )
+            raise IssuerConfigError(
+                f"issuer {self.name}: no responder certificate is valid now "
+                f"({configured or 'none configured'}): configure a new one"
+            )
         return max(usable, key=lambda r: r.not_before)
 
 

@@ -264,7 +264,8 @@ class Pkcs11Key:
                 self._reconnect()
                 with self._lock:
                     raw = bytes(self._key.sign(payload, mechanism=mechanism))
-        except (pkcs11.PKCS11Error, RuntimeError, OSError) as exc:
+        except (pkcs11.PKCS11Error, RuntimeError, OSError, KeyLoadError) as exc:
+            # KeyLoadError: the new login could not read its PIN (file gone, mode changed)
             raise TokenSigningError(
                 f"{self.spec.describe()}: signing failed: {type(exc).__name__}: {exc}"
             ) from exc

@@ -27,9 +27,11 @@ from prometheus_client import Histogram
 from responder.metrics import signing_seconds
 from signer.der import DERError, element_children, read_element
 from signer.issuers import Issuer, ResponderIdentity, signature_function
+from signer.pkcs11_key import TokenSigningError
 from signer.response_builder import (
     CertStatus,
     SignedResponse,
+    SigningError,
     ValidityPolicy,
     response_window,
     sign_response,
@@ -214,7 +216,10 @@ class PresignedSigner:
         if template is None or times is None:
             return sign_response(issuer, serial, CertStatus.GOOD, self.policy, now=moment)
         started = time.perf_counter()
-        der = template.sign(template.tbs_with_times(serial, *times))
+        try:
+            der = template.sign(template.tbs_with_times(serial, *times))
+        except TokenSigningError as exc:  # the same refusal sign_response reports
+            raise SigningError(f"issuer {issuer.name}: {exc}") from exc
         timer = self._timers.get(issuer.name)
         if timer is None:
             timer = self._timers[issuer.name] = signing_seconds.labels(issuer.name)

@@ -36,7 +36,15 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from responder import metrics
-from responder.refresh_store import AGE_SAMPLE_ROWS, DueResponse, Freshness, RefreshStore, Window
+from responder.refresh_store import (
+    AGE_SAMPLE_ROWS,
+    MAX_BACKDATE,
+    DueResponse,
+    Freshness,
+    RefreshStore,
+    SignerSet,
+    Window,
+)
 from responder.store import StoreUnavailable
 from signer.issuers import Issuer, IssuerConfigError, IssuerRegistry
 from signer.response_builder import (
@@ -109,10 +117,16 @@ class Refresher:
         )
 
     @staticmethod
-    def stale_signers(issuer: Issuer, now: dt.datetime) -> list[int]:
-        """Fingerprints of the issuer's configured responders other than the active one."""
+    def stale_signers(issuer: Issuer, now: dt.datetime) -> SignerSet:
+        """The issuer's configured responders other than the active one, and the rule for
+        responders no longer configured (replaced in place: ``SignerSet``)."""
         active = issuer.active_responder(now)
-        return [r.fingerprint64 for r in issuer.responders if r is not active]
+        return SignerSet(
+            stale=[r.fingerprint64 for r in issuer.responders if r is not active],
+            active=active.fingerprint64,
+            known=[r.fingerprint64 for r in issuer.responders],
+            older_than=active.not_before - MAX_BACKDATE,
+        )
 
     async def run_pass(self) -> PassReport:
         """Re-sign everything due now (all of it) and a bounded share of rollover work."""
@@ -120,12 +134,20 @@ class Refresher:
         for issuer in self.registry.issuers:
             try:
                 stale = self.stale_signers(issuer, dt.datetime.now(dt.UTC))
+            except IssuerConfigError as exc:
+                # no responder valid now: nothing of this issuer can be re-signed; say so
+                # as loudly as a refused signature (_batch) instead of only in the summary
+                metrics.refresher_failures_total.labels(issuer.name, "signing").inc()
+                log.error("refresher: issuer %s: signing refused: %s", issuer.name, exc)
+                report.failures[issuer.name] = str(exc)
+                continue
+            try:
                 await self._issuer_pass(issuer, stale, report)
-            except (_IssuerFailed, IssuerConfigError) as exc:
+            except _IssuerFailed as exc:
                 report.failures[issuer.name] = str(exc)
         return report
 
-    async def _issuer_pass(self, issuer: Issuer, stale: list[int], report: PassReport) -> None:
+    async def _issuer_pass(self, issuer: Issuer, stale: SignerSet, report: PassReport) -> None:
         async def due_worker() -> None:
             while True:
                 n = await self._batch(issuer, report, "due", None)
@@ -143,7 +165,7 @@ class Refresher:
                     raise result
 
     async def _batch(
-        self, issuer: Issuer, report: PassReport, reason: str, stale: list[int] | None
+        self, issuer: Issuer, report: PassReport, reason: str, stale: SignerSet | None
     ) -> int:
         signed_count = 0
 
@@ -188,12 +210,12 @@ class Refresher:
     async def sample(self) -> Freshness:
         """Export backlog, rows past their BR deadline and the age distribution."""
         now = dt.datetime.now(dt.UTC)
-        stale: dict[int, list[int]] = {}
+        stale: dict[int, SignerSet] = {}
         for issuer in self.registry.issuers:
             try:
                 stale[issuer.db_id] = self.stale_signers(issuer, now)
             except IssuerConfigError:
-                stale[issuer.db_id] = [r.fingerprint64 for r in issuer.responders]
+                stale[issuer.db_id] = SignerSet([r.fingerprint64 for r in issuer.responders])
         fresh = await self.store.freshness(self._window(), stale, AGE_SAMPLE_ROWS)
         metrics.refresher_backlog.set(fresh.backlog)
         metrics.responses_past_refresh_deadline.set(fresh.past_deadline)

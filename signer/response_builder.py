@@ -22,7 +22,13 @@ from cryptography.x509 import ocsp
 
 from responder.metrics import signing_seconds
 from signer.external_signature import sign_with_token
-from signer.issuers import CERT_ID_HASHES, Issuer, ResponderIdentity, signature_hash_for
+from signer.issuers import (
+    CERT_ID_HASHES,
+    Issuer,
+    IssuerConfigError,
+    ResponderIdentity,
+    signature_hash_for,
+)
 from signer.pkcs11_key import Pkcs11Key, TokenSigningError
 
 MIN_VALIDITY = dt.timedelta(hours=8)
@@ -165,12 +171,18 @@ def renewal_point(this_update: int, next_update: int, policy: ValidityPolicy) ->
     """When a response stops being served as-is and is re-signed (Unix seconds).
 
     A response with the configured validity renews ``refresh_margin`` before nextUpdate
-    (``ValidityPolicy.check`` proves that is within BR 4.9.9). A response whose nextUpdate
+    (``ValidityPolicy.check`` proves that is within BR 4.9.9). A longer one (signed
+    before ``response_validity`` was lowered, e.g. 7 days with a 3-day margin, now 4 days
+    and 2) renews at that point or its BR deadline, whichever comes first: ``next_update -
+    margin`` alone would be 5 days after its thisUpdate. A response whose nextUpdate
     was capped by an expiring signer certificate is shorter: ``next_update - margin``
     could lie before its thisUpdate and make it due forever, so it renews at its own
     BR deadline instead."""
     if next_update - this_update >= policy.validity.total_seconds():
-        return next_update - int(policy.refresh_margin.total_seconds())
+        return min(
+            next_update - int(policy.refresh_margin.total_seconds()),
+            br_refresh_deadline(this_update, next_update),
+        )
     return br_refresh_deadline(this_update, next_update)
 
 
@@ -198,17 +210,28 @@ def response_window(
     revocation: Revocation | None = None,
 ) -> tuple[ResponderIdentity, dt.datetime, dt.datetime]:
     """The signer and thisUpdate/nextUpdate for a response made at ``moment`` (whole
-    seconds): backdated, never before a revocation, never past the signer's notAfter."""
-    responder = issuer.active_responder(moment)
+    seconds): backdated, never before a revocation, never past the signer's notAfter nor
+    the issuer certificate's (a chain that has expired validates nothing).
+
+    No usable signer is a ``SigningError`` like any other refusal, so that every caller
+    (recording, revocation, refresher, on-demand) reports it as one clear line."""
+    try:
+        responder = issuer.active_responder(moment)
+    except IssuerConfigError as exc:
+        raise SigningError(str(exc)) from exc
     this_update = moment - policy.backdate
     if revocation is not None:
         # never claim to have known of a revocation before it happened
         this_update = max(this_update, min(whole_seconds(revocation.revoked_at), moment))
-    next_update = min(this_update + policy.validity, whole_seconds(responder.not_after))
+    issuer_not_after = issuer.certificate.not_valid_after_utc
+    limit = min(responder.not_after, issuer_not_after)
+    next_update = min(this_update + policy.validity, whole_seconds(limit))
     if next_update - this_update < MIN_VALIDITY:
+        delegated_first = responder.delegated and responder.not_after <= issuer_not_after
+        which = "responder" if delegated_first else "issuer"
         raise SigningError(
-            f"issuer {issuer.name}: responder certificate expires "
-            f"{responder.not_after:%Y-%m-%d %H:%M}Z, too soon for a response valid 8h "
+            f"issuer {issuer.name}: {which} certificate expires "
+            f"{limit:%Y-%m-%d %H:%M}Z, too soon for a response valid 8h "
             "(BR 4.9.9): configure a new one"
         )
     return responder, this_update, next_update

@@ -161,10 +161,12 @@ def test_response_past_refresh_deadline_makes_not_ready(  # type: ignore[no-unty
     cert = p256_issuer.ca.issue_leaf("stale.test")
     assert ops_responder.record(cert).status_code == 201
     key = serial_key(cert.serial_number)
-    # the refresher "missed" it: nextUpdate 1h away, far inside the 2d refresh margin
+    # the refresher "missed" it: a 4-day response with nextUpdate 1h away, far inside the
+    # 2d refresh margin (a shorter one would be a capped response, due at its BR deadline)
     sql_sync(
         module_database,
-        "UPDATE responses SET next_update = now() + interval '1 hour' WHERE serial = $1",
+        "UPDATE responses SET next_update = now() + interval '1 hour', "
+        "this_update = now() - interval '3 days 23 hours' WHERE serial = $1",
         key,
     )
     try:

@@ -356,6 +356,9 @@ def test_serials_known_only_from_ct_leave_the_cycle_by_their_logged_not_after(  
             check_now,
             dt.timedelta(0),
             MAX_CERTIFICATE_LIFETIME,
+            dt.timedelta(days=2),
+            dt.timedelta(days=4),
+            dt.timedelta(hours=6),
         )
         for flag in (True, False)
     }

@@ -1,0 +1,137 @@
+"""Responses signed under a longer ``response_validity`` than the one configured now.
+
+An operator lowers the validity (7 days renewed 3 days before nextUpdate, to the default
+4 days and 2): the stored 7-day responses must still be renewed no later than 4 days after
+their thisUpdate (BR 4.9.9), although ``nextUpdate - refresh_margin`` is 5 days after it.
+Real rows signed "in the past" (tests/stored_rows.py), a real `serve` and `refresh`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography.x509 import ocsp
+
+from signer.demo_ca import random_serial
+from signer.response_builder import ValidityPolicy
+from tests.stored_rows import issuer_with_responder, load_issuer, put_row, sign_at, stored
+from tests.support import (
+    VENV_BIN,
+    IssuerFiles,
+    ResponderProcess,
+    build_request,
+    check_response,
+    get_url,
+    write_config,
+)
+
+#: the configuration before the change
+SEVEN_DAYS = ValidityPolicy(validity=dt.timedelta(days=7), refresh_margin=dt.timedelta(days=3))
+BR_MAX_AGE = dt.timedelta(days=4)
+
+
+@pytest.fixture(scope="module")
+def lowered(workdir: Path) -> IssuerFiles:
+    return issuer_with_responder(
+        "lowered", workdir, valid_from=dt.timedelta(days=30), valid_for=dt.timedelta(days=365)
+    )
+
+
+def old_row(proc: ResponderProcess, issuer_files: IssuerFiles, dsn: str, signed_ago: dt.timedelta):  # type: ignore[no-untyped-def]
+    """A recorded certificate whose stored response was signed ``signed_ago`` under the
+    7-day policy; returns (certificate, stored response)."""
+    cert = issuer_files.ca.issue_leaf("lowered.test", serial=random_serial() & ~0xFF)
+    assert proc.record(cert).status_code == 201
+    issuer = load_issuer(proc.config_path, issuer_files.name, dsn)
+    moment = dt.datetime.now(dt.UTC).replace(microsecond=0) - signed_ago
+    signed = sign_at(issuer, cert.serial_number, moment, policy=SEVEN_DAYS)
+    put_row(dsn, issuer, cert.serial_number, signed)
+    return cert, signed
+
+
+@pytest.fixture(scope="module")
+def serving(
+    module_database: str, lowered: IssuerFiles, workdir: Path
+) -> Iterator[ResponderProcess]:
+    proc = write_config(
+        workdir / "lowered", module_database, [lowered], extra="refresher = false\n"
+    ).start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def test_seven_day_response_is_not_served_past_four_days(serving, lowered, module_database):  # type: ignore[no-untyped-def]
+    # thisUpdate 4 d 1 h 30 min ago, nextUpdate in 2 d 22 h 30 min: still "2 days to go"
+    # by the new margin, but past BR's 4 days
+    cert, old = old_row(serving, lowered, module_database, dt.timedelta(days=4, minutes=30))
+    now = dt.datetime.now(dt.UTC)
+    assert now.timestamp() - old.this_update > BR_MAX_AGE.total_seconds()
+    answer = httpx.get(get_url(serving.url, build_request(cert, lowered.ca.ca_cert)))
+    assert answer.content != old.der
+    checked = check_response(answer.content, issuer=lowered, serial=cert.serial_number)
+    assert checked.response.this_update_utc > now - dt.timedelta(hours=2)
+    # and what was signed instead is stored, for every other instance
+    issuer = load_issuer(serving.config_path, lowered.name, module_database)
+    assert stored(module_database, issuer, cert.serial_number)["der"] == answer.content
+
+
+def test_max_age_stops_at_the_renewal_point(serving, lowered, module_database):  # type: ignore[no-untyped-def]
+    # its BR deadline (thisUpdate + 4 d) is 10 minutes away: no cache may keep it longer
+    cert, old = old_row(
+        serving, lowered, module_database, dt.timedelta(days=4) - dt.timedelta(minutes=70)
+    )
+    answer = httpx.get(get_url(serving.url, build_request(cert, lowered.ca.ca_cert)))
+    assert answer.content == old.der  # still before its renewal point: served as stored
+    max_age = int(answer.headers["cache-control"].split(",")[0].removeprefix("max-age="))
+    deadline = old.this_update + BR_MAX_AGE.total_seconds()
+    assert max_age <= deadline - dt.datetime.now(dt.UTC).timestamp() + 1
+    parsed = ocsp.load_der_ocsp_response(answer.content)
+    assert parsed.next_update_utc is not None
+    assert answer.headers["expires"] == parsed.next_update_utc.strftime("%a, %d %b %Y %H:%M:%S GMT")
+
+
+def test_refresher_renews_by_the_br_deadline(serving, lowered, module_database, workdir):  # type: ignore[no-untyped-def]
+    # nextUpdate in 2 d + 59 s (just within the refresher's reach with a 60 s spread),
+    # thisUpdate 5 days ago: overdue by BR for a day, not yet due by nextUpdate - margin
+    cert, old = old_row(
+        serving, lowered, module_database, dt.timedelta(days=5) - dt.timedelta(hours=1, seconds=59)
+    )
+    config = write_config(
+        workdir / "lowered-refresh", module_database, [lowered], extra='refresher_spread = "60s"\n'
+    ).config_path
+    result = subprocess.run(
+        [str(VENV_BIN / "ocsp-responder"), "refresh", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    issuer = load_issuer(config, lowered.name, module_database)
+    row = stored(module_database, issuer, cert.serial_number)
+    assert row["der"] != old.der
+    assert row["this_update"] > dt.datetime.now(dt.UTC).timestamp() - 2 * 3600
+
+
+def test_warm_up_does_not_cache_it_either(serving, lowered, module_database, workdir):  # type: ignore[no-untyped-def]
+    cert, old = old_row(serving, lowered, module_database, dt.timedelta(days=4, minutes=30))
+    fresh = write_config(
+        workdir / "lowered-warm", module_database, [lowered], extra="refresher = false\n"
+    ).start()
+    try:
+        deadline = time.monotonic() + 10
+        while "warm-up:" not in fresh.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "warm-up:" in fresh.log()
+        answer = httpx.get(get_url(fresh.url, build_request(cert, lowered.ca.ca_cert)))
+        assert answer.content != old.der
+        check_response(answer.content, issuer=lowered, serial=cert.serial_number)
+    finally:
+        fresh.stop()
