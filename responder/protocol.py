@@ -146,18 +146,28 @@ def _critical_single_request_extension(der: bytes) -> bool:
     return False
 
 
+_URL_SAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+
+
 def decode_get_path(encoded: bytes) -> bytes:
     """Turn the part of a GET path after the prefix into DER request bytes.
 
     Clients send the base64 URL-encoded or not, so ``+`` arrives as ``+``, ``%2B`` or a
     space, and ``/`` as ``/`` or ``%2F``. Leading slashes are dropped (an AIA URL ending in
     ``/`` makes ``//``): base64 of a DER SEQUENCE starts with ``M``, never ``/``. Missing
-    ``=`` padding is restored only where it is unambiguous; other alphabets are refused.
+    ``=`` padding is restored only where it is unambiguous. The URL-safe alphabet (RFC 4648
+    section 5: ``-`` and ``_`` for ``+`` and ``/``), which some clients send since it needs
+    no escaping, is read too, unless mixed with the standard one; other alphabets are
+    refused.
     """
     stripped = encoded.lstrip(b"/")
     if not stripped:
         raise MalformedRequest("empty GET request")
     text = unquote_to_bytes(stripped).replace(b" ", b"+")
+    if b"-" in text or b"_" in text:
+        if b"+" in text or b"/" in text:
+            raise MalformedRequest("GET path mixes the standard and URL-safe base64 alphabets")
+        text = text.translate(_URL_SAFE_TO_STANDARD)
     missing = -len(text) % 4
     if missing and b"=" not in text:
         if missing == 3:

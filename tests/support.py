@@ -325,6 +325,8 @@ def get_url(base: str, der: bytes, *, prefix: str = "", style: str = "quoted") -
         path = b64
     elif style == "space":
         path = b64.replace("+", "%20")
+    elif style == "urlsafe":  # RFC 4648 section 5, unpadded: needs no escaping
+        path = base64.urlsafe_b64encode(der).decode().rstrip("=")
     else:
         raise ValueError(style)
     return f"{base}{prefix}/{path}"

@@ -60,7 +60,7 @@ def post(url: str, der: bytes) -> httpx.Response:
     return httpx.post(url, content=der, headers={"Content-Type": "application/ocsp-request"})
 
 
-@pytest.mark.parametrize("style", ["quoted", "raw", "space"])
+@pytest.mark.parametrize("style", ["quoted", "raw", "space", "urlsafe"])
 def test_get_forms_answer_good(responder, p256_issuer, good_cert, style):  # type: ignore[no-untyped-def]
     der = build_request(good_cert, p256_issuer.ca.ca_cert)
     # make sure the base64 has a '+' or '/' so the encodings differ: search serial space

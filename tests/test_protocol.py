@@ -26,7 +26,11 @@ def request_der(demo_ca):  # type: ignore[no-untyped-def]
 
 def test_path_forms_decode_identically(request_der: bytes) -> None:
     b64 = base64.b64encode(request_der).decode()
+    url_safe = base64.urlsafe_b64encode(request_der).decode()
     forms = [
+        url_safe,
+        url_safe.rstrip("="),
+        quote(url_safe, safe=""),
         b64,
         quote(b64, safe=""),
         b64.replace("+", " "),
@@ -45,6 +49,21 @@ def test_parse_request_fields(demo_ca) -> None:  # type: ignore[no-untyped-def]
     assert parsed.serial == cert.serial_number
     assert parsed.hash_algorithm == "sha256"
     assert parsed.nonce == b"n" * 16
+
+
+def test_a_request_needing_both_url_safe_characters_decodes(demo_ca) -> None:  # type: ignore[no-untyped-def]
+    """The URL-safe form was refused as malformedRequest; mixing the alphabets still is."""
+    for serial in range(1, 4000):
+        der = build_request(None, demo_ca.ca_cert, serial=serial)
+        std = base64.b64encode(der)
+        if b"+" in std and b"/" in std:
+            break
+    assert b"+" in std and b"/" in std
+    url_safe = base64.urlsafe_b64encode(der)
+    assert decode_get_path(url_safe) == der
+    mixed = url_safe.replace(b"-", b"+", 1)
+    with pytest.raises(MalformedRequest, match="mixes"):
+        decode_get_path(mixed)
 
 
 @pytest.mark.parametrize("bad", [b"", b"=", b"A", b"!!!!", b"%ZZ", b"M" * 5])
