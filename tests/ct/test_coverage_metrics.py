@@ -1,5 +1,8 @@
 """The alerts that guard the 15-minute bound fire in the default deployment.
 
+``ct-status``, documented as a monitoring check, exited 0 for a configured log that no
+follower had ever polled, or had not polled for hours.
+
 By default the CT follower is its own process (``ocsp-responder ct-follow``, no metrics
 endpoint), so the follower's own counters never reached Prometheus: a follower that never
 ran, a log failing for an hour or a gap left open showed nothing on ``serve``'s /metrics.
@@ -37,19 +40,17 @@ def metric(proc: ResponderProcess, name: str, **labels: str) -> float | None:
     return samples(proc).get((name, tuple(sorted(labels.items()))))
 
 
-def ct_follow_once(proc: ResponderProcess) -> subprocess.CompletedProcess[str]:
+def cli(proc: ResponderProcess, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [
-            str(VENV_BIN / "ocsp-responder"),
-            "ct-follow",
-            "--once",
-            "--config",
-            str(proc.config_path),
-        ],
+        [str(VENV_BIN / "ocsp-responder"), *args, "--config", str(proc.config_path)],
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def ct_follow_once(proc: ResponderProcess) -> subprocess.CompletedProcess[str]:
+    return cli(proc, "ct-follow", "--once")
 
 
 async def test_serve_exports_follower_progress_and_open_gaps_from_the_database(
@@ -84,8 +85,13 @@ async def test_serve_exports_follower_progress_and_open_gaps_from_the_database(
             lambda: shows("ct_log_seconds_since_update", math.isinf, log="m"),
             what="a never-polled log to show +Inf",
         )
+        # ct-status, the documented monitoring check, says so too (it exited 0)
+        status = cli(proc, "ct-status")
+        assert status.returncode == 1, status.stdout + status.stderr
+        assert "m: never polled: is a follower running?" in status.stdout
         done = ct_follow_once(proc)
         assert done.returncode == 0, done.stdout + done.stderr
+        assert cli(proc, "ct-status").returncode == 0
         await wait_until(
             lambda: shows("ct_log_seconds_since_update", lambda v: v < 60, log="m"),
             what="the follower's poll to show",
@@ -95,6 +101,15 @@ async def test_serve_exports_follower_progress_and_open_gaps_from_the_database(
         assert metric(proc, "coverage_gaps_open", issuer="ctca") == 0
         lag = metric(proc, "ct_lag_seconds", log="m")
         assert lag is not None and 0 <= lag < 60
+        # a follower that stopped: the row goes stale
+        await sql(database, "UPDATE ct_logs SET updated_at = now() - interval '1 hour'")
+        status = cli(proc, "ct-status")
+        assert status.returncode == 1 and "m: not polled for 3" in status.stdout, status.stdout
+        await wait_until(
+            lambda: shows("ct_log_seconds_since_update", lambda v: v >= 3600, log="m"),
+            what="the stale row to show",
+        )
+        assert ct_follow_once(proc).returncode == 0
         # a gap that cannot be signed (cryptography refuses a negative serial) stays open
         await sql(
             database,
