@@ -92,6 +92,11 @@ class IssuerConfig:
     key: KeyRef | None
 
 
+#: the longest ``poll_interval`` accepted: with retries and the batch it must leave the
+#: follower well inside BR 4.9.9's 15 minutes (docs/deploy.md, "The CT follower")
+MAX_CT_POLL_INTERVAL = dt.timedelta(minutes=5)
+
+
 @dataclass(frozen=True)
 class CTLogConfig:
     name: str
@@ -605,12 +610,19 @@ def _ct_log(item: dict[str, Any], index: int) -> CTLogConfig:
     kind = _str(item["kind"], f"{where}.kind")
     if kind not in ("rfc6962", "static"):
         raise ConfigError(f"{where}.kind: expected 'rfc6962' or 'static', got {kind!r}")
+    poll = parse_duration(item.get("poll_interval", "10s"), f"{where}.poll_interval")
+    if not dt.timedelta(0) < poll <= MAX_CT_POLL_INTERVAL:
+        # the poll interval is spent inside BR 4.9.9's 15 minutes for a lost recording
+        raise ConfigError(
+            f"{where}.poll_interval: must be more than 0 and at most 5m (a lost recording "
+            f"must be answered within 15 minutes of its CT publication), got {poll}"
+        )
     return CTLogConfig(
         name=_str(item.get("name", item["url"]), f"{where}.name"),
         url=_str(item["url"], f"{where}.url").rstrip("/"),
         kind=kind,
         public_key=_str(item["public_key"], f"{where}.public_key"),
-        poll_interval=parse_duration(item.get("poll_interval", "10s"), f"{where}.poll_interval"),
+        poll_interval=poll,
         origin=_str(item["origin"], f"{where}.origin") if "origin" in item else None,
         batch_size=_positive(item.get("batch_size", 4096), f"{where}.batch_size"),
     )

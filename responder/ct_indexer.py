@@ -429,8 +429,17 @@ class CTIndexer:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Follow every log at its poll interval until ``stop`` is set (or cancelled)."""
         stop = stop or asyncio.Event()
-        if not self._started:
-            await self.start()
+        # The logs' rows cannot be registered while the database is down (a restart or
+        # failover as `serve` starts): retry at the poll interval instead of ending the
+        # follower for good, which left every later lost recording `unauthorized`.
+        retry = min((f.config.poll_interval.total_seconds() for f in self.logs), default=10.0)
+        while not self._started and not stop.is_set():
+            try:
+                await self.start()
+            except DATABASE_ERRORS as exc:
+                log.warning("CT follower cannot register its logs yet (will retry): %s", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=retry)
         try:
             await asyncio.gather(*(self._loop(f, stop) for f in self.logs))
         finally:

@@ -23,7 +23,17 @@ async def collect(config: Config, dsn: str) -> dict[str, Any]:
     finally:
         await conn.close()
     seen = {s.url for s in statuses}
-    logs: list[dict[str, Any]] = [s.as_json() for s in statuses]
+    polls = {cfg.url: cfg.poll_interval for cfg in config.ct_logs}
+    now = dt.datetime.now(dt.UTC)
+    logs: list[dict[str, Any]] = []
+    for status in statuses:
+        item = status.as_json()
+        if status.url in polls:
+            # a configured log whose row nobody wrote for this long has no live follower
+            # (not running, or stuck): lost recordings published meanwhile stay unanswered
+            limit = polls[status.url] + STALE_AFTER
+            item["stale"] = now - status.updated_at > limit
+        logs.append(item)
     for cfg in config.ct_logs:
         if cfg.url not in seen:
             logs.append({"name": cfg.name, "url": cfg.url, "state": "never polled"})
@@ -37,13 +47,23 @@ async def collect(config: Config, dsn: str) -> dict[str, Any]:
 
 #: exit statuses of ``ct-status`` (docs/ct-index.md): a monitoring check can run it as is
 EXIT_OK = 0
-EXIT_LOG_ERROR = 1  # a log's last poll failed (``last_error`` is set)
+#: a log's last poll failed (``last_error`` is set), or a configured log is not followed:
+#: never polled, or its row not written for ``poll_interval`` + ``STALE_AFTER``
+EXIT_LOG_ERROR = 1
 EXIT_OPEN_GAPS = 2  # no failing log, but coverage gaps are not repaired (no answer signed)
+#: how long past its poll interval a configured log's row may go unwritten
+STALE_AFTER = dt.timedelta(minutes=5)
+
+
+def not_followed(item: dict[str, Any]) -> bool:
+    """A configured log that no follower has polled, or not lately."""
+    return item.get("state") == "never polled" or bool(item.get("stale"))
 
 
 def exit_status(doc: dict[str, Any]) -> int:
-    """1 if a log's last poll failed, else 2 if a coverage gap is open, else 0."""
-    if any(item.get("last_error") for item in doc["logs"]):
+    """1 if a log's last poll failed or a configured log is not followed, else 2 if a
+    coverage gap is open, else 0."""
+    if any(item.get("last_error") or not_followed(item) for item in doc["logs"]):
         return EXIT_LOG_ERROR
     if any(g["unrepaired"] for g in doc["gaps_by_issuer"].values()):
         return EXIT_OPEN_GAPS
@@ -63,6 +83,7 @@ def render_table(doc: dict[str, Any], now: dt.datetime | None = None) -> str:
     for item in doc["logs"]:
         if "next_index" not in item:
             rows.append((item["name"], "-", "-", "-", "-", "never polled", "-", "-"))
+            errors.append(f"{item['name']}: never polled: is a follower running?")
             continue
         updated = dt.datetime.fromisoformat(item["updated_at"])
         lag = item["lag_seconds"]
@@ -80,6 +101,11 @@ def render_table(doc: dict[str, Any], now: dt.datetime | None = None) -> str:
         )
         if item["last_error"]:
             errors.append(f"{item['name']}: last poll failed: {item['last_error']}")
+        if item.get("stale"):
+            errors.append(
+                f"{item['name']}: not polled for {(now - updated).total_seconds():.0f}s: "
+                "is a follower running?"
+            )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines += errors

@@ -79,6 +79,34 @@ ct_lag_seconds = Gauge(
 ct_log_position = Gauge(
     "ct_log_position", "Next leaf index to read per log", ["log"], multiprocess_mode="max"
 )
+#: The CT follower's progress and the open coverage gaps, read from the database by
+#: ``serve`` (responder/ct_coverage.py) whichever process follows the logs (``ct-follow``
+#: beside it has no metrics endpoint): the alerts of docs/deploy.md rest on these.
+ct_log_seconds_since_update = Gauge(
+    "ct_log_seconds_since_update",
+    "Seconds since the follower last wrote this log's row (poll, batch or error); +Inf: "
+    "a configured log never polled",
+    ["log"],
+    multiprocess_mode="max",
+)
+ct_log_poll_failing = Gauge(
+    "ct_log_poll_failing",
+    "1 when the last poll of this log failed",
+    ["log"],
+    multiprocess_mode="max",
+)
+ct_log_behind_entries = Gauge(
+    "ct_log_behind_entries",
+    "Entries of the verified tree head not yet indexed (tree size - next index)",
+    ["log"],
+    multiprocess_mode="max",
+)
+coverage_gaps_open = Gauge(
+    "coverage_gaps_open",
+    "Serials in CT with no stored response that are not repaired yet (and not retired)",
+    ["issuer"],
+    multiprocess_mode="max",
+)
 response_age_seconds = Histogram(
     "ocsp_response_age_seconds",
     "Age (now - thisUpdate) of served responses",

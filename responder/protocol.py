@@ -16,6 +16,8 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.x509 import ocsp
 
+from signer.der import TAG_SEQUENCE, DERError, children, expect
+
 # Unsigned OCSPResponse { responseStatus } for each non-successful status (RFC 6960 4.2.1).
 MALFORMED_REQUEST = b"\x30\x03\x0a\x01\x01"
 INTERNAL_ERROR = b"\x30\x03\x0a\x01\x02"
@@ -79,6 +81,10 @@ def parse_request(der: bytes) -> CertIdRequest:
         # ValueError: uncaught it became internalError and a traceback per request)
         raise MalformedRequest(f"bad request extensions: {exc}") from exc
     if len(extensions):
+        for extension in extensions:
+            if extension.critical and not _understood(extension):
+                # RFC 6960 4.4: only non-critical unknown extensions may be ignored
+                raise MalformedRequest(f"critical request extension {extension.oid.dotted_string}")
         try:
             ext = extensions.get_extension_for_class(x509.OCSPNonce)
         except x509.ExtensionNotFound:
@@ -87,6 +93,8 @@ def parse_request(der: bytes) -> CertIdRequest:
             nonce = ext.value.nonce
             if not 1 <= len(nonce) <= MAX_NONCE_LENGTH:
                 raise MalformedRequest(f"nonce of {len(nonce)} octets (RFC 9654: 1 to 128)")
+    if _critical_single_request_extension(der):
+        raise MalformedRequest("critical singleRequestExtension (none is supported)")
     return CertIdRequest(
         hash_algorithm=alg,
         issuer_name_hash=req.issuer_name_hash,
@@ -96,18 +104,70 @@ def parse_request(der: bytes) -> CertIdRequest:
     )
 
 
+#: id-pkix-ocsp-basic: the only response type we send (RFC 6960 4.2.1)
+_OCSP_BASIC = x509.ObjectIdentifier("1.3.6.1.5.5.7.48.1.1")
+
+
+def _understood(extension: x509.Extension[x509.ExtensionType]) -> bool:
+    """A request extension we act on: the nonce, and acceptable response types that
+    include the basic response (the one we send)."""
+    value = extension.value
+    if isinstance(value, x509.OCSPNonce):
+        return True
+    return isinstance(value, x509.OCSPAcceptableResponses) and _OCSP_BASIC in list(value)
+
+
+def _critical_single_request_extension(der: bytes) -> bool:
+    """Whether the one Request carries a critical singleRequestExtension (cryptography
+    does not expose them; none is supported, so a critical one must not be ignored).
+
+    ``der`` has already been parsed strictly by cryptography: the walk only locates
+    ``OCSPRequest.tbsRequest.requestList[0].singleRequestExtensions``."""
+    try:
+        c0, c1 = expect(der, 0, len(der), TAG_SEQUENCE)  # OCSPRequest
+        t0, t1 = expect(der, c0, c1, TAG_SEQUENCE)  # TBSRequest
+        request_list = next(c for c in children(der, t0, t1) if c[0] == TAG_SEQUENCE)
+        [(_, _, r0, r1)] = children(der, request_list[2], request_list[3])  # Request
+        parts = children(der, r0, r1)
+        if len(parts) < 2 or parts[1][0] != 0xA0:  # [0] EXPLICIT Extensions
+            return False
+        e0, e1 = expect(der, parts[1][2], parts[1][3], TAG_SEQUENCE)
+        for _, _, x0, x1 in children(der, e0, e1):  # Extension
+            fields = children(der, x0, x1)
+            # extnID, critical BOOLEAN DEFAULT FALSE (present only when TRUE in DER)
+            if (
+                len(fields) == 3
+                and fields[1][0] == 0x01
+                and der[fields[1][2] : fields[1][3]] != b"\x00"
+            ):
+                return True
+    except (DERError, StopIteration, ValueError):
+        return False  # cryptography accepted the structure: nothing else to find
+    return False
+
+
+_URL_SAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+
+
 def decode_get_path(encoded: bytes) -> bytes:
     """Turn the part of a GET path after the prefix into DER request bytes.
 
     Clients send the base64 URL-encoded or not, so ``+`` arrives as ``+``, ``%2B`` or a
     space, and ``/`` as ``/`` or ``%2F``. Leading slashes are dropped (an AIA URL ending in
     ``/`` makes ``//``): base64 of a DER SEQUENCE starts with ``M``, never ``/``. Missing
-    ``=`` padding is restored only where it is unambiguous; other alphabets are refused.
+    ``=`` padding is restored only where it is unambiguous. The URL-safe alphabet (RFC 4648
+    section 5: ``-`` and ``_`` for ``+`` and ``/``), which some clients send since it needs
+    no escaping, is read too, unless mixed with the standard one; other alphabets are
+    refused.
     """
     stripped = encoded.lstrip(b"/")
     if not stripped:
         raise MalformedRequest("empty GET request")
     text = unquote_to_bytes(stripped).replace(b" ", b"+")
+    if b"-" in text or b"_" in text:
+        if b"+" in text or b"/" in text:
+            raise MalformedRequest("GET path mixes the standard and URL-safe base64 alphabets")
+        text = text.translate(_URL_SAFE_TO_STANDARD)
     missing = -len(text) % 4
     if missing and b"=" not in text:
         if missing == 3:

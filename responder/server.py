@@ -23,6 +23,7 @@ from responder.admin_app import create_admin_app
 from responder.admin_tls import admin_ssl_options
 from responder.background import BackgroundTasks
 from responder.config import Config, ConfigError
+from responder.ct_coverage import CTCoverageMonitor
 from responder.ct_indexer import BackgroundFollower, CTIndexer
 from responder.ocsp_app import OCSPApp
 from responder.ocsp_endpoint import OCSPEndpoint
@@ -99,6 +100,7 @@ async def serve(
         raise
     background = BackgroundTasks(service)
     await background.start()
+    coverage = _ct_coverage(config, service) if primary else None
     service.start_warmup()
     host, port = config.listen
     common = {
@@ -159,6 +161,8 @@ async def serve(
     try:
         if follower is not None:
             follower.start()
+        if coverage is not None:
+            coverage.start()
         if native is not None:
             await native.start(host, port, sock=listen_socket)
         for index, server in enumerate(servers):
@@ -202,6 +206,8 @@ async def serve(
         if native is not None:
             await native.close()
         await background.stop()
+        if coverage is not None:
+            await coverage.stop()
         if follower is not None:
             await follower.stop()
         await service.close()
@@ -223,3 +229,22 @@ def _ct_follower(config: Config, service: ResponderService) -> BackgroundFollowe
         return None
     indexer = CTIndexer.from_config(config, service.registry, service.store.pool)
     return BackgroundFollower(indexer)
+
+
+def _ct_coverage(config: Config, service: ResponderService) -> CTCoverageMonitor | None:
+    """The CT follower's progress and open gaps as metrics, when CT logs are configured
+    (whichever process follows them: this one, or ``ct-follow`` beside it)."""
+    if not config.ct_logs:
+        return None
+    if not config.ct_follow_in_serve:
+        log.info(
+            "CT logs are followed by `ocsp-responder ct-follow`, not by serve "
+            "(ct_follow_in_serve = false): run it beside serve (docs/deploy.md)"
+        )
+    return CTCoverageMonitor(
+        service.store.pool,
+        config.ct_logs,
+        service.registry,
+        interval=config.health_check_interval.total_seconds(),
+        expired_retention=config.expired_retention,
+    )

@@ -278,6 +278,45 @@ def duplicated_nonce_request(issuer: x509.Certificate, serial: int) -> bytes:
     return der.replace(twin, twin[:-1] + b"\x02")
 
 
+def critical_extension_request(
+    cert: x509.Certificate,
+    issuer: x509.Certificate,
+    extension: x509.ExtensionType,
+    *,
+    critical: bool = True,
+) -> bytes:
+    """A SHA-1 request for ``cert`` with one requestExtension, critical by default."""
+    return (
+        ocsp.OCSPRequestBuilder()
+        .add_certificate(cert, issuer, hashes.SHA1())
+        .add_extension(extension, critical=critical)
+        .build()
+        .public_bytes(serialization.Encoding.DER)
+    )
+
+
+def with_single_request_extension(request: bytes, *, critical: bool) -> bytes:
+    """``request`` (one CertID, as build_request makes it) with a singleRequestExtension
+    (OID 1.2.3.4, value NULL) in its Request; cryptography's builder cannot make one."""
+    from signer.der import children, encode_tlv, expect
+
+    c0, c1 = expect(request, 0, len(request), 0x30)
+    t0, t1 = expect(request, c0, c1, 0x30)
+    parts = children(request, t0, t1)
+    [(_, list_start, l0, l1)] = [p for p in parts if p[0] == 0x30]
+    [(_, _, r0, r1)] = children(request, l0, l1)
+    extension = encode_tlv(
+        0x30,
+        encode_tlv(0x06, bytes.fromhex("2a0304"))
+        + (b"\x01\x01\xff" if critical else b"")
+        + encode_tlv(0x04, b"\x05\x00"),
+    )
+    single = encode_tlv(0xA0, encode_tlv(0x30, extension))
+    new_list = encode_tlv(0x30, encode_tlv(0x30, request[r0:r1] + single))
+    tbs = request[t0:list_start] + new_list + request[l1:t1]
+    return encode_tlv(0x30, encode_tlv(0x30, tbs) + request[t1:c1])
+
+
 def get_url(base: str, der: bytes, *, prefix: str = "", style: str = "quoted") -> str:
     b64 = base64.b64encode(der).decode()
     if style == "quoted":
@@ -286,6 +325,8 @@ def get_url(base: str, der: bytes, *, prefix: str = "", style: str = "quoted") -
         path = b64
     elif style == "space":
         path = b64.replace("+", "%20")
+    elif style == "urlsafe":  # RFC 4648 section 5, unpadded: needs no escaping
+        path = base64.urlsafe_b64encode(der).decode().rstrip("=")
     else:
         raise ValueError(style)
     return f"{base}{prefix}/{path}"

@@ -76,6 +76,21 @@ def test_ct_logs(tmp_path: Path) -> None:
     assert not load_config(path, env).ct_follow_in_serve
 
 
+@pytest.mark.parametrize("interval", ["0s", "6m", "1h"])
+def test_ct_poll_interval_must_fit_the_15_minute_bound(tmp_path: Path, interval: str) -> None:
+    """A lost recording is answered only once the follower polls its log: an interval of
+    an hour was accepted and left BR 4.9.9's 15 minutes unmet; 0 polled without pause."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        "[[ct_logs]]\nurl = 'https://l.example/'\nkind = 'static'\npublic_key = 'AAAA'\n"
+        f"poll_interval = '{interval}'\n"
+    )
+    with pytest.raises(ConfigError, match=r"ct_logs\[0\]\.poll_interval: must be more than 0"):
+        load_config(path, {})
+    path.write_text(path.read_text().replace(interval, "5m"))
+    assert load_config(path, {}).ct_logs[0].poll_interval == dt.timedelta(minutes=5)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

@@ -12,6 +12,7 @@ from email.utils import parsedate_to_datetime
 
 import httpx
 import pytest
+from cryptography import x509
 from cryptography.x509 import ocsp
 
 from responder.protocol import MALFORMED_REQUEST, UNAUTHORIZED
@@ -20,8 +21,10 @@ from tests.support import (
     ResponderProcess,
     build_request,
     check_response,
+    critical_extension_request,
     get_url,
     sql_sync,
+    with_single_request_extension,
     write_config,
 )
 
@@ -57,7 +60,7 @@ def post(url: str, der: bytes) -> httpx.Response:
     return httpx.post(url, content=der, headers={"Content-Type": "application/ocsp-request"})
 
 
-@pytest.mark.parametrize("style", ["quoted", "raw", "space"])
+@pytest.mark.parametrize("style", ["quoted", "raw", "space", "urlsafe"])
 def test_get_forms_answer_good(responder, p256_issuer, good_cert, style):  # type: ignore[no-untyped-def]
     der = build_request(good_cert, p256_issuer.ca.ca_cert)
     # make sure the base64 has a '+' or '/' so the encodings differ: search serial space
@@ -207,6 +210,28 @@ def test_malformed_requests(responder, p256_issuer, good_cert):  # type: ignore[
     _assert_error(post(responder.url, b""), MALFORMED_REQUEST)
     for path in ("/!!!!", "/MEUw%ZZ", "/M", "/" + "A" * 5):
         _assert_error(httpx.get(responder.url + path), MALFORMED_REQUEST)
+
+
+def test_critical_extensions_not_understood_are_malformed(responder, p256_issuer, good_cert):  # type: ignore[no-untyped-def]
+    """RFC 6960 4.4: a critical extension we do not understand must not be ignored (the
+    answer was the pre-signed good, as if the extension were absent)."""
+    ca = p256_issuer.ca.ca_cert
+    unknown = x509.UnrecognizedExtension(x509.ObjectIdentifier("1.2.3.4"), b"\x05\x00")
+    refused = [
+        critical_extension_request(good_cert, ca, unknown),
+        with_single_request_extension(build_request(good_cert, ca), critical=True),
+    ]
+    for der in refused:
+        _assert_error(post(responder.url, der), MALFORMED_REQUEST)
+        _assert_error(httpx.get(get_url(responder.url, der)), MALFORMED_REQUEST)
+    accepted = [
+        critical_extension_request(good_cert, ca, unknown, critical=False),
+        with_single_request_extension(build_request(good_cert, ca), critical=False),
+    ]
+    for der in accepted:
+        check_response(
+            post(responder.url, der).content, issuer=p256_issuer, serial=good_cert.serial_number
+        )
 
 
 def _two_certid_request(cert, issuer):  # type: ignore[no-untyped-def]

@@ -318,7 +318,12 @@ def test_log_names_the_admin_port_it_really_got(
     port (it said 0), and the admin API answers there."""
     proc = write_config(tmp_path, database, [p256_issuer], admin_port=0).start()
     try:
-        found = re.search(r"admin API: http://127\.0\.0\.1:(\d+)\)", proc.log())
+        # the OCSP port answers /healthz before the admin listener is up and the line written
+        deadline = time.monotonic() + 10
+        while (
+            found := re.search(r"admin API: http://127\.0\.0\.1:(\d+)\)", proc.log())
+        ) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert found is not None, proc.log()
         port = int(found.group(1))
         assert port != 0

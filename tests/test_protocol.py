@@ -6,11 +6,17 @@ import base64
 from urllib.parse import quote
 
 import pytest
+from cryptography import x509
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from responder.protocol import MalformedRequest, decode_get_path, parse_request
-from tests.support import build_request, duplicated_nonce_request
+from tests.support import (
+    build_request,
+    critical_extension_request,
+    duplicated_nonce_request,
+    with_single_request_extension,
+)
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +26,11 @@ def request_der(demo_ca):  # type: ignore[no-untyped-def]
 
 def test_path_forms_decode_identically(request_der: bytes) -> None:
     b64 = base64.b64encode(request_der).decode()
+    url_safe = base64.urlsafe_b64encode(request_der).decode()
     forms = [
+        url_safe,
+        url_safe.rstrip("="),
+        quote(url_safe, safe=""),
         b64,
         quote(b64, safe=""),
         b64.replace("+", " "),
@@ -41,6 +51,21 @@ def test_parse_request_fields(demo_ca) -> None:  # type: ignore[no-untyped-def]
     assert parsed.nonce == b"n" * 16
 
 
+def test_a_request_needing_both_url_safe_characters_decodes(demo_ca) -> None:  # type: ignore[no-untyped-def]
+    """The URL-safe form was refused as malformedRequest; mixing the alphabets still is."""
+    for serial in range(1, 4000):
+        der = build_request(None, demo_ca.ca_cert, serial=serial)
+        std = base64.b64encode(der)
+        if b"+" in std and b"/" in std:
+            break
+    assert b"+" in std and b"/" in std
+    url_safe = base64.urlsafe_b64encode(der)
+    assert decode_get_path(url_safe) == der
+    mixed = url_safe.replace(b"-", b"+", 1)
+    with pytest.raises(MalformedRequest, match="mixes"):
+        decode_get_path(mixed)
+
+
 @pytest.mark.parametrize("bad", [b"", b"=", b"A", b"!!!!", b"%ZZ", b"M" * 5])
 def test_bad_paths(bad: bytes) -> None:
     with pytest.raises(MalformedRequest):
@@ -58,6 +83,35 @@ def test_nonce_length_limits(demo_ca) -> None:  # type: ignore[no-untyped-def]
 def test_duplicated_extension_is_malformed(demo_ca) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(MalformedRequest, match="bad request extensions"):
         parse_request(duplicated_nonce_request(demo_ca.ca_cert, 5))
+
+
+def test_critical_request_extensions_we_do_not_understand_are_refused(demo_ca) -> None:  # type: ignore[no-untyped-def]
+    """RFC 6960 4.4: an unrecognised extension may be ignored only if it is not critical.
+    A critical one in requestExtensions or in the Request's singleRequestExtensions was
+    ignored and answered as if absent."""
+    cert, ca = demo_ca.issue_leaf("crit.test"), demo_ca.ca_cert
+    unknown = x509.UnrecognizedExtension(x509.ObjectIdentifier("1.2.3.4"), b"\x05\x00")
+    with pytest.raises(MalformedRequest, match=r"critical request extension 1\.2\.3\.4"):
+        parse_request(critical_extension_request(cert, ca, unknown))
+    assert parse_request(critical_extension_request(cert, ca, unknown, critical=False))
+    # extensions we act on may be critical
+    nonce = parse_request(critical_extension_request(cert, ca, x509.OCSPNonce(b"n" * 16)))
+    assert nonce.nonce == b"n" * 16
+    basic = x509.ObjectIdentifier("1.3.6.1.5.5.7.48.1.1")
+    other = x509.ObjectIdentifier("1.2.3.5")
+    assert parse_request(
+        critical_extension_request(cert, ca, x509.OCSPAcceptableResponses([basic]))
+    )
+    with pytest.raises(MalformedRequest, match="critical request extension"):
+        parse_request(critical_extension_request(cert, ca, x509.OCSPAcceptableResponses([other])))
+    # singleRequestExtensions: none is supported, so any critical one is refused
+    plain = build_request(cert, ca)
+    critical = with_single_request_extension(plain, critical=True)
+    assert critical != plain
+    with pytest.raises(MalformedRequest, match="critical singleRequestExtension"):
+        parse_request(critical)
+    lenient = with_single_request_extension(plain, critical=False)
+    assert parse_request(lenient).serial == cert.serial_number
 
 
 @settings(max_examples=300, deadline=None)

@@ -1,0 +1,99 @@
+"""The follower rides out PostgreSQL outages, including one at its own start.
+
+Inside ``serve`` (``ct_follow_in_serve = true``) the follower task registered its logs once
+at start; if the database was unreachable at that moment (a restart or failover while the
+instance started) the task ended with "the CT follower stopped; serving continues without
+it" and never followed again: every lost recording published afterwards stayed
+``unauthorized`` until the next restart of ``serve``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Iterator
+
+import pytest
+
+from responder.config import CTLogConfig
+from responder.ct_indexer import BackgroundFollower, CTIndexer
+from responder.schema import migrate
+from signer.demo_ca import DemoCA
+from signer.response_builder import ValidityPolicy
+from tests.pgcluster import PgCluster
+
+from .fakelog import FakeLog, FakeLogServer
+from .index_support import DER, FAST, connect, now_ms, signing_registry, spki_sha256, wait_until
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[PgCluster]:
+    cluster = PgCluster().init().start()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+def add_lost_precert(log: FakeLog, ca: DemoCA, serial: int) -> None:
+    pre = ca.issue_leaf("o.test", serial=serial, precertificate=True)
+    tbs = ca.issue_leaf("o.test", serial=serial).tbs_certificate_bytes
+    log.add_precert(spki_sha256(ca.ca_cert), tbs, pre.public_bytes(DER), [], now_ms())
+    log.publish()
+
+
+async def test_follower_started_while_the_database_is_down_follows_once_it_is_back(
+    own_cluster: PgCluster, fake_server: FakeLogServer, fake_log: FakeLog, ct_ca: DemoCA
+) -> None:
+    own_cluster.psql("CREATE DATABASE ct")
+    dsn = own_cluster.dsn("ct")
+    await migrate(dsn)
+    registry = signing_registry({"ctca": ct_ca})
+    store = await connect(dsn, registry)
+    add_lost_precert(fake_log, ct_ca, 0x7B01)
+    cfg = CTLogConfig(
+        name="o",
+        url=fake_server.url,
+        kind="static",
+        public_key=fake_server.log.public_key_pem.decode(),
+        poll_interval=dt.timedelta(seconds=0.2),
+        origin=fake_server.log.origin,
+    )
+    indexer = CTIndexer([cfg], registry, store.pool, ValidityPolicy(), retry=FAST)
+    follower = BackgroundFollower(indexer)
+
+    async def repaired() -> bool:
+        try:
+            n = await store.pool.fetchval(
+                "SELECT count(*) FROM coverage_gaps WHERE repaired_at IS NOT NULL"
+            )
+        except Exception:
+            return False
+        return bool(n)
+
+    try:
+        own_cluster.stop("immediate")
+        follower.start()
+        await asyncio.sleep(1.0)  # its start meets the outage
+        own_cluster.start()
+        await wait_until(repaired, timeout=30, what="the first lost precert to be repaired")
+        # and an outage while it follows: entries published meanwhile are not skipped
+        own_cluster.stop("immediate")
+        add_lost_precert(fake_log, ct_ca, 0x7B02)
+        await asyncio.sleep(1.0)
+        own_cluster.start()
+
+        async def both() -> bool:
+            try:
+                n = await store.pool.fetchval(
+                    "SELECT count(*) FROM coverage_gaps g JOIN responses r "
+                    "USING (issuer_id, serial) WHERE g.repaired_at IS NOT NULL"
+                )
+            except Exception:
+                return False
+            return n == 2
+
+        await wait_until(both, timeout=30, what="the second lost precert to be repaired")
+    finally:
+        await follower.stop()
+        await store.close()
