@@ -42,19 +42,38 @@ class ConfigError(Exception):
 
 def parse_duration(value: object, key: str) -> dt.timedelta:
     """``"4d"``, ``"96h"``, ``"30m"``, ``"45s"``, ``"1h30m"`` or a number of seconds."""
-    if isinstance(value, bool):
+    seconds = _duration_seconds(value)
+    if seconds is None:
         raise ConfigError(f"{key}: expected a duration like '4d' or '8h', got {value!r}")
+    # TOML has nan, inf and negative numbers; timedelta refuses more than 999,999,999 days
+    # (OverflowError): each is a one-line error here, not a traceback or a negative timeout
+    if not 0 <= seconds <= MAX_DURATION_SECONDS:
+        raise ConfigError(
+            f"{key}: expected a duration from 0 to {MAX_DURATION_SECONDS // 86400} days, "
+            f"got {value!r}"
+        )
+    return dt.timedelta(seconds=seconds)
+
+
+#: the longest duration any key takes: 100 years (keys bound their own ranges further)
+MAX_DURATION_SECONDS = 100 * 365 * 86400
+
+
+def _duration_seconds(value: object) -> float | None:
+    """Seconds of ``value`` (unbounded; NaN stays NaN), or None if it is not a duration."""
+    if isinstance(value, bool):
+        return None
     if isinstance(value, int | float):
-        return dt.timedelta(seconds=value)
+        return value
     if isinstance(value, str):
         text = value.strip()
         if text.isdigit():
-            return dt.timedelta(seconds=int(text))
+            return int(text)
         parts = re.findall(r"(\d+)([dhms])", text)
         if parts and "".join(n + u for n, u in parts) == text.replace(" ", ""):
             units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
-            return dt.timedelta(seconds=sum(int(n) * units[u] for n, u in parts))
-    raise ConfigError(f"{key}: expected a duration like '4d' or '8h', got {value!r}")
+            return sum(int(n) * units[u] for n, u in parts)
+    return None
 
 
 def parse_address(value: str, key: str) -> tuple[str, int]:
@@ -326,7 +345,10 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
 
 
 def _path(base: Path, value: object, key: str) -> Path:
-    p = Path(_str(value, key)).expanduser()
+    text = _str(value, key)
+    if "\x00" in text:  # every file call would raise ValueError on it
+        raise ConfigError(f"{key}: a path cannot contain a NUL character")
+    p = Path(text).expanduser()
     return p if p.is_absolute() else base / p
 
 
@@ -552,6 +574,8 @@ def _issuer(base: Path, item: dict[str, Any], index: int) -> IssuerConfig:
                 _key_ref(base, item["responder_key"], f"{where}.responder_key"),
             )
         )
+    if not isinstance(item.get("responders", []), list):
+        raise ConfigError(f"{where}.responders: expected a list of {{certificate, key}} tables")
     for j, r in enumerate(item.get("responders", [])):
         if not isinstance(r, dict) or set(r) != {"certificate", "key"}:
             raise ConfigError(f"{where}.responders[{j}]: expected {{certificate, key}}")

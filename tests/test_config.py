@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from responder.config import ConfigError, load_config, parse_duration
+from responder.config import KNOWN_KEYS, ConfigError, load_config, parse_duration
 from tests.support import VENV_BIN
 
 
@@ -261,3 +262,64 @@ def test_store_lookup_queue_limit(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("store_lookup_queue_limit = 100\n")
     assert load_config(path, {}).store_lookup_queue_limit == 100
+
+
+DURATION_KEYS = [key for key, parse in KNOWN_KEYS.items() if parse is parse_duration]
+
+
+@pytest.mark.parametrize("key", DURATION_KEYS)
+def test_every_duration_key_refuses_out_of_range_values_in_one_line(
+    tmp_path: Path, key: str
+) -> None:
+    """nan, inf, negative and overflowing durations (TOML and environment) were accepted
+    (a negative cdn_purge_timeout, max_age, replica_max_lag...) or escaped as a bare
+    ValueError/OverflowError traceback from timedelta."""
+    path = tmp_path / "c.toml"
+    for toml_value in ("nan", "inf", "-inf", "-1", "-0.5", "9223372036854775807", '"9999999999d"'):
+        path.write_text(f"{key} = {toml_value}\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(path, {})
+        assert str(info.value).startswith(f"{key}: "), (toml_value, info.value)
+    for env_value in ("9" * 30, "99999999999999999d", "-5s", "nan"):
+        with pytest.raises(ConfigError) as info:
+            load_config(None, {f"OCSP_RESPONDER_{key.upper()}": env_value})
+        assert str(info.value).startswith(f"{key}: "), (env_value, info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('admin_token_file = "a\\u0000b"\n', "admin_token_file: a path cannot contain a NUL"),
+        ('data_dir = "a\\u0000b"\n', "data_dir: a path cannot contain a NUL"),
+        (
+            "[[issuers]]\ncertificate = 'c.pem'\nkey = 'k.key'\nresponders = 5\n",
+            "issuers[0].responders: expected a list",
+        ),
+        (
+            "[[ct_logs]]\nurl = 'u'\nkind = 'static'\npublic_key = 'k'\npoll_interval = nan\n",
+            "ct_logs[0].poll_interval: expected a duration",
+        ),
+    ],
+)
+def test_malformed_values_are_config_errors(tmp_path: Path, text: str, message: str) -> None:
+    """These escaped as ValueError (NUL in a path) or TypeError (a non-list responders)."""
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {})
+    assert str(info.value).startswith(message)
+
+
+def test_cli_reports_an_overflowing_duration_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("max_age = inf\n")
+    result = subprocess.run(
+        [str(VENV_BIN / "ocsp-responder"), "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "OCSP_RESPONDER_CDN_PURGE_TIMEOUT": "-1"},
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("ocsp-responder: error: max_age: expected a duration")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
