@@ -370,7 +370,14 @@ def check_database_url(url: str, key: str) -> str:
 
 def _build(v: dict[str, Any], base: Path, source: Path | None) -> Config:
     cfg = Config(source=source)
-    if v.get("database_url"):
+    if "database_url" in v:
+        if not v["database_url"].strip():
+            # an unset variable in a deploy template: never fall back to an embedded,
+            # throwaway database that would take (and lose) the CA's recordings
+            raise ConfigError(
+                "database_url: is empty; set it, or leave the key out altogether to try "
+                "the responder on an embedded PostgreSQL"
+            )
         cfg.database_url = check_database_url(v["database_url"], "database_url")
     if "data_dir" in v:
         cfg.data_dir = _path(base, v["data_dir"], "data_dir")

@@ -323,3 +323,26 @@ def test_cli_reports_an_overflowing_duration_in_one_line(tmp_path: Path) -> None
     assert result.returncode == 1
     assert result.stderr.startswith("ocsp-responder: error: max_age: expected a duration")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_an_empty_database_url_is_refused_not_embedded(tmp_path: Path) -> None:
+    """An empty OCSP_RESPONDER_DATABASE_URL (an unset variable in a deploy template) meant
+    "no database_url": `migrate` created an embedded database under data_dir and recording
+    went there, a throwaway copy the real responders never read."""
+    path = tmp_path / "c.toml"
+    path.write_text('data_dir = "data"\n')
+    for environ, text in (({"OCSP_RESPONDER_DATABASE_URL": ""}, ""), ({}, 'database_url = " "\n')):
+        path.write_text('data_dir = "data"\n' + text)
+        with pytest.raises(ConfigError, match="^database_url: is empty"):
+            load_config(path, environ)
+    path.write_text('data_dir = "data"\n')
+    result = subprocess.run(
+        [str(VENV_BIN / "ocsp-responder"), "migrate", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "OCSP_RESPONDER_DATABASE_URL": ""},
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("ocsp-responder: error: database_url: is empty")
+    assert not (tmp_path / "data" / "postgres").exists()
