@@ -333,7 +333,7 @@ def test_an_empty_database_url_is_refused_not_embedded(tmp_path: Path) -> None:
     path.write_text('data_dir = "data"\n')
     for environ, text in (({"OCSP_RESPONDER_DATABASE_URL": ""}, ""), ({}, 'database_url = " "\n')):
         path.write_text('data_dir = "data"\n' + text)
-        with pytest.raises(ConfigError, match="^database_url: is empty"):
+        with pytest.raises(ConfigError, match=r"^database_url: is empty"):
             load_config(path, environ)
     path.write_text('data_dir = "data"\n')
     result = subprocess.run(
