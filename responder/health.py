@@ -1,6 +1,6 @@
 """Liveness, readiness, and the gauges sampled off the hot path.
 
-Readiness (``/readyz``) is true when all three hold:
+Readiness (``/readyz``) is true when all four hold:
 
 - **database**: ``SELECT 1`` answers within ``READY_DB_TIMEOUT`` seconds;
 - **signers**: every issuer has a responder identity valid now whose start-up signature
@@ -16,6 +16,11 @@ Readiness (``/readyz``) is true when all three hold:
   refresher exports its own BR-deadline count as ``ocsp_responses_past_refresh_deadline``).
   With ``readiness_requires_fresh_responses = false`` it is exported but does not affect
   readiness (every instance shares the database, so they would all go not-ready at once).
+- **invalidation** (in ``serve``): the invalidation listener is connected and LISTENs, so
+  a revocation committed through any instance drops this process's cached copy. A
+  listener that cannot reconnect while the pool still works (connection limits, a
+  terminated session) left cached "good" answers of revoked serials served by a "ready"
+  instance until it got back.
 
 Liveness (``/healthz``) only says the event loop answers. The monitor also samples the
 database pool and on-demand signing queue gauges every ``SAMPLE_INTERVAL`` seconds, so the
@@ -80,6 +85,9 @@ class HealthMonitor:
         self.check_interval = check_interval
         self.require_fresh_responses = require_fresh_responses
         self.past_deadline: int | None = None  # None: not known (the query failed)
+        #: set while the invalidation listener LISTENs (responder/background.py wires it):
+        #: without it, revocations made through other instances do not reach this cache
+        self.invalidation: asyncio.Event | None = None
         self.past_deadline_error = "not checked yet"
         self._task: asyncio.Task[None] | None = None
 
@@ -190,6 +198,14 @@ class HealthMonitor:
         if not self.require_fresh_responses:
             fresh = {**fresh, "ok": True, "enforced": False}
         checks["responses"] = fresh
+        if self.invalidation is not None:
+            listening = self.invalidation.is_set()
+            checks["invalidation"] = {
+                "ok": listening,
+                "detail": "listening"
+                if listening
+                else "listener not connected: revocations made elsewhere may not reach this cache",
+            }
         if self.store.replicas is not None:
             # informational: lookups fall back to the primary, so this never blocks readiness
             replicas = self.store.replicas
