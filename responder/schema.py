@@ -230,6 +230,13 @@ async def _migrate_once(
                     "ADD COLUMN IF NOT EXISTS contract boolean NOT NULL DEFAULT false"
                 )
             done = await current_version(conn)
+            if done > len(known):  # "up to date" would hide that this build is the older
+                log.warning(
+                    "migrate: the schema is at version %d, newer than this build knows (%d): "
+                    "nothing to apply",
+                    done,
+                    len(known),
+                )
             for migration in known:
                 if migration.version <= done or migration.version > goal:
                     continue

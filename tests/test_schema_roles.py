@@ -116,6 +116,14 @@ def test_serve_on_a_newer_schema_warns_or_refuses(pg_admin_dsn, p256_issuer, tmp
     finally:
         proc.stop()
     assert f"database schema is at version {future}, newer than this build knows" in proc.log()
+    result = subprocess.run(
+        [str(VENV_BIN / "ocsp-responder"), "migrate", "--config", str(proc.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"the schema is at version {future}, newer than this build knows" in result.stderr
     sql_sync(
         dsn,
         "INSERT INTO schema_migrations (version, name, contract) VALUES ($1, 'drop_x', true)",
