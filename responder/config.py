@@ -481,6 +481,17 @@ def _build(v: dict[str, Any], base: Path, source: Path | None) -> Config:
     return cfg
 
 
+#: Upper bounds: each refresher batch holds one of a serve process's 10 pooled connections
+#: while it is signed (the store lookups take up to 4; recording and health need the
+#: rest: 100,000 workers made recordings wait 5 s for a connection), and a batch's rows stay
+#: locked while they are signed (2^63 rows failed every batch, 10,000 is the batch API's
+#: own limit).
+REFRESHER_LIMITS = {"refresher_concurrency": 4, "refresher_batch_size": 10_000}
+
+#: RFC 9110 token: what an HTTP method may be made of
+_HTTP_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
 def _refresh_settings(cfg: Config, v: dict[str, Any]) -> None:
     """Refresher, retention and CDN purge keys (docs/deploy.md)."""
     if "refresher" in v:
@@ -489,6 +500,8 @@ def _refresh_settings(cfg: Config, v: dict[str, Any]) -> None:
         if key in v:
             if v[key] < 1:
                 raise ConfigError(f"{key}: must be at least 1")
+            if v[key] > REFRESHER_LIMITS.get(key, v[key]):
+                raise ConfigError(f"{key}: must be at most {REFRESHER_LIMITS[key]:,}")
             setattr(cfg, key, v[key])
     for key in ("refresher_interval", "refresher_spread", "expired_retention", "cdn_purge_timeout"):
         if key in v:
@@ -525,6 +538,8 @@ def _cdn_purge(item: dict[str, Any], index: int) -> CdnPurgeConfig:
     ):
         raise ConfigError(f"{where}.headers: expected a table of strings")
     method = _str(item.get("method", "GET"), f"{where}.method").upper()
+    if not _HTTP_TOKEN.fullmatch(method):  # else every purge failed, after each revocation
+        raise ConfigError(f"{where}.method: not an HTTP method: {method!r}")
     return CdnPurgeConfig(url=url, method=method, headers=dict(headers))
 
 

@@ -346,3 +346,26 @@ def test_an_empty_database_url_is_refused_not_embedded(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith("ocsp-responder: error: database_url: is empty")
     assert not (tmp_path / "data" / "postgres").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "[[cdn_purge]]\nurl = 'http://edge/{serial}'\nmethod = 'FOO BAR'\n",
+            "cdn_purge[0].method: not an HTTP method: 'FOO BAR'",
+        ),
+        ("refresher_concurrency = 100000\n", "refresher_concurrency: must be at most 4"),
+        ("refresher_batch_size = 9223372036854775807\n", "refresher_batch_size: must be at most"),
+    ],
+)
+def test_values_that_would_fail_at_run_time_are_refused(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    """Accepted before: every CDN purge failed, 100,000 refresher workers queued recording
+    behind them for pool connections (5 s each), a 2^63-row batch failed every refresh."""
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {})
+    assert str(info.value).startswith(message)
