@@ -34,6 +34,7 @@ import contextlib
 import datetime as dt
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +62,19 @@ class Readiness:
             return "ready" + (f"; {replicas['detail']}" if replicas else "")
         failing = [f"{k}: {v['detail']}" for k, v in self.checks.items() if not v["ok"]]
         return "not ready: " + "; ".join(failing)
+
+
+async def _within(probe: Coroutine[Any, Any, Any], timeout: float) -> Any:
+    """``probe``'s result, or TimeoutError after ``timeout`` seconds without waiting for
+    the probe to wind down: asyncio.wait_for waits for the cancelled query, and asyncpg's
+    cancellation of a query to a hung database takes ~10 s (readiness answered after 11 s
+    instead of 1)."""
+    task = asyncio.ensure_future(probe)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        task.cancel()  # it ends in the background
+        raise TimeoutError(f"no answer in {timeout:g} s")
+    return task.result()
 
 
 class HealthMonitor:
@@ -175,7 +189,7 @@ class HealthMonitor:
     async def readiness(self) -> Readiness:
         checks: dict[str, Any] = {}
         try:
-            await asyncio.wait_for(self.store.pool.fetchval("SELECT 1"), READY_DB_TIMEOUT)
+            await _within(self.store.pool.fetchval("SELECT 1"), READY_DB_TIMEOUT)
             checks["database"] = {"ok": True, "detail": "reachable"}
         except Exception as exc:
             checks["database"] = {"ok": False, "detail": f"unreachable: {type(exc).__name__}"}

@@ -1,6 +1,7 @@
 """A database that hangs (stalled storage, a partition that drops packets): a store lookup
 is given up after ``wait_deadline`` and answered tryLater, instead of after asyncpg's
-command timeout plus its cancel request (~20 s, long after any relying party gave up).
+command timeout plus its cancel request (~20 s, long after any relying party gave up);
+readiness's 1 s database probe likewise (it took ~11 s).
 
 A real PostgreSQL whose processes are stopped with SIGSTOP (they keep their sockets open
 and answer nothing), and the chain as `serve` builds it.
@@ -60,7 +61,7 @@ def test_a_hung_database_is_given_up_after_the_deadline(
         store = await PresignedStore.connect(dsn, min_size=1, max_size=2)
         lookup = BatchedLookup(store, wait_deadline=1.0)
         service = ResponderService(config)
-        await service.start(pool_size=2, monitor=False)
+        await service.start(pool_size=2)
         assert not (await lookup.get(1, 5)).knowledge.known  # answers while it runs
         pids = server_processes(cluster)
         freeze(pids, signal.SIGSTOP)
@@ -70,9 +71,17 @@ def test_a_hung_database_is_given_up_after_the_deadline(
                 await asyncio.wait_for(lookup.get(1, 6), 15)
             with pytest.raises(Unavailable):  # the chain's tryLater
                 await asyncio.wait_for(service.chain.response(request), 15)
+            # readiness says so within its probe's second, not after asyncpg's ~10 s
+            readiness = await asyncio.wait_for(service.readiness(), 5)
+            assert readiness.checks["database"] == {
+                "ok": False,
+                "detail": "unreachable: TimeoutError",
+            }
         finally:
             freeze(pids, signal.SIGCONT)
         store.pool.terminate()
+        if service.monitor is not None:
+            await service.monitor.stop()
         service.store.pool.terminate()
 
     asyncio.run(run())
