@@ -72,7 +72,8 @@ async def _within(probe: Coroutine[Any, Any, Any], timeout: float) -> Any:
     task = asyncio.ensure_future(probe)
     done, _ = await asyncio.wait({task}, timeout=timeout)
     if not done:
-        task.cancel()  # it ends in the background
+        task.cancel()  # it ends in the background; whatever it raises then is expected
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
         raise TimeoutError(f"no answer in {timeout:g} s")
     return task.result()
 
