@@ -22,6 +22,24 @@ def admin_ssl_options(config: Config) -> dict[str, Any]:
         path = getattr(config, key)
         if path is not None and not path.is_file():
             raise ConfigError(f"{key}: {path} is not a readable file")
+    # load them here, once, so that a file that is not what its key says is named (ssl
+    # only says "[SSL] PEM lib (_ssl.c:3905)", from inside uvicorn)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.admin_tls_cert, config.admin_tls_key)
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"admin_tls_cert/admin_tls_key: {config.admin_tls_cert} and {config.admin_tls_key} "
+            f"are not a PEM certificate chain and its private key: {exc.reason or exc}"
+        ) from exc
+    if config.admin_client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=config.admin_client_ca)
+        except ssl.SSLError as exc:
+            raise ConfigError(
+                f"admin_client_ca: {config.admin_client_ca} holds no PEM CA certificate: "
+                f"{exc.reason or exc}"
+            ) from exc
     options: dict[str, Any] = {
         "ssl_certfile": str(config.admin_tls_cert),
         "ssl_keyfile": str(config.admin_tls_key),

@@ -40,6 +40,8 @@ class BackgroundTasks:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
+        if self.service.monitor is not None:  # readiness: no revocations missed
+            self.service.monitor.invalidation = self.listener.listening
         self._tasks.append(asyncio.create_task(self.listener.run(), name="invalidation"))
         # serve only once the LISTEN is in place: an instance that answers before it
         # listens could keep a revoked serial's "good" in its cache

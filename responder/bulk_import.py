@@ -87,8 +87,9 @@ class ImportJournal:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.progress: dict[FileKey, tuple[int, bool]] = {}
-        if path.exists():
-            for line in path.read_bytes().splitlines():
+        earlier = path.read_bytes() if path.exists() else b""
+        if earlier:
+            for line in earlier.splitlines():
                 try:
                     entry = orjson.loads(line)
                     key = FileKey(entry["path"], entry["size"], entry["mtime_ns"])
@@ -97,6 +98,9 @@ class ImportJournal:
                     continue  # a torn last line from an interrupted run
         path.parent.mkdir(parents=True, exist_ok=True)
         self._out = open(path, "ab")  # noqa: SIM115 - kept open for the whole import
+        if earlier and not earlier.endswith(b"\n"):
+            # a torn last line: end it, or the next entry would be glued to it and lost
+            self._out.write(b"\n")
 
     def done(self, key: FileKey) -> tuple[int, bool]:
         return self.progress.get(key, (0, False))

@@ -42,19 +42,38 @@ class ConfigError(Exception):
 
 def parse_duration(value: object, key: str) -> dt.timedelta:
     """``"4d"``, ``"96h"``, ``"30m"``, ``"45s"``, ``"1h30m"`` or a number of seconds."""
-    if isinstance(value, bool):
+    seconds = _duration_seconds(value)
+    if seconds is None:
         raise ConfigError(f"{key}: expected a duration like '4d' or '8h', got {value!r}")
+    # TOML has nan, inf and negative numbers; timedelta refuses more than 999,999,999 days
+    # (OverflowError): each is a one-line error here, not a traceback or a negative timeout
+    if not 0 <= seconds <= MAX_DURATION_SECONDS:
+        raise ConfigError(
+            f"{key}: expected a duration from 0 to {MAX_DURATION_SECONDS // 86400} days, "
+            f"got {value!r}"
+        )
+    return dt.timedelta(seconds=seconds)
+
+
+#: the longest duration any key takes: 100 years (keys bound their own ranges further)
+MAX_DURATION_SECONDS = 100 * 365 * 86400
+
+
+def _duration_seconds(value: object) -> float | None:
+    """Seconds of ``value`` (unbounded; NaN stays NaN), or None if it is not a duration."""
+    if isinstance(value, bool):
+        return None
     if isinstance(value, int | float):
-        return dt.timedelta(seconds=value)
+        return value
     if isinstance(value, str):
         text = value.strip()
         if text.isdigit():
-            return dt.timedelta(seconds=int(text))
+            return int(text)
         parts = re.findall(r"(\d+)([dhms])", text)
         if parts and "".join(n + u for n, u in parts) == text.replace(" ", ""):
             units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
-            return dt.timedelta(seconds=sum(int(n) * units[u] for n, u in parts))
-    raise ConfigError(f"{key}: expected a duration like '4d' or '8h', got {value!r}")
+            return sum(int(n) * units[u] for n, u in parts)
+    return None
 
 
 def parse_address(value: str, key: str) -> tuple[str, int]:
@@ -331,7 +350,10 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
 
 
 def _path(base: Path, value: object, key: str) -> Path:
-    p = Path(_str(value, key)).expanduser()
+    text = _str(value, key)
+    if "\x00" in text:  # every file call would raise ValueError on it
+        raise ConfigError(f"{key}: a path cannot contain a NUL character")
+    p = Path(text).expanduser()
     return p if p.is_absolute() else base / p
 
 
@@ -353,7 +375,14 @@ def check_database_url(url: str, key: str) -> str:
 
 def _build(v: dict[str, Any], base: Path, source: Path | None) -> Config:
     cfg = Config(source=source)
-    if v.get("database_url"):
+    if "database_url" in v:
+        if not v["database_url"].strip():
+            # an unset variable in a deploy template: never fall back to an embedded,
+            # throwaway database that would take (and lose) the CA's recordings
+            raise ConfigError(
+                "database_url: is empty; set it, or leave the key out altogether to try "
+                "the responder on an embedded PostgreSQL"
+            )
         cfg.database_url = check_database_url(v["database_url"], "database_url")
     if "data_dir" in v:
         cfg.data_dir = _path(base, v["data_dir"], "data_dir")
@@ -457,6 +486,17 @@ def _build(v: dict[str, Any], base: Path, source: Path | None) -> Config:
     return cfg
 
 
+#: Upper bounds: each refresher batch holds one of a serve process's 10 pooled connections
+#: while it is signed (the store lookups take up to 4; recording and health need the
+#: rest: 100,000 workers made recordings wait 5 s for a connection), and a batch's rows stay
+#: locked while they are signed (2^63 rows failed every batch, 10,000 is the batch API's
+#: own limit).
+REFRESHER_LIMITS = {"refresher_concurrency": 4, "refresher_batch_size": 10_000}
+
+#: RFC 9110 token: what an HTTP method may be made of
+_HTTP_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
 def _refresh_settings(cfg: Config, v: dict[str, Any]) -> None:
     """Refresher, retention and CDN purge keys (docs/deploy.md)."""
     if "refresher" in v:
@@ -465,6 +505,8 @@ def _refresh_settings(cfg: Config, v: dict[str, Any]) -> None:
         if key in v:
             if v[key] < 1:
                 raise ConfigError(f"{key}: must be at least 1")
+            if v[key] > REFRESHER_LIMITS.get(key, v[key]):
+                raise ConfigError(f"{key}: must be at most {REFRESHER_LIMITS[key]:,}")
             setattr(cfg, key, v[key])
     for key in ("refresher_interval", "refresher_spread", "expired_retention", "cdn_purge_timeout"):
         if key in v:
@@ -511,6 +553,8 @@ def _cdn_purge(item: dict[str, Any], index: int) -> CdnPurgeConfig:
     ):
         raise ConfigError(f"{where}.headers: expected a table of strings")
     method = _str(item.get("method", "GET"), f"{where}.method").upper()
+    if not _HTTP_TOKEN.fullmatch(method):  # else every purge failed, after each revocation
+        raise ConfigError(f"{where}.method: not an HTTP method: {method!r}")
     return CdnPurgeConfig(url=url, method=method, headers=dict(headers))
 
 
@@ -567,6 +611,8 @@ def _issuer(base: Path, item: dict[str, Any], index: int) -> IssuerConfig:
                 _key_ref(base, item["responder_key"], f"{where}.responder_key"),
             )
         )
+    if not isinstance(item.get("responders", []), list):
+        raise ConfigError(f"{where}.responders: expected a list of {{certificate, key}} tables")
     for j, r in enumerate(item.get("responders", [])):
         if not isinstance(r, dict) or set(r) != {"certificate", "key"}:
             raise ConfigError(f"{where}.responders[{j}]: expected {{certificate, key}}")

@@ -1,6 +1,6 @@
 """Liveness, readiness, and the gauges sampled off the hot path.
 
-Readiness (``/readyz``) is true when all three hold:
+Readiness (``/readyz``) is true when all four hold:
 
 - **database**: ``SELECT 1`` answers within ``READY_DB_TIMEOUT`` seconds;
 - **signers**: every issuer has a responder identity valid now whose start-up signature
@@ -17,6 +17,11 @@ Readiness (``/readyz``) is true when all three hold:
   refresher exports its own BR-deadline count as ``ocsp_responses_past_refresh_deadline``).
   With ``readiness_requires_fresh_responses = false`` it is exported but does not affect
   readiness (every instance shares the database, so they would all go not-ready at once).
+- **invalidation** (in ``serve``): the invalidation listener is connected and LISTENs, so
+  a revocation committed through any instance drops this process's cached copy. A
+  listener that cannot reconnect while the pool still works (connection limits, a
+  terminated session) left cached "good" answers of revoked serials served by a "ready"
+  instance until it got back.
 
 Liveness (``/healthz``) only says the event loop answers. The monitor also samples the
 database pool and on-demand signing queue gauges every ``SAMPLE_INTERVAL`` seconds, so the
@@ -30,6 +35,7 @@ import contextlib
 import datetime as dt
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +66,20 @@ class Readiness:
         return "not ready: " + "; ".join(failing)
 
 
+async def _within(probe: Coroutine[Any, Any, Any], timeout: float) -> Any:
+    """``probe``'s result, or TimeoutError after ``timeout`` seconds without waiting for
+    the probe to wind down: asyncio.wait_for waits for the cancelled query, and asyncpg's
+    cancellation of a query to a hung database takes ~10 s (readiness answered after 11 s
+    instead of 1)."""
+    task = asyncio.ensure_future(probe)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        task.cancel()  # it ends in the background; whatever it raises then is expected
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        raise TimeoutError(f"no answer in {timeout:g} s")
+    return task.result()
+
+
 class HealthMonitor:
     """Periodic checks and gauge samples for one responder process."""
 
@@ -87,6 +107,9 @@ class HealthMonitor:
         #: response_validity: a shorter (capped) response is due at its BR deadline
         self.validity = validity
         self.past_deadline: int | None = None  # None: not known (the query failed)
+        #: set while the invalidation listener LISTENs (responder/background.py wires it):
+        #: without it, revocations made through other instances do not reach this cache
+        self.invalidation: asyncio.Event | None = None
         self.past_deadline_error = "not checked yet"
         self._task: asyncio.Task[None] | None = None
 
@@ -181,7 +204,7 @@ class HealthMonitor:
     async def readiness(self) -> Readiness:
         checks: dict[str, Any] = {}
         try:
-            await asyncio.wait_for(self.store.pool.fetchval("SELECT 1"), READY_DB_TIMEOUT)
+            await _within(self.store.pool.fetchval("SELECT 1"), READY_DB_TIMEOUT)
             checks["database"] = {"ok": True, "detail": "reachable"}
         except Exception as exc:
             checks["database"] = {"ok": False, "detail": f"unreachable: {type(exc).__name__}"}
@@ -204,6 +227,14 @@ class HealthMonitor:
         if not self.require_fresh_responses:
             fresh = {**fresh, "ok": True, "enforced": False}
         checks["responses"] = fresh
+        if self.invalidation is not None:
+            listening = self.invalidation.is_set()
+            checks["invalidation"] = {
+                "ok": listening,
+                "detail": "listening"
+                if listening
+                else "listener not connected: revocations made elsewhere may not reach this cache",
+            }
         if self.store.replicas is not None:
             # informational: lookups fall back to the primary, so this never blocks readiness
             replicas = self.store.replicas

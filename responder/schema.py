@@ -27,6 +27,10 @@ NO_TRANSACTION_MARK = "-- migrate: no-transaction"
 #: An expand migration only adds what this build does not yet rely on, so ``serve`` also
 #: runs on the schema just before it (rolling deploys: migrate while the old code serves).
 EXPAND_MARK = "-- migrate: expand"
+#: A contract migration removes or changes what older builds use (a dropped column): a
+#: build that does not know it refuses to run on a schema that has it (``check_schema``).
+#: ``migrate`` records the mark in ``schema_migrations.contract``, where older builds read it.
+CONTRACT_MARK = "-- migrate: contract"
 #: Whole ``migrate`` runs tried again after lost connections (a restarted server, a
 #: terminated backend); every step is idempotent, so starting over is safe.
 CONNECTION_ATTEMPTS = 5
@@ -50,6 +54,10 @@ class Migration:
     @property
     def expand(self) -> bool:
         return EXPAND_MARK in self.sql
+
+    @property
+    def contract(self) -> bool:
+        return CONTRACT_MARK in self.sql
 
 
 def load_migrations() -> list[Migration]:
@@ -115,8 +123,11 @@ async def certificates_has_tbs_sha256(executor: asyncpg.Pool | asyncpg.Connectio
 
 
 async def check_schema(conn: asyncpg.Connection) -> int:
-    """Fail clearly when the schema is behind this build; never fix it from here."""
+    """Fail clearly when the schema is behind this build, or ahead of it by a migration
+    that removed what this build uses; never fix it from here."""
     version = await current_version(conn)
+    if version > REQUIRED_VERSION:
+        await _check_newer_schema(conn, version)
     if version < MINIMUM_VERSION:
         raise SchemaError(
             f"database schema is at version {version}, this build needs {REQUIRED_VERSION}: "
@@ -130,6 +141,33 @@ async def check_schema(conn: asyncpg.Connection) -> int:
             REQUIRED_VERSION,
         )
     return version
+
+
+async def _check_newer_schema(conn: asyncpg.Connection, version: int) -> None:
+    """A schema newer than this build: fine while its newer migrations only add (a rolling
+    deploy migrates first, while the old build serves, and old instances may restart then);
+    refused when one of them is a contract migration (this build would fail on what it
+    removed, statement by statement, while looking ready)."""
+    contracts = []
+    if await has_column(conn, "schema_migrations", "contract"):
+        contracts = await conn.fetch(
+            "SELECT version, name FROM schema_migrations WHERE version > $1 AND contract "
+            "ORDER BY version",
+            REQUIRED_VERSION,
+        )
+    if contracts:
+        first = contracts[0]
+        raise SchemaError(
+            f"database schema is at version {version}, newer than this build (which knows "
+            f"{REQUIRED_VERSION}), and migration {first['version']:04d}_{first['name']} "
+            "removed what older builds use: run a build that knows it"
+        )
+    log.warning(
+        "database schema is at version %d, newer than this build knows (%d): fine during "
+        "a rolling deploy (its newer migrations only add); deploy the newer build",
+        version,
+        REQUIRED_VERSION,
+    )
 
 
 #: A lost or broken connection (restart, pg_terminate_backend, a protocol left mid-way).
@@ -184,7 +222,21 @@ async def _migrate_once(
                        name       text NOT NULL,
                        applied_at timestamptz NOT NULL DEFAULT now())"""
             )
+            if not await has_column(conn, "schema_migrations", "contract"):
+                # where builds that do not know a contract migration learn of it (older
+                # versions of this table lack it: added once, catalog-only)
+                await conn.execute(
+                    "ALTER TABLE schema_migrations "
+                    "ADD COLUMN IF NOT EXISTS contract boolean NOT NULL DEFAULT false"
+                )
             done = await current_version(conn)
+            if done > len(known):  # "up to date" would hide that this build is the older
+                log.warning(
+                    "migrate: the schema is at version %d, newer than this build knows (%d): "
+                    "nothing to apply",
+                    done,
+                    len(known),
+                )
             for migration in known:
                 if migration.version <= done or migration.version > goal:
                     continue
@@ -222,20 +274,12 @@ async def _apply(conn: asyncpg.Connection, migration: Migration, attempts: int) 
             if migration.transactional:
                 async with conn.transaction():
                     await conn.execute(migration.sql)
-                    await conn.execute(
-                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                        migration.version,
-                        migration.name,
-                    )
+                    await _record_applied(conn, migration)
             else:
                 await _drop_invalid_indexes(conn, migration)
                 for statement in _statements(migration.sql):
                     await conn.execute(statement)
-                await conn.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                    migration.version,
-                    migration.name,
-                )
+                await _record_applied(conn, migration)
             return
         except (
             asyncpg.exceptions.LockNotAvailableError,
@@ -256,6 +300,15 @@ async def _apply(conn: asyncpg.Connection, migration: Migration, attempts: int) 
                 attempts,
             )
             await asyncio.sleep(min(0.2 * attempt, 2.0))
+
+
+async def _record_applied(conn: asyncpg.Connection, migration: Migration) -> None:
+    await conn.execute(
+        "INSERT INTO schema_migrations (version, name, contract) VALUES ($1, $2, $3)",
+        migration.version,
+        migration.name,
+        migration.contract,
+    )
 
 
 _CONCURRENT_INDEX = re.compile(

@@ -164,11 +164,14 @@ async def serve(
         if coverage is not None:
             coverage.start()
         if native is not None:
-            await native.start(host, port, sock=listen_socket)
+            try:
+                await native.start(host, port, sock=listen_socket)
+            except OSError as exc:  # name the key: "Name or service not known" alone does not
+                raise OSError(f"listen {host}:{port}: {exc.strerror or exc}") from exc
         for index, server in enumerate(servers):
             on_listen_socket = index == 0 and native is None
             sockets = [listen_socket] if on_listen_socket and listen_socket is not None else None
-            tasks.append(asyncio.create_task(server.serve(sockets=sockets)))
+            tasks.append(asyncio.create_task(_serve_listener(server, sockets)))
         flusher = asyncio.create_task(_flush_stats(endpoint, supervisor))
         while not all(s.started for s in servers):
             if any(t.done() for t in tasks):
@@ -200,7 +203,11 @@ async def serve(
         endpoint.stats.flush()
         for server in servers:
             if not server.started:
-                raise OSError(f"listener {server.config.host}:{server.config.port} failed to start")
+                key = "admin_listen" if server is admin_server else "listen"
+                raise OSError(
+                    f"{key} {server.config.host}:{server.config.port}: failed to start "
+                    "(the reason is logged above)"
+                )
     finally:
         stop()
         if native is not None:
@@ -211,6 +218,14 @@ async def serve(
         if follower is not None:
             await follower.stop()
         await service.close()
+
+
+async def _serve_listener(server: _Server, sockets: list[socket.socket] | None) -> None:
+    """Run one uvicorn listener. uvicorn calls sys.exit() when it cannot bind; that
+    SystemExit escaped our event loop as a traceback (exit 3). Here it ends the task, and
+    ``serve`` reports the listener that did not start in one line."""
+    with contextlib.suppress(SystemExit):
+        await server.serve(sockets=sockets)
 
 
 def _admin_url(config: Config, server: _Server) -> str:

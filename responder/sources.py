@@ -149,7 +149,21 @@ class CacheSource:
         if entry is not None and time.time() < entry.renew_at:
             return Answer(entry, "cache", None)
         generation = self.cache.generation
-        answer = await self.next.response(query)
+        try:
+            answer = await self.next.response(query)
+        except (Unavailable, Overloaded):
+            # Due for renewal, and the store cannot be read (an outage) or is behind: the
+            # cached bytes are still valid until nextUpdate, as StoreSource serves a stored
+            # row (before, a database outage turned every cached answer into tryLater as it
+            # passed its renewal point). Never past nextUpdate, nor once an invalidation
+            # (a revocation) has dropped it meanwhile.
+            if (
+                entry is not None
+                and self.cache.get(key) is entry
+                and time.time() < entry.next_update
+            ):
+                return Answer(entry, "cache", None)
+            raise
         if answer.cacheable is not None and self.cache.generation == generation:
             self.cache.put(key, answer.cacheable)
         return answer

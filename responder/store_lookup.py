@@ -23,6 +23,14 @@ cannot answer soon are refused quickly instead of queueing without end.
 If the statement fails, every waiter of that batch gets the exception (the chain answers
 tryLater). A waiter that is cancelled only drops its own future; the batch goes on.
 
+No waiter waits longer than ``wait_deadline`` (3 s): a watchdog, armed while anything
+waits, fails older waiters with ``LookupTimedOut`` (tryLater). A database that hangs
+(stalled storage, a partition that drops packets) is not an error the statement sees:
+asyncpg gives up after the pool's 10 s command timeout and then waits about as long again
+for its cancel request, so every miss was answered tryLater after ~20 s, long after the
+relying party had given up. The watchdog costs a deque append (of a weak reference) per
+request, no timer each.
+
 With read replicas the rules of ``PresignedStore._read`` hold per key: ``ReplicaSet.pick``
 says whether a replica may answer for it (keys are grouped by replica; None: primary);
 a replica's answer is final only when it is one the single-row reads would have taken
@@ -34,7 +42,9 @@ docs/performance.md ("Batched store lookups") has the why.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import weakref
 from typing import NamedTuple
 
 import asyncpg
@@ -63,6 +73,9 @@ MAX_IN_FLIGHT = 4
 #: 16 full batches, i.e. four rounds of MAX_IN_FLIGHT; a key already waiting is never
 #: refused (its request joins the waiters at no cost to the database)
 QUEUE_LIMIT = 4096
+
+#: the longest a request waits for its lookup before it is answered tryLater (seconds)
+WAIT_DEADLINE = 3.0
 
 #: The primary-key condition of one table for key number q.i of the batch.
 _KEY_I = "issuer_id = ($1::smallint[])[q.i] AND serial = ($2::bytea[])[q.i]"
@@ -127,6 +140,11 @@ class LookupInterrupted(Exception):
     """The batch ended (its task was cancelled, e.g. at shutdown) before answering."""
 
 
+class LookupTimedOut(Exception):
+    """The lookup did not answer within ``wait_deadline`` (the database hangs or is far
+    behind): the request is answered tryLater; the statement itself goes on."""
+
+
 def lookup_from_row(row: asyncpg.Record) -> Lookup:
     """One row of ``lookup_statement`` as what ``fetch_response`` + ``knowledge`` give."""
     has_response = bool(row["has_response"])
@@ -144,11 +162,19 @@ class BatchedLookup:
         max_batch: int = MAX_BATCH,
         max_in_flight: int = MAX_IN_FLIGHT,
         queue_limit: int = QUEUE_LIMIT,
+        wait_deadline: float = WAIT_DEADLINE,
     ) -> None:
         self.store = store
         self.max_batch = max_batch
         self.max_in_flight = max_in_flight
         self.queue_limit = queue_limit
+        self.wait_deadline = wait_deadline
+        #: (when asked, weak reference to its future) of every waiter, oldest first, for
+        #: the watchdog (weak: an answered future and its result are not kept for it)
+        self._asked: collections.deque[tuple[float, weakref.ref[asyncio.Future[Lookup]]]] = (
+            collections.deque()
+        )
+        self._watchdog: asyncio.TimerHandle | None = None
         #: statements sent (replica and primary, failed ones included), batches formed,
         #: keys asked: for tests and for judging the batching
         self.statements = 0
@@ -184,7 +210,34 @@ class BatchedLookup:
         if not self._scheduled and self._in_flight < self.max_in_flight:
             self._scheduled = True
             loop.call_soon(self._flush, loop)
+        self._asked.append((loop.time(), weakref.ref(future)))
+        if self._watchdog is None:
+            self._watchdog = loop.call_later(self.wait_deadline / 3, self._expire, loop)
         return await future
+
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Fail the waiters asked more than ``wait_deadline`` ago and still unanswered;
+        runs a few times per deadline while anything waits."""
+        self._watchdog = None
+        too_old = loop.time() - self.wait_deadline
+        asked = self._asked
+        timed_out = 0
+        while asked and asked[0][0] <= too_old:
+            future = asked.popleft()[1]()
+            if future is not None and not future.done():
+                future.set_exception(
+                    LookupTimedOut(f"no answer from the store in {self.wait_deadline:g} s")
+                )
+                timed_out += 1
+        if timed_out:
+            log.warning(
+                "store lookups: %d requests got no answer in %g s (tryLater)",
+                timed_out,
+                self.wait_deadline,
+            )
+        # answered waiters are dropped from the front as they age, whatever their state
+        if asked:
+            self._watchdog = loop.call_later(self.wait_deadline / 3, self._expire, loop)
 
     @property
     def waiting(self) -> int:

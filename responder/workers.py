@@ -61,7 +61,10 @@ def bind_listeners(host: str, port: int, count: int) -> list[socket.socket]:
 def run_workers(config: Config, workers: int) -> int:
     """Supervise ``workers`` worker processes until a signal or a worker's death."""
     host, port = config.listen
-    socks = bind_listeners(host, port, workers)
+    try:
+        socks = bind_listeners(host, port, workers)
+    except OSError as exc:  # name the key, as `serve` without workers does
+        raise OSError(f"listen {host}:{port}: {exc.strerror or exc}") from exc
     own_metrics_dir = None
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         own_metrics_dir = tempfile.mkdtemp(prefix="ocsp-metrics-")

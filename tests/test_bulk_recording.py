@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 from cryptography.hazmat.primitives import serialization
 
+from responder.bulk_import import FileKey, ImportJournal
 from responder.store import serial_key
 from signer.demo_ca import LeafFactory, create_ca, write_pem_cert
 from tests.support import (
@@ -233,3 +234,16 @@ def test_import_refuses_a_file_with_skipped_blocks(
     assert "1 new" in result.stdout and "1 refused" in result.stdout
     assert stored(module_database, [c.serial_number for c in certs[:3]]) == 0
     assert stored(module_database, [certs[3].serial_number]) == 1
+
+
+def test_import_journal_after_a_torn_last_line(tmp_path: Path) -> None:
+    """An import killed while writing its journal leaves a line without its newline; the
+    next run's first entry was appended to it, unparseable, so that progress was lost (a
+    file journaled complete was imported again by the run after)."""
+    journal_path = tmp_path / "journal.jsonl"
+    journal_path.write_bytes(b'{"path": "/x.pem", "size": 1, "mtime_ns": 2, "do')
+    key = FileKey("/y.pem", 10, 20)
+    journal = ImportJournal(journal_path)
+    journal.mark(key, 5, True)
+    journal.close()
+    assert ImportJournal(journal_path).done(key) == (5, True)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from responder.config import ConfigError, load_config, parse_duration
+from responder.config import KNOWN_KEYS, ConfigError, load_config, parse_duration
 from tests.support import VENV_BIN
 
 
@@ -276,3 +277,110 @@ def test_store_lookup_queue_limit(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("store_lookup_queue_limit = 100\n")
     assert load_config(path, {}).store_lookup_queue_limit == 100
+
+
+DURATION_KEYS = [key for key, parse in KNOWN_KEYS.items() if parse is parse_duration]
+
+
+@pytest.mark.parametrize("key", DURATION_KEYS)
+def test_every_duration_key_refuses_out_of_range_values_in_one_line(
+    tmp_path: Path, key: str
+) -> None:
+    """nan, inf, negative and overflowing durations (TOML and environment) were accepted
+    (a negative cdn_purge_timeout, max_age, replica_max_lag...) or escaped as a bare
+    ValueError/OverflowError traceback from timedelta."""
+    path = tmp_path / "c.toml"
+    for toml_value in ("nan", "inf", "-inf", "-1", "-0.5", "9223372036854775807", '"9999999999d"'):
+        path.write_text(f"{key} = {toml_value}\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(path, {})
+        assert str(info.value).startswith(f"{key}: "), (toml_value, info.value)
+    for env_value in ("9" * 30, "99999999999999999d", "-5s", "nan"):
+        with pytest.raises(ConfigError) as info:
+            load_config(None, {f"OCSP_RESPONDER_{key.upper()}": env_value})
+        assert str(info.value).startswith(f"{key}: "), (env_value, info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('admin_token_file = "a\\u0000b"\n', "admin_token_file: a path cannot contain a NUL"),
+        ('data_dir = "a\\u0000b"\n', "data_dir: a path cannot contain a NUL"),
+        (
+            "[[issuers]]\ncertificate = 'c.pem'\nkey = 'k.key'\nresponders = 5\n",
+            "issuers[0].responders: expected a list",
+        ),
+        (
+            "[[ct_logs]]\nurl = 'u'\nkind = 'static'\npublic_key = 'k'\npoll_interval = nan\n",
+            "ct_logs[0].poll_interval: expected a duration",
+        ),
+    ],
+)
+def test_malformed_values_are_config_errors(tmp_path: Path, text: str, message: str) -> None:
+    """These escaped as ValueError (NUL in a path) or TypeError (a non-list responders)."""
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {})
+    assert str(info.value).startswith(message)
+
+
+def test_cli_reports_an_overflowing_duration_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("max_age = inf\n")
+    result = subprocess.run(
+        [str(VENV_BIN / "ocsp-responder"), "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "OCSP_RESPONDER_CDN_PURGE_TIMEOUT": "-1"},
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("ocsp-responder: error: max_age: expected a duration")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_an_empty_database_url_is_refused_not_embedded(tmp_path: Path) -> None:
+    """An empty OCSP_RESPONDER_DATABASE_URL (an unset variable in a deploy template) meant
+    "no database_url": `migrate` created an embedded database under data_dir and recording
+    went there, a throwaway copy the real responders never read."""
+    path = tmp_path / "c.toml"
+    path.write_text('data_dir = "data"\n')
+    for environ, text in (({"OCSP_RESPONDER_DATABASE_URL": ""}, ""), ({}, 'database_url = " "\n')):
+        path.write_text('data_dir = "data"\n' + text)
+        with pytest.raises(ConfigError, match=r"^database_url: is empty"):
+            load_config(path, environ)
+    path.write_text('data_dir = "data"\n')
+    result = subprocess.run(
+        [str(VENV_BIN / "ocsp-responder"), "migrate", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "OCSP_RESPONDER_DATABASE_URL": ""},
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("ocsp-responder: error: database_url: is empty")
+    assert not (tmp_path / "data" / "postgres").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "[[cdn_purge]]\nurl = 'http://edge/{serial}'\nmethod = 'FOO BAR'\n",
+            "cdn_purge[0].method: not an HTTP method: 'FOO BAR'",
+        ),
+        ("refresher_concurrency = 100000\n", "refresher_concurrency: must be at most 4"),
+        ("refresher_batch_size = 9223372036854775807\n", "refresher_batch_size: must be at most"),
+    ],
+)
+def test_values_that_would_fail_at_run_time_are_refused(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    """Accepted before: every CDN purge failed, 100,000 refresher workers queued recording
+    behind them for pool connections (5 s each), a 2^63-row batch failed every refresh."""
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {})
+    assert str(info.value).startswith(message)

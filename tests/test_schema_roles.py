@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from responder.schema import REQUIRED_VERSION, migrate
+from responder.schema import CONTRACT_MARK, REQUIRED_VERSION, Migration, migrate
 from tests.support import (
     VENV_BIN,
     build_request,
@@ -96,3 +96,63 @@ def test_serve_as_role_without_ddl(pg_admin_dsn, p256_issuer, tmp_path: Path):  
 
     assert run_async(analyze(role_dsn)) is False
     assert run_async(analyze(dsn)) is True  # the owner may
+
+
+def test_serve_on_a_newer_schema_warns_or_refuses(pg_admin_dsn, p256_issuer, tmp_path):  # type: ignore[no-untyped-def]
+    """A schema ahead of the build: served (a rolling deploy migrates first, and old
+    instances restart meanwhile) with a WARNING naming both versions, unless a newer
+    migration is a contract one, which removed what older builds use: then a clear
+    refusal. Before, both started silently."""
+    dsn = create_database(pg_admin_dsn)
+    future = REQUIRED_VERSION + 1
+    sql_sync(
+        dsn,
+        "INSERT INTO schema_migrations (version, name, contract) VALUES ($1, 'add_thing', false)",
+        future,
+    )
+    proc = write_config(tmp_path, dsn, [p256_issuer]).start()
+    try:
+        assert httpx.get(proc.url + "/readyz", timeout=10).status_code == 200
+    finally:
+        proc.stop()
+    assert f"database schema is at version {future}, newer than this build knows" in proc.log()
+    result = subprocess.run(
+        [str(VENV_BIN / "ocsp-responder"), "migrate", "--config", str(proc.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"the schema is at version {future}, newer than this build knows" in result.stderr
+    sql_sync(
+        dsn,
+        "INSERT INTO schema_migrations (version, name, contract) VALUES ($1, 'drop_x', true)",
+        future + 1,
+    )
+    for command in ("serve", "issue"):
+        args = [command, "--config", str(proc.config_path)]
+        if command == "issue":
+            args.append(str(p256_issuer.ca_pem))
+        result = subprocess.run(
+            [str(VENV_BIN / "ocsp-responder"), *args], capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.startswith(
+            f"ocsp-responder: error: database schema is at version {future + 1}, newer than "
+            f"this build (which knows {REQUIRED_VERSION}), and migration "
+            f"{future + 1:04d}_drop_x removed what older builds use"
+        ), result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_migrate_records_contract_migrations(pg_admin_dsn) -> None:  # type: ignore[no-untyped-def]
+    """Older builds learn of a contract migration from schema_migrations.contract, which
+    migrate adds to a table created before it."""
+    dsn = create_database(pg_admin_dsn, migrated=False)
+    run_async(migrate(dsn, target=1))
+    sql_sync(dsn, "ALTER TABLE schema_migrations DROP COLUMN contract")  # an older table
+    run_async(migrate(dsn))
+    rows = sql_sync(dsn, "SELECT version, contract FROM schema_migrations ORDER BY 1")
+    assert [r["version"] for r in rows] == list(range(1, REQUIRED_VERSION + 1))
+    assert not any(r["contract"] for r in rows)  # none of ours removes anything (yet)
+    assert Migration(9, "drop_x", f"{CONTRACT_MARK}\nALTER TABLE t DROP COLUMN x;").contract
