@@ -117,9 +117,10 @@ responses_past_refresh_deadline = Gauge(
     "Stored responses past their BR refresh deadline (must stay 0)",
     multiprocess_mode="max",
 )
-#: Unix time at which an issuer's last responder certificate (or the issuer certificate,
-#: if earlier) expires: responses are capped at it, and none can be signed from 8 h before
-#: it (responder/signer_expiry.py). Alert well ahead: it is the rollover deadline.
+#: Unix time at which an issuer's last responder certificate of an unbroken chain from now
+#: (or the issuer certificate, if earlier) expires: responses are capped at it, and no
+#: revocation can be signed from 8 h before it (responder/signer_expiry.py). Alert well
+#: ahead: it is the rollover deadline.
 signer_expiry_timestamp = Gauge(
     "ocsp_signer_expiry_timestamp_seconds",
     "When the issuer's last signing certificate expires (Unix time)",
