@@ -134,7 +134,7 @@ class ResponderService:
             self.store,
             self.cache,
             self.config.warmup_responses,
-            int(self.config.policy.refresh_margin.total_seconds()),
+            self.config.policy,
         )
         self.warmup.start()
 

@@ -17,7 +17,7 @@ import time
 
 from responder.response_cache import ResponseCache, ServedResponse, cache_key
 from responder.store import PresignedStore, StoredResponse
-from signer.response_builder import br_refresh_deadline
+from signer.response_builder import ValidityPolicy, renewal_point
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +29,12 @@ class WarmUp:
     """One background load of the most recent responses into ``cache``."""
 
     def __init__(
-        self, store: PresignedStore, cache: ResponseCache, limit: int, refresh_margin: int
+        self, store: PresignedStore, cache: ResponseCache, limit: int, policy: ValidityPolicy
     ) -> None:
         self.store = store
         self.cache = cache
         self.limit = min(limit, cache.max_entries)
-        self.margin = refresh_margin
+        self.policy = policy
         self.loaded = 0
         self.started = time.monotonic()
         self.done = asyncio.Event()
@@ -96,11 +96,10 @@ class WarmUp:
     ) -> None:
         now = time.time()
         for issuer_id, serial, row in batch:
-            # never later than the serving path's renewal point (a response longer than
-            # the configured validity renews at its BR deadline: renewal_point)
-            renew_at = min(
-                row.next_update - self.margin, br_refresh_deadline(row.this_update, row.next_update)
-            )
+            # the serving path's renewal point exactly (StoreSource): a longer response
+            # renews at its BR deadline if that comes first, a capped one (an expiring
+            # signer) at its BR deadline; nextUpdate - margin would skip every capped row
+            renew_at = renewal_point(row.this_update, row.next_update, self.policy)
             if now >= renew_at or (issuer_id, serial) in dropped:
                 continue
             key = cache_key(issuer_id, serial, "sha1")

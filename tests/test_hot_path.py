@@ -243,7 +243,7 @@ def test_warm_up_never_caches_a_response_a_revocation_replaced(
             await store.store_responses([(1, s, r) for s, r in good.items()])
             cache = ResponseCache(100)
             source = RevokedMidway(store, cache, clear) if invalidate else store
-            warm = WarmUp(source, cache, 100, 3600)  # type: ignore[arg-type]
+            warm = WarmUp(source, cache, 100, policy)  # type: ignore[arg-type]
             warm.start()
             await asyncio.wait_for(warm.done.wait(), 10)
             return cache

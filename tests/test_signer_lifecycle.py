@@ -266,3 +266,32 @@ def test_capped_responses_are_not_overdue(module_database, workdir):  # type: ig
         assert metric(proc, "ocsp_responses_overdue_refresh") == 0
     finally:
         proc.stop()
+
+
+def test_capped_responses_are_warmed_up(database, workdir):  # type: ignore[no-untyped-def]
+    """Warm-up reckons a row's renewal point as the serving path does: a response capped by
+    a responder certificate ending in 30 h is due at its BR deadline, not at nextUpdate -
+    refresh_margin (which lies before its thisUpdate). Every capped row was left out of the
+    warm-up, and every request for one went to the database."""
+    capped = issuer_with_responder(
+        "warmcapped",
+        workdir,
+        valid_from=dt.timedelta(days=60),
+        valid_for=dt.timedelta(days=61, hours=6),
+    )
+    proc = write_config(workdir / "warmcapped", database, [capped]).start()
+    try:
+        cert = capped.ca.issue_leaf("warm-capped.test")
+        assert proc.record(cert).status_code == 201
+        proc.stop()
+        proc.start()
+        deadline = time.monotonic() + 10  # the log holds both runs: wait for the second
+        while proc.log().count("warm-up: ") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        last = re.findall(r"warm-up: (\d+) responses in memory", proc.log())
+        assert last[-1:] == ["1"], proc.log()[-2000:]
+        der = httpx.get(get_url(proc.url, build_request(cert, capped.ca.ca_cert))).content
+        checked = check_response(der, issuer=capped, serial=cert.serial_number)
+        assert checked.response.next_update_utc == capped.ca.responder_cert.not_valid_after_utc
+    finally:
+        proc.stop()
