@@ -154,9 +154,11 @@ class _Statements:
             ),
             count_due=_numbered(f"SELECT count(*) {joins} {due_where}", _WINDOW),
             count_stale_signer=_numbered(f"SELECT count(*) {joins} {stale_where}", stale_names),
-            # BR 4.9.9 deadline passed (the candidate bound holds because the deadline is
-            # never earlier than nextUpdate - refresh_margin, see
-            # signer.response_builder.renewal_point)
+            # BR 4.9.9 deadline passed. The candidate bound (the indexed range) holds for
+            # rows of the configured validity or shorter, whose deadline is never earlier
+            # than nextUpdate - refresh_margin (signer.response_builder.renewal_point); a
+            # row longer than refresh_margin + 4 days (signed before response_validity was
+            # lowered) is counted only once inside it, like claim_due (docs/deploy.md)
             count_past_deadline=_numbered(
                 f"SELECT count(*) {joins} "
                 "WHERE r.next_update <= :now::timestamptz + :margin::interval "
