@@ -228,9 +228,10 @@ class LiveSigningSource:
 
     ``queue_limit`` caps the on-demand requests in flight (the store read included, when
     the query does not carry the knowledge): beyond it the answer is tryLater at once. The
-    semaphore (``concurrency``) would bound signatures that wait; today every signature is
-    made synchronously in the event loop (file key or PKCS#11 call), one at a time, so it
-    never waits and ``queue_limit`` is the bound that acts. The read is one ``lookup.get``
+    semaphore (``concurrency``) bounds the signatures made at once: a key in memory signs
+    synchronously in the event loop (one at a time, it never waits), a token key in a
+    thread (``_run_signing``), so with a token at most ``concurrency`` PKCS#11 round trips
+    of this worker are under way and the rest wait their turn. The read is one ``lookup.get``
     (batched with every other lookup of the moment; ``store.knowledge`` without a
     lookup). A SHA-1 query carries the knowledge from StoreSource's lookup: nothing is read
     here, and the request yields once after taking its place in the queue, so the
