@@ -167,8 +167,10 @@ responses_overdue_refresh = Gauge(
     "Stored responses overdue for refresh, as counted by the readiness check",
     multiprocess_mode="max",
 )
+#: livemin: the ``serve --workers`` supervisor, which checks nothing, drops its own sample
+#: (responder/workers.py); the health monitor sets it every health_check_interval
 readiness_ready = Gauge(
-    "ocsp_ready", "1 when the last readiness check passed", multiprocess_mode="min"
+    "ocsp_ready", "1 when the last readiness check passed", multiprocess_mode="livemin"
 )
 
 
