@@ -228,9 +228,9 @@ class LiveSigningSource:
 
     ``queue_limit`` caps the on-demand requests in flight (the store read included, when
     the query does not carry the knowledge): beyond it the answer is tryLater at once. The
-    semaphore (``concurrency``) would bound signatures that wait; today every signature is
-    made synchronously in the event loop (file key or PKCS#11 call), one at a time, so it
-    never waits and ``queue_limit`` is the bound that acts. The read is one ``lookup.get``
+    semaphore (``concurrency``, ``signing_concurrency``) bounds the token-key signatures
+    made in threads at once (``_run_signing``); a key in memory signs in the event loop,
+    never waits on it, and ``queue_limit`` is the bound that acts. The read is one ``lookup.get``
     (batched with every other lookup of the moment; ``store.knowledge`` without a
     lookup). A SHA-1 query carries the knowledge from StoreSource's lookup: nothing is read
     here, and the request yields once after taking its place in the queue, so the
