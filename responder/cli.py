@@ -156,7 +156,7 @@ def cmd_import(args: argparse.Namespace) -> None:
     from responder.progress import ProgressBar
 
     config = _config(args)
-    _setup_logging(config.log_level)
+    _setup_logging(config.log_level, config.log_format)
     try:
         files = discover([Path(p) for p in args.paths])
     except ImportInputError as exc:
@@ -268,7 +268,7 @@ def cmd_refresh(args: argparse.Namespace) -> None:
     from responder.background import build_refresher
 
     config = _config(args)
-    _setup_logging(config.log_level)
+    _setup_logging(config.log_level, config.log_format)
 
     async def run() -> None:
         service = await _with_service(config)
@@ -306,7 +306,7 @@ def cmd_ct_follow(args: argparse.Namespace) -> None:
     from responder.ct_indexer import BackgroundFollower, CTIndexer
 
     config = _config(args)
-    _setup_logging(config.log_level)
+    _setup_logging(config.log_level, config.log_format)
     if not config.ct_logs:
         raise CommandError("no ct_logs configured: add [[ct_logs]] tables (see README)")
 
@@ -350,7 +350,7 @@ def cmd_ct_status(args: argparse.Namespace) -> None:
     from responder.service import resolve_database_url
 
     config = _config(args)
-    _setup_logging(config.log_level)
+    _setup_logging(config.log_level, config.log_format)
     doc = asyncio.run(collect(config, resolve_database_url(config)))
     print(render_json(doc) if args.json else render_table(doc))
     status = exit_status(doc)
@@ -363,7 +363,7 @@ def cmd_audit(args: argparse.Namespace) -> None:
     from responder.service import resolve_database_url
 
     config = _config(args)
-    _setup_logging(config.log_level)
+    _setup_logging(config.log_level, config.log_format)
     if args.sample is not None and args.sample < 1:
         raise CommandError("--sample must be at least 1")
     if args.concurrency < 1:
