@@ -365,3 +365,19 @@ def test_ready_gauge_is_current_without_probes(
         wait_for(lambda: ready_gauge() == 0)
     finally:
         proc.stop()
+
+
+def test_alerted_counters_are_exported_at_zero(ops_responder) -> None:  # type: ignore[no-untyped-def]
+    """The counters deploy.md's alerts take ``increase()`` of exist before their first
+    event: a series born at 1 has no earlier sample, so the first serial collision (a
+    page) or the first lost recording found in CT raised no alert."""
+    found = samples(httpx.get(ops_responder.admin_url + "/metrics").text)
+    names = {(name, labels) for name, labels in found}
+    for reason in ("serial_collision", "connection", "refused", "unknown_issuer"):
+        assert ("ocsp_recording_failures_total", (("reason", reason),)) in names
+    for issuer in ("p256", "rsa"):
+        assert ("coverage_gaps_total", (("issuer", issuer),)) in names
+        assert (
+            "ocsp_on_demand_signing_failures_total",
+            (("error", "SigningError"), ("issuer", issuer)),
+        ) in names
