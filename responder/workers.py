@@ -75,7 +75,7 @@ def run_workers(config: Config, workers: int) -> int:
         # with the directory set before start (the systemd unit of docs/deploy.md) this
         # process wrote its own samples there at import: its ocsp_ready, 0 since it checks
         # nothing, held the workers' minimum at 0 for good
-        multiprocess.mark_process_dead(os.getpid())
+        multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
     stopping = False
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
