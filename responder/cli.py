@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from responder.config import Config, ConfigError, check_database_url, load_config
+from responder.config import MAX_WORKERS, Config, ConfigError, check_database_url, load_config
 from responder.embedded_db import EmbeddedDatabaseError
 from responder.schema import SchemaError, migrate
 from responder.store import PresignedStore, StoreUnavailable
@@ -68,8 +68,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         _run_serving(serve(config, listen_socket=sock, worker_index=index, supervisor=supervisor))
         return
     workers = args.workers if args.workers is not None else config.workers
-    if workers < 1:
-        raise CommandError("--workers must be at least 1")
+    if not 1 <= workers <= MAX_WORKERS:  # the bound of the workers key (config.py)
+        raise CommandError(f"--workers must be between 1 and {MAX_WORKERS}")
     if workers > 1:
         from responder.workers import run_workers
 

@@ -359,6 +359,9 @@ def _path(base: Path, value: object, key: str) -> Path:
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
+#: worker processes per serve (``workers`` and ``serve --workers``)
+MAX_WORKERS = 256
+
 
 def check_database_url(url: str, key: str) -> str:
     """A PostgreSQL URL asyncpg can use, checked before anything connects: asyncpg raises
@@ -476,8 +479,8 @@ def _build(v: dict[str, Any], base: Path, source: Path | None) -> Config:
     if "replica_max_lag" in v:
         cfg.replica_max_lag = v["replica_max_lag"]
     if "workers" in v:
-        if not 1 <= v["workers"] <= 256:
-            raise ConfigError("workers: must be between 1 and 256")
+        if not 1 <= v["workers"] <= MAX_WORKERS:
+            raise ConfigError(f"workers: must be between 1 and {MAX_WORKERS}")
         cfg.workers = v["workers"]
     if "warmup_responses" in v:
         if v["warmup_responses"] < 0:
