@@ -651,8 +651,14 @@ def _key_ref(base: Path, value: object, key: str) -> KeyRef:
     return _path(base, value, key)
 
 
+CT_LOG_KEYS = {"name", "url", "kind", "origin", "public_key", "poll_interval", "batch_size"}
+
+
 def _ct_log(item: dict[str, Any], index: int) -> CTLogConfig:
     where = f"ct_logs[{index}]"
+    unknown = set(item) - CT_LOG_KEYS
+    if unknown:  # a misspelt poll_interval silently kept the default, as in issuers
+        raise ConfigError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
     for required in ("url", "kind", "public_key"):
         if required not in item:
             raise ConfigError(f"{where}: '{required}' is required")
