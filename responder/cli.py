@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from responder.config import Config, ConfigError, check_database_url, load_config
+from responder.config import MAX_WORKERS, Config, ConfigError, check_database_url, load_config
 from responder.embedded_db import EmbeddedDatabaseError
 from responder.schema import SchemaError, migrate
 from responder.store import PresignedStore, StoreUnavailable
@@ -68,8 +68,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         _run_serving(serve(config, listen_socket=sock, worker_index=index, supervisor=supervisor))
         return
     workers = args.workers if args.workers is not None else config.workers
-    if workers < 1:
-        raise CommandError("--workers must be at least 1")
+    if not 1 <= workers <= MAX_WORKERS:  # the bound of the workers key (config.py)
+        raise CommandError(f"--workers must be between 1 and {MAX_WORKERS}")
     if workers > 1:
         from responder.workers import run_workers
 
@@ -156,7 +156,7 @@ def cmd_import(args: argparse.Namespace) -> None:
     from responder.progress import ProgressBar
 
     config = _config(args)
-    _setup_logging(config.log_level)
+    _setup_logging(config.log_level, config.log_format)
     try:
         files = discover([Path(p) for p in args.paths])
     except ImportInputError as exc:
@@ -268,7 +268,7 @@ def cmd_refresh(args: argparse.Namespace) -> None:
     from responder.background import build_refresher
 
     config = _config(args)
-    _setup_logging(config.log_level)
+    _setup_logging(config.log_level, config.log_format)
 
     async def run() -> None:
         service = await _with_service(config)
@@ -306,7 +306,7 @@ def cmd_ct_follow(args: argparse.Namespace) -> None:
     from responder.ct_indexer import BackgroundFollower, CTIndexer
 
     config = _config(args)
-    _setup_logging(config.log_level)
+    _setup_logging(config.log_level, config.log_format)
     if not config.ct_logs:
         raise CommandError("no ct_logs configured: add [[ct_logs]] tables (see README)")
 
@@ -350,7 +350,7 @@ def cmd_ct_status(args: argparse.Namespace) -> None:
     from responder.service import resolve_database_url
 
     config = _config(args)
-    _setup_logging(config.log_level)
+    _setup_logging(config.log_level, config.log_format)
     doc = asyncio.run(collect(config, resolve_database_url(config)))
     print(render_json(doc) if args.json else render_table(doc))
     status = exit_status(doc)
@@ -363,7 +363,7 @@ def cmd_audit(args: argparse.Namespace) -> None:
     from responder.service import resolve_database_url
 
     config = _config(args)
-    _setup_logging(config.log_level)
+    _setup_logging(config.log_level, config.log_format)
     if args.sample is not None and args.sample < 1:
         raise CommandError("--sample must be at least 1")
     if args.concurrency < 1:

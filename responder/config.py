@@ -359,6 +359,9 @@ def _path(base: Path, value: object, key: str) -> Path:
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
+#: worker processes per serve (``workers`` and ``serve --workers``)
+MAX_WORKERS = 256
+
 
 def check_database_url(url: str, key: str) -> str:
     """A PostgreSQL URL asyncpg can use, checked before anything connects: asyncpg raises
@@ -476,8 +479,8 @@ def _build(v: dict[str, Any], base: Path, source: Path | None) -> Config:
     if "replica_max_lag" in v:
         cfg.replica_max_lag = v["replica_max_lag"]
     if "workers" in v:
-        if not 1 <= v["workers"] <= 256:
-            raise ConfigError("workers: must be between 1 and 256")
+        if not 1 <= v["workers"] <= MAX_WORKERS:
+            raise ConfigError(f"workers: must be between 1 and {MAX_WORKERS}")
         cfg.workers = v["workers"]
     if "warmup_responses" in v:
         if v["warmup_responses"] < 0:
@@ -648,8 +651,14 @@ def _key_ref(base: Path, value: object, key: str) -> KeyRef:
     return _path(base, value, key)
 
 
+CT_LOG_KEYS = {"name", "url", "kind", "origin", "public_key", "poll_interval", "batch_size"}
+
+
 def _ct_log(item: dict[str, Any], index: int) -> CTLogConfig:
     where = f"ct_logs[{index}]"
+    unknown = set(item) - CT_LOG_KEYS
+    if unknown:  # a misspelt poll_interval silently kept the default, as in issuers
+        raise ConfigError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
     for required in ("url", "kind", "public_key"):
         if required not in item:
             raise ConfigError(f"{where}: '{required}' is required")

@@ -25,7 +25,8 @@ Readiness (``/readyz``) is true when all four hold:
 
 Liveness (``/healthz``) only says the event loop answers. The monitor also samples the
 database pool and on-demand signing queue gauges every ``SAMPLE_INTERVAL`` seconds, so the
-hot path never touches them.
+hot path never touches them, and evaluates readiness every ``health_check_interval`` so
+that ``ocsp_ready`` is current whether or not anything probes ``/readyz``.
 """
 
 from __future__ import annotations
@@ -138,6 +139,10 @@ class HealthMonitor:
                     if self.signer_expiry is not None:
                         self.signer_expiry.check()
                     await self.check_responses()
+                    # ocsp_ready must not depend on someone probing /readyz: a worker the
+                    # load balancer never reached, or an instance nobody probes, kept 0
+                    # (a false "not ready" page), and a probed one kept its last value
+                    await self.readiness()
                     next_check = time.monotonic() + self.check_interval
             except Exception:  # a monitoring bug must not stop monitoring for good
                 log.exception("health monitor iteration failed")

@@ -8,6 +8,7 @@ worker processes, set PROMETHEUS_MULTIPROC_DIR (``serve --workers`` does) and
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -55,6 +56,19 @@ http_refusals_total = Counter(
 recordings_total = Counter("ocsp_recordings_total", "Certificates recorded", ["issuer", "result"])
 recording_failures_total = Counter(
     "ocsp_recording_failures_total", "Recordings that were refused or failed", ["reason"]
+)
+#: the reasons recording_failures_total counts (signer/recording.py, store.failure_reason)
+RECORDING_FAILURE_REASONS = (
+    "connection",
+    "timeout",
+    "conflict",
+    "database_error",
+    "internal",
+    "cancelled",
+    "signing",
+    "refused",
+    "unknown_issuer",
+    "serial_collision",
 )
 revocations_total = Counter("ocsp_revocations_total", "Revocations recorded", ["issuer"])
 coverage_gaps_total = Counter(
@@ -168,8 +182,10 @@ responses_overdue_refresh = Gauge(
     "Stored responses overdue for refresh, as counted by the readiness check",
     multiprocess_mode="max",
 )
+#: livemin: the ``serve --workers`` supervisor, which checks nothing, drops its own sample
+#: (responder/workers.py); the health monitor sets it every health_check_interval
 readiness_ready = Gauge(
-    "ocsp_ready", "1 when the last readiness check passed", multiprocess_mode="min"
+    "ocsp_ready", "1 when the last readiness check passed", multiprocess_mode="livemin"
 )
 
 
@@ -205,6 +221,20 @@ store_lookup_queue_depth = Gauge(
     "Distinct serials waiting for a batched store lookup",
     multiprocess_mode="sum",
 )
+
+
+def export_zero_series(issuers: Iterable[str]) -> None:
+    """Export the labelled counters the alerts of docs/deploy.md take ``increase()`` of at 0.
+
+    A labelled series appears only at its first increment, already at 1, and
+    ``increase()`` has no earlier sample to compare with: the first serial collision, the
+    first lost recording found in CT, the first failed recording or on-demand signature
+    of a process paged nobody."""
+    for reason in RECORDING_FAILURE_REASONS:
+        recording_failures_total.labels(reason)
+    for issuer in issuers:
+        coverage_gaps_total.labels(issuer)
+        on_demand_signing_failures_total.labels(issuer, "SigningError")
 
 
 def render() -> tuple[bytes, str]:

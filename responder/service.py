@@ -12,6 +12,7 @@ import logging
 import asyncpg
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from responder import metrics
 from responder.cdn_purge import CdnPurger
 from responder.config import Config
 from responder.embedded_db import start_embedded_postgres
@@ -64,6 +65,7 @@ class ResponderService:
     async def start(self, *, pool_size: int = 10, monitor: bool = True) -> None:
         """Load issuers (checking keys), connect, check the schema, register issuers."""
         self.registry = self.config.load_issuers()
+        metrics.export_zero_series(issuer.name for issuer in self.registry.issuers)
         dsn = await asyncio.to_thread(resolve_database_url, self.config)
         try:
             self.store = await PresignedStore.connect(dsn, max_size=pool_size)

@@ -30,6 +30,8 @@ import tempfile
 import time
 from types import FrameType
 
+from prometheus_client import multiprocess
+
 from responder.config import Config
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,11 @@ def run_workers(config: Config, workers: int) -> int:
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         own_metrics_dir = tempfile.mkdtemp(prefix="ocsp-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_metrics_dir
+    else:
+        # with the directory set before start (the systemd unit of docs/deploy.md) this
+        # process wrote its own samples there at import: its ocsp_ready, 0 since it checks
+        # nothing, held the workers' minimum at 0 for good
+        multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
     stopping = False
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

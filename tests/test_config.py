@@ -384,3 +384,15 @@ def test_values_that_would_fail_at_run_time_are_refused(
     with pytest.raises(ConfigError) as info:
         load_config(path, {})
     assert str(info.value).startswith(message)
+
+
+def test_ct_log_table_refuses_unknown_keys(tmp_path: Path) -> None:
+    """Like [[issuers]] and [[cdn_purge]]: a misspelt key (``poll_interval_`` for a 1m
+    poll) was ignored and the default kept, with nothing said."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        "[[ct_logs]]\nurl = 'https://l.example/'\nkind = 'static'\npublic_key = 'AAAA'\n"
+        "pol_interval = '1m'\n"
+    )
+    with pytest.raises(ConfigError, match=r"^ct_logs\[0\]: unknown keys pol_interval$"):
+        load_config(path, {})

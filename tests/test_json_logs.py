@@ -6,7 +6,9 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import orjson
@@ -15,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 
 from responder import request_log
 from responder.log_format import JSONFormatter, TextFormatter, make_formatter
-from tests.support import IssuerFiles, build_request, get_url, write_config
+from tests.support import VENV_BIN, IssuerFiles, build_request, get_url, write_config
 
 
 @pytest.fixture
@@ -152,3 +154,31 @@ def test_full_run_logs_json_without_key_material(  # type: ignore[no-untyped-def
             forbidden += [format(secret, "x")[:24], str(secret)[:24]]
     for needle in forbidden:
         assert needle not in log, needle
+
+
+def test_cli_commands_log_json_when_configured(
+    database: str, p256_issuer: IssuerFiles, tmp_path: Path
+) -> None:
+    """``log_format = "json"`` holds for every command, not only serve/issue/revoke/migrate:
+    import (and refresh, ct-follow, ct-status, audit) logged text, so the ct-follow unit
+    of docs/deploy.md wrote text lines into a journal read as JSON."""
+    proc = write_config(tmp_path, database, [p256_issuer], extra='log_format = "json"')
+    result = subprocess.run(
+        [
+            str(VENV_BIN / "ocsp-responder"),
+            "import",
+            "--config",
+            str(proc.config_path),
+            "--quiet",
+            "--no-journal",
+            str(p256_issuer.root_pem),  # an issuer not configured: refused, logged
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    logged = [line for line in result.stderr.splitlines() if "recording refused" in line]
+    assert logged, result.stderr
+    entry = orjson.loads(logged[0])
+    assert entry["level"] == "warning" and entry["logger"] == "signer.recording"

@@ -71,3 +71,27 @@ def test_admin_client_ca_that_holds_no_certificate(
     )
     with pytest.raises(ConfigError, match=r"^admin_client_ca: .* holds no PEM CA certificate"):
         admin_ssl_options(load_config(path, {}))
+
+
+def test_workers_flag_has_the_config_keys_bound(
+    module_database: str, p256_issuer: IssuerFiles, tmp_path: Path, taken_port: int
+) -> None:
+    """``serve --workers`` is refused beyond 256 as ``workers`` is (README), before any
+    socket is bound or worker started: the flag bypassed the bound (the port here is taken
+    only so that the old code failed on the bind instead of starting 257 processes)."""
+    proc = write_config(tmp_path, module_database, [p256_issuer], port=taken_port)
+    result = subprocess.run(
+        [
+            str(VENV_BIN / "ocsp-responder"),
+            "serve",
+            "--config",
+            str(proc.config_path),
+            "--workers",
+            "257",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip() == "ocsp-responder: error: --workers must be between 1 and 256"

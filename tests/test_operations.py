@@ -330,3 +330,54 @@ def test_log_names_the_admin_port_it_really_got(
         assert httpx.get(f"http://127.0.0.1:{port}/healthz").json() == {"alive": True}
     finally:
         proc.stop()
+
+
+def test_ready_gauge_is_current_without_probes(
+    database: str, p256_issuer: IssuerFiles, tmp_path: Path
+) -> None:
+    """``ocsp_ready`` (the "not ready" alert of docs/deploy.md) follows the health monitor,
+    not /readyz probes: with two workers and nothing probing, it stayed 0 for good (a
+    false page), and it never turned 0 when a check started failing."""
+    proc = write_config(
+        tmp_path, database, [p256_issuer], extra='workers = 2\nhealth_check_interval = "1s"'
+    )
+    proc.env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "metrics")
+    (tmp_path / "metrics").mkdir()
+    proc.start()
+
+    def ready_gauge() -> float | None:
+        try:
+            text = httpx.get(proc.admin_url + "/metrics", timeout=2).text
+        except httpx.HTTPError:  # worker 0's admin listener may not be up yet
+            return None
+        return metric(text, "ocsp_ready")
+
+    try:
+        wait_for(lambda: ready_gauge() == 1)  # min over both workers, no /readyz call
+        cert = p256_issuer.ca.issue_leaf("gauge.test")
+        assert proc.record(cert).status_code == 201
+        sql_sync(
+            database,
+            "UPDATE responses SET next_update = now() + interval '1 hour', "
+            "this_update = now() - interval '3 days 23 hours' WHERE serial = $1",
+            serial_key(cert.serial_number),
+        )
+        wait_for(lambda: ready_gauge() == 0)
+    finally:
+        proc.stop()
+
+
+def test_alerted_counters_are_exported_at_zero(ops_responder) -> None:  # type: ignore[no-untyped-def]
+    """The counters deploy.md's alerts take ``increase()`` of exist before their first
+    event: a series born at 1 has no earlier sample, so the first serial collision (a
+    page) or the first lost recording found in CT raised no alert."""
+    found = samples(httpx.get(ops_responder.admin_url + "/metrics").text)
+    names = {(name, labels) for name, labels in found}
+    for reason in ("serial_collision", "connection", "refused", "unknown_issuer"):
+        assert ("ocsp_recording_failures_total", (("reason", reason),)) in names
+    for issuer in ("p256", "rsa"):
+        assert ("coverage_gaps_total", (("issuer", issuer),)) in names
+        assert (
+            "ocsp_on_demand_signing_failures_total",
+            (("error", "SigningError"), ("issuer", issuer)),
+        ) in names

@@ -9,6 +9,7 @@ answer is ``tryLater`` (unsigned, no-cache): never the stale bytes.
 from __future__ import annotations
 
 import datetime as dt
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from tests.stored_rows import (
     stored,
 )
 from tests.support import (
+    VENV_BIN,
     IssuerFiles,
     ResponderProcess,
     build_request,
@@ -138,3 +140,26 @@ def test_signing_refused_before_next_update_serves_valid_bytes(  # type: ignore[
     assert parsed.next_update_utc is not None and parsed.next_update_utc > now
     max_age = int(answer.headers["cache-control"].split(",")[0].removeprefix("max-age="))
     assert max_age <= due.next_update - now.timestamp() - 60
+
+
+def test_refresh_exits_2_when_an_issuer_cannot_sign(  # type: ignore[no-untyped-def]
+    stale_responder, expiring_issuer, module_database
+):
+    """README: ``refresh`` exits 2 if an issuer cannot sign (a cron or monitoring job
+    relies on it), naming the issuer; nothing tested it."""
+    issuer = load_issuer(stale_responder.config_path, expiring_issuer.name, module_database)
+    cert = expiring_issuer.ca.issue_leaf("refresh-refused.test")
+    put_certificate(module_database, issuer, cert)
+    short = ValidityPolicy(validity=dt.timedelta(hours=8), refresh_margin=dt.timedelta(hours=4))
+    due = sign_at(
+        issuer, cert.serial_number, dt.datetime.now(dt.UTC) - dt.timedelta(hours=6), policy=short
+    )
+    put_row(module_database, issuer, cert.serial_number, due)
+    result = subprocess.run(
+        [str(VENV_BIN / "ocsp-responder"), "refresh", "--config", str(stale_responder.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"issuer {expiring_issuer.name}: FAILED" in result.stderr
