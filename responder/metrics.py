@@ -45,7 +45,9 @@ on_demand_signing_failures_total = Counter(
     ["issuer", "error"],
 )
 signing_queue_depth = Gauge(
-    "ocsp_signing_queue_depth", "On-demand signatures waiting or running", multiprocess_mode="sum"
+    "ocsp_signing_queue_depth",
+    "On-demand signatures waiting or running (the busiest worker: the limit is per worker)",
+    multiprocess_mode="livemax",
 )
 #: HTTP-level refusals on the OCSP port, before any OCSP request existed (status: 400
 #: unparseable, 408 too slow, 413 body too large, 431 head too large); each closes the
@@ -218,8 +220,9 @@ store_lookups_refused_total = Counter(
 )
 store_lookup_queue_depth = Gauge(
     "ocsp_store_lookup_queue_depth",
-    "Distinct serials waiting for a batched store lookup",
-    multiprocess_mode="sum",
+    "Distinct serials waiting for a batched store lookup (the busiest worker: the limit is "
+    "per worker)",
+    multiprocess_mode="livemax",
 )
 
 
