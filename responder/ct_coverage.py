@@ -35,7 +35,7 @@ _LOGS = (
 )
 
 
-def _open_gaps_query(with_not_after: bool) -> str:
+def open_gaps_query(with_not_after: bool) -> str:
     """Unrepaired gaps per issuer, leaving out retired serials (expired beyond
     ``expired_retention``: answered unauthorized on purpose, their rows stay open as the
     record that they were never covered, and must not hold an alert up for ever)."""
@@ -119,7 +119,7 @@ class CTCoverageMonitor:
         )
         open_by_id = {
             r["issuer_id"]: r["open"]
-            for r in await self.pool.fetch(_open_gaps_query(self._with_not_after), retired_before)
+            for r in await self.pool.fetch(open_gaps_query(self._with_not_after), retired_before)
         }
         for issuer in self.registry.issuers:
             metrics.coverage_gaps_open.labels(issuer.name).set(open_by_id.get(issuer.db_id, 0))

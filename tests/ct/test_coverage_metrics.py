@@ -139,3 +139,53 @@ async def test_serve_exports_follower_progress_and_open_gaps_from_the_database(
     finally:
         fake_log.faults.bad_signature = False
         proc.stop()
+
+
+async def test_ct_status_leaves_retired_gaps_out_of_its_exit_status(
+    database: str, tmp_path: Path
+) -> None:
+    """A gap whose certificate expired beyond expired_retention is retired: answered
+    unauthorized on purpose, its row open for good as the record that it was never
+    covered. serve's coverage_gaps_open leaves it out; ct-status exited 2 for ever."""
+    config = tmp_path / "status.toml"
+    config.write_text(f'database_url = "{database}"\nexpired_retention = "7d"\n')
+
+    def ct_status() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(VENV_BIN / "ocsp-responder"), "ct-status", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    await sql(
+        database,
+        "INSERT INTO issuers (spki_sha256, name, subject) VALUES ($1, 'old', 'CN=old')",
+        bytes(32),
+    )
+    retired, live = serial_key(0x51), serial_key(0x52)
+    await sql(
+        database,
+        "INSERT INTO certificates (issuer_id, serial, not_after, kinds) "
+        "SELECT id, $1, now() - interval '30 days', 1 FROM issuers",
+        retired,
+    )
+    await sql(
+        database,
+        "INSERT INTO coverage_gaps (issuer_id, serial, detected_by) "
+        "SELECT id, $1, 'test' FROM issuers",
+        retired,
+    )
+    status = ct_status()
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "old: 1 (1 not repaired, 1 of them retired)" in status.stdout
+    # an open gap that is not retired still makes the check fail
+    await sql(
+        database,
+        "INSERT INTO coverage_gaps (issuer_id, serial, detected_by) "
+        "SELECT id, $1, 'test' FROM issuers",
+        live,
+    )
+    status = ct_status()
+    assert status.returncode == 2, status.stdout + status.stderr
+    assert "old: 2 (2 not repaired, 1 of them retired)" in status.stdout
