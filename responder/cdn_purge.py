@@ -175,8 +175,25 @@ class CdnPurger:
             await asyncio.gather(*list(self._background), return_exceptions=True)
 
     async def aclose(self) -> None:
-        """Wait for background rounds, then close the HTTP client (at shutdown)."""
-        await self.drain()
+        """At shutdown: give background rounds the time of one more round (a revocation
+        just made gets its settle round), cancel what is left, close the HTTP client.
+
+        Waiting for them all held SIGTERM for ever against a CDN that drips its answer
+        (httpx's timeout bounds each read, not a call), or attempts x timeout against a
+        slow one; the purge is best effort, the cache's max-age bounds what it misses."""
+        if self._background:
+            grace = self.settle_delay + self.timeout
+            _, pending = await asyncio.wait(list(self._background), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+                log.warning(
+                    "CDN purge: %d background rounds cancelled at shutdown (still running "
+                    "after %.1fs); the CDN keeps those answers until their max-age",
+                    len(pending),
+                    grace,
+                )
         if self._client is not None:
             client, self._client = self._client, None
             await client.aclose()
