@@ -116,13 +116,19 @@ class CdnPurger:
         delay = 0.1
         for attempt in range(1, self.attempts + 1):
             try:
-                response = await client.request(call.method, call.url, headers=call.headers)
+                # the whole call, not only each read: a CDN that drips its answer never
+                # tripped httpx's timeouts, and the round (and `revoke`) never ended
+                response = await asyncio.wait_for(
+                    client.request(call.method, call.url, headers=call.headers), self.timeout
+                )
                 if response.status_code < 400:
                     metrics.cdn_purges_total.labels("ok").inc()
                     return True
                 problem = f"HTTP {response.status_code}"
             except httpx.HTTPError as exc:
                 problem = f"{type(exc).__name__}: {exc}"
+            except TimeoutError:
+                problem = f"no complete answer within {self.timeout:g}s"
             if attempt < self.attempts:
                 metrics.cdn_purges_total.labels("retried").inc()
                 await asyncio.sleep(delay)

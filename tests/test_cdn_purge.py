@@ -172,3 +172,29 @@ def test_serve_stops_promptly_while_a_purge_drips(
     finally:
         proc.stop(signal.SIGKILL)
         cdn.close()
+
+
+def test_a_dripping_cdn_fails_the_purge_within_its_attempts(issuer: Issuer) -> None:
+    """httpx's timeout bounds each read: a CDN sending a byte every 0.3 s held each call,
+    so the round, `ocsp-responder revoke` (which waits for it) and shutdown, for ever."""
+    cdn = DrippingCdn()
+    purger = CdnPurger(
+        [CdnPurgeConfig(f"http://127.0.0.1:{cdn.port}/{{serial}}")],
+        attempts=2,
+        timeout=1.0,
+        settle_delay=0.0,
+    )
+
+    async def go() -> str:
+        try:
+            result = await purger.purge(issuer, 42)
+            await asyncio.wait_for(purger.drain(), 10)  # was: never
+            return result
+        finally:
+            await purger.aclose()
+
+    try:
+        assert asyncio.run(go()) in ("failed", "pending")
+        assert cdn.requests >= 2  # both attempts were made (and bounded)
+    finally:
+        cdn.close()
