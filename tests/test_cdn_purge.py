@@ -87,6 +87,8 @@ def test_purge_config_errors(tmp_path: Path) -> None:
         ('[[cdn_purge]]\nmethod = "PURGE"\n', "'url'"),
         ('refresher_spread = "3d"\n', "shorter than refresh_margin"),
         ("refresher_batch_size = 0\n", "at least 1"),
+        # 0 was accepted: httpx then times out at once, so every purge failed
+        ('cdn_purge_timeout = "0s"\n', "cdn_purge_timeout: must be more than 0"),
     ):
         path.write_text(body)
         with pytest.raises(ConfigError, match=message):
