@@ -116,13 +116,19 @@ class CdnPurger:
         delay = 0.1
         for attempt in range(1, self.attempts + 1):
             try:
-                response = await client.request(call.method, call.url, headers=call.headers)
+                # the whole call, not only each read: a CDN that drips its answer never
+                # tripped httpx's timeouts, and the round (and `revoke`) never ended
+                response = await asyncio.wait_for(
+                    client.request(call.method, call.url, headers=call.headers), self.timeout
+                )
                 if response.status_code < 400:
                     metrics.cdn_purges_total.labels("ok").inc()
                     return True
                 problem = f"HTTP {response.status_code}"
             except httpx.HTTPError as exc:
                 problem = f"{type(exc).__name__}: {exc}"
+            except TimeoutError:
+                problem = f"no complete answer within {self.timeout:g}s"
             if attempt < self.attempts:
                 metrics.cdn_purges_total.labels("retried").inc()
                 await asyncio.sleep(delay)
@@ -175,8 +181,25 @@ class CdnPurger:
             await asyncio.gather(*list(self._background), return_exceptions=True)
 
     async def aclose(self) -> None:
-        """Wait for background rounds, then close the HTTP client (at shutdown)."""
-        await self.drain()
+        """At shutdown: give background rounds the time of one more round (a revocation
+        just made gets its settle round), cancel what is left, close the HTTP client.
+
+        Waiting for them all held SIGTERM for ever against a CDN that drips its answer
+        (httpx's timeout bounds each read, not a call), or attempts x timeout against a
+        slow one; the purge is best effort, the cache's max-age bounds what it misses."""
+        if self._background:
+            grace = self.settle_delay + self.timeout
+            _, pending = await asyncio.wait(list(self._background), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+                log.warning(
+                    "CDN purge: %d background rounds cancelled at shutdown (still running "
+                    "after %.1fs); the CDN keeps those answers until their max-age",
+                    len(pending),
+                    grace,
+                )
         if self._client is not None:
             client, self._client = self._client, None
             await client.aclose()

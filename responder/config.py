@@ -530,6 +530,8 @@ def _refresh_settings(cfg: Config, v: dict[str, Any]) -> None:
         )
     if cfg.expired_retention < dt.timedelta(0):
         raise ConfigError("expired_retention: must not be negative")
+    if cfg.cdn_purge_timeout <= dt.timedelta(0):  # httpx times out at once: every purge failed
+        raise ConfigError("cdn_purge_timeout: must be more than 0")
     cfg.cdn_purge = [_cdn_purge(item, i) for i, item in enumerate(v.get("cdn_purge", []))]
 
 

@@ -5,8 +5,9 @@ Why here and not in the follower: by default the follower runs as its own proces
 (``coverage_gaps_total``, ``ct_lag_seconds``) never reached Prometheus, and a follower
 that was not running at all, or a log that had failed for an hour, raised no alert. The
 database holds the truth whichever process follows: ``serve`` (worker 0) reads it every
-``health_check_interval`` (two small queries: the ``ct_logs`` rows, and the open gaps
-through their partial index) and exports it (docs/deploy.md, "Alerts").
+``health_check_interval`` (two small queries: the ``ct_logs`` rows, and the open gaps,
+each looked up by key: the cost grows with the open gaps, never with the CT index; 30,000
+open gaps took ~0.4 s here) and exports it (docs/deploy.md, "Alerts").
 """
 
 from __future__ import annotations
@@ -35,17 +36,30 @@ _LOGS = (
 )
 
 
-def _open_gaps_query(with_not_after: bool) -> str:
+def open_gaps_query(with_not_after: bool) -> str:
     """Unrepaired gaps per issuer, leaving out retired serials (expired beyond
     ``expired_retention``: answered unauthorized on purpose, their rows stay open as the
-    record that they were never covered, and must not hold an alert up for ever)."""
-    not_after = "coalesce(c.not_after, t.not_after)" if with_not_after else "c.not_after"
+    record that they were never covered, and must not hold an alert up for ever).
+
+    Each open gap's notAfter is looked up by primary key (a subquery per gap, in
+    ``certificates``, then ``ct_index``): as joins, a few thousand open gaps (an issuer
+    without a key, retired rows that accumulate) made the planner hash both tables whole,
+    a sequential scan of the CT index at every ``health_check_interval``."""
+    lookups = [
+        "(SELECT c.not_after FROM certificates c "
+        " WHERE c.issuer_id = g.issuer_id AND c.serial = g.serial)"
+    ]
+    if with_not_after:
+        lookups.append(
+            "(SELECT t.not_after FROM ct_index t "
+            " WHERE t.issuer_id = g.issuer_id AND t.serial = g.serial)"
+        )
+    # no known notAfter: not retired
+    not_after = f"coalesce({', '.join(lookups)}, 'infinity'::timestamptz)"
     return (
         "SELECT g.issuer_id, count(*) AS open FROM coverage_gaps g "
-        "LEFT JOIN certificates c ON c.issuer_id = g.issuer_id AND c.serial = g.serial "
-        "LEFT JOIN ct_index t ON t.issuer_id = g.issuer_id AND t.serial = g.serial "
         "WHERE g.repaired_at IS NULL "
-        f"  AND ($1::timestamptz IS NULL OR {not_after} IS NULL OR {not_after} >= $1) "
+        f"  AND ($1::timestamptz IS NULL OR {not_after} >= $1) "
         "GROUP BY g.issuer_id"
     )
 
@@ -119,7 +133,7 @@ class CTCoverageMonitor:
         )
         open_by_id = {
             r["issuer_id"]: r["open"]
-            for r in await self.pool.fetch(_open_gaps_query(self._with_not_after), retired_before)
+            for r in await self.pool.fetch(open_gaps_query(self._with_not_after), retired_before)
         }
         for issuer in self.registry.issuers:
             metrics.coverage_gaps_open.labels(issuer.name).set(open_by_id.get(issuer.db_id, 0))

@@ -433,14 +433,14 @@ class CTIndexer:
         # failover as `serve` starts): retry at the poll interval instead of ending the
         # follower for good, which left every later lost recording `unauthorized`.
         retry = min((f.config.poll_interval.total_seconds() for f in self.logs), default=10.0)
-        while not self._started and not stop.is_set():
-            try:
-                await self.start()
-            except DATABASE_ERRORS as exc:
-                log.warning("CT follower cannot register its logs yet (will retry): %s", exc)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=retry)
-        try:
+        try:  # start() builds the shared HTTP client: closed however this ends
+            while not self._started and not stop.is_set():
+                try:
+                    await self.start()
+                except DATABASE_ERRORS as exc:
+                    log.warning("CT follower cannot register its logs yet (will retry): %s", exc)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=retry)
             await asyncio.gather(*(self._loop(f, stop) for f in self.logs))
         finally:
             await self.aclose()

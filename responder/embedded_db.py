@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import warnings
 from pathlib import Path
 
@@ -100,11 +101,43 @@ def _process_name(pid: int) -> str | None:
         return None
 
 
+def _process_start_time(pid: int) -> float | None:
+    """When ``pid`` started, in seconds since the epoch (to within a second: the boot
+    time is whole seconds); None if unknown."""
+    try:
+        # fields after the command name (which may hold spaces and parentheses); the
+        # 22nd field of the line, starttime, is the 20th of them: clock ticks after boot
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(
+            int(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _server_answers(socket_dir: str, port: str) -> bool:
+    """Whether something accepts connections on the server's Unix socket."""
+    if not socket_dir or not port.isdigit():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(str(Path(socket_dir) / f".s.PGSQL.{port}"))
+        except OSError:
+            return False
+    return True
+
+
 def clear_stale_pid_file(pgdata: Path) -> bool:
     """Remove a ``postmaster.pid`` (and the socket lock file beside it) left by a server
-    that is gone, when its pid now belongs to a process that is not PostgreSQL; True if
-    removed. A dead pid needs nothing (PostgreSQL replaces such a file itself); a live
-    ``postgres`` process is a running server, reused as it is."""
+    that is gone, when its pid now belongs to a process that is not PostgreSQL and started
+    after that server, and nothing answers on the server's socket; True if removed. A dead
+    pid needs nothing (PostgreSQL replaces such a file itself); a live ``postgres``
+    process is a running server, reused as it is; an older process means another pid
+    namespace, whose server may be running: the file is left, as PostgreSQL would."""
     pid_file = pgdata / "postmaster.pid"
     try:
         lines = pid_file.read_text().splitlines()
@@ -118,6 +151,18 @@ def clear_stale_pid_file(pgdata: Path) -> bool:
     name = _process_name(pid)
     if name is None or name in ("postgres", "postmaster"):
         return False
+    if len(lines) < 3 or not lines[2].strip().isdigit():
+        return False
+    started = _process_start_time(pid)
+    if started is None or started + 1 < int(lines[2]):
+        # this process is older than the server that wrote the file, so it did not get
+        # the pid after that server died: the file comes from another pid namespace (a
+        # container sharing data_dir), whose server may well be alive. Removing its lock
+        # file would let a second server start on the same data (PostgreSQL refuses
+        # that for any live pid) and makes the live one shut itself down.
+        return False
+    if len(lines) >= 5 and _server_answers(lines[4].strip(), lines[3].strip()):
+        return False  # a server accepts connections on the socket: it is alive
     # lines: pid, data dir, start time, port, socket directory, ... (PostgreSQL's layout)
     stale = [pid_file]
     if len(lines) >= 5 and lines[3].strip().isdigit() and lines[4].strip():

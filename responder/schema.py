@@ -222,13 +222,6 @@ async def _migrate_once(
                        name       text NOT NULL,
                        applied_at timestamptz NOT NULL DEFAULT now())"""
             )
-            if not await has_column(conn, "schema_migrations", "contract"):
-                # where builds that do not know a contract migration learn of it (older
-                # versions of this table lack it: added once, catalog-only)
-                await conn.execute(
-                    "ALTER TABLE schema_migrations "
-                    "ADD COLUMN IF NOT EXISTS contract boolean NOT NULL DEFAULT false"
-                )
             done = await current_version(conn)
             if done > len(known):  # "up to date" would hide that this build is the older
                 log.warning(
@@ -237,9 +230,10 @@ async def _migrate_once(
                     done,
                     len(known),
                 )
-            for migration in known:
-                if migration.version <= done or migration.version > goal:
-                    continue
+            pending = [m for m in known if done < m.version <= goal]
+            if pending:  # nothing to apply: no DDL (it would wait behind a pg_dump)
+                await _add_contract_column(conn, attempts)
+            for migration in pending:
                 await _apply(conn, migration, attempts)
                 applied.append(migration.version)
                 log.info("applied migration %04d_%s", migration.version, migration.name)
@@ -267,19 +261,23 @@ async def _advisory_lock(conn: asyncpg.Connection, attempts: int) -> None:
         await asyncio.sleep(0.2)
 
 
-async def _apply(conn: asyncpg.Connection, migration: Migration, attempts: int) -> None:
+async def _apply(
+    conn: asyncpg.Connection, migration: Migration, attempts: int, *, record: bool = True
+) -> None:
     """Apply one migration, retrying when its lock_timeout expires behind busy writers."""
     for attempt in range(1, attempts + 1):
         try:
             if migration.transactional:
                 async with conn.transaction():
                     await conn.execute(migration.sql)
-                    await _record_applied(conn, migration)
+                    if record:
+                        await _record_applied(conn, migration)
             else:
                 await _drop_invalid_indexes(conn, migration)
                 for statement in _statements(migration.sql):
                     await conn.execute(statement)
-                await _record_applied(conn, migration)
+                if record:
+                    await _record_applied(conn, migration)
             return
         except (
             asyncpg.exceptions.LockNotAvailableError,
@@ -300,6 +298,26 @@ async def _apply(conn: asyncpg.Connection, migration: Migration, attempts: int) 
                 attempts,
             )
             await asyncio.sleep(min(0.2 * attempt, 2.0))
+
+
+async def _add_contract_column(conn: asyncpg.Connection, attempts: int) -> None:
+    """Add ``schema_migrations.contract``, where builds that do not know a contract
+    migration learn of it (tables created before it lack it; catalog-only, once), before
+    the first migration is recorded. Its lock waits like a migration's: retried on
+    ``lock_timeout`` behind a long reader (a pg_dump holds every table for hours)."""
+    if await has_column(conn, "schema_migrations", "contract"):
+        return
+    await _apply(
+        conn,
+        Migration(
+            0,
+            "schema_migrations_contract",
+            "ALTER TABLE schema_migrations "
+            "ADD COLUMN IF NOT EXISTS contract boolean NOT NULL DEFAULT false",
+        ),
+        attempts,
+        record=False,
+    )
 
 
 async def _record_applied(conn: asyncpg.Connection, migration: Migration) -> None:

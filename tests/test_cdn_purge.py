@@ -6,6 +6,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import signal
+import socket
+import subprocess
+import threading
 import time
 from pathlib import Path
 from urllib.parse import quote, unquote
@@ -17,7 +21,7 @@ from responder.cdn_purge import CdnPurger, purge_calls, request_der
 from responder.config import CdnPurgeConfig, ConfigError, load_config
 from signer.demo_ca import DemoCA
 from signer.issuers import Issuer, issuer_from_certificate
-from tests.support import free_port
+from tests.support import IssuerFiles, free_port, write_config
 
 
 @pytest.fixture
@@ -83,6 +87,8 @@ def test_purge_config_errors(tmp_path: Path) -> None:
         ('[[cdn_purge]]\nmethod = "PURGE"\n', "'url'"),
         ('refresher_spread = "3d"\n', "shorter than refresh_margin"),
         ("refresher_batch_size = 0\n", "at least 1"),
+        # 0 was accepted: httpx then times out at once, so every purge failed
+        ('cdn_purge_timeout = "0s"\n', "cdn_purge_timeout: must be more than 0"),
     ):
         path.write_text(body)
         with pytest.raises(ConfigError, match=message):
@@ -94,3 +100,103 @@ def test_purge_config_errors(tmp_path: Path) -> None:
     cfg = load_config(path, {})
     assert cfg.refresher is False and cfg.expired_retention.days == 30
     assert cfg.cdn_purge == [CdnPurgeConfig("http://edge/{get_path}", "GET", {"X-OCSP-Purge": "1"})]
+
+
+class DrippingCdn:
+    """A CDN endpoint that answers every purge a byte at a time, each well within the
+    read timeout, and never finishes: httpx's timeouts bound each read, not the call."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.requests = 0
+        self._stop = threading.Event()
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
+
+    def _accept(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:  # closed
+                return
+            self.requests += 1
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+                while not self._stop.wait(0.3):
+                    conn.sendall(b".")
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._acceptor.join()
+        self.sock.close()
+
+
+def test_serve_stops_promptly_while_a_purge_drips(
+    database: str, p256_issuer: IssuerFiles, tmp_path: Path
+) -> None:
+    """At shutdown serve waited for every background purge round to end: against a CDN
+    that drips its answer (or a slow one with many attempts) SIGTERM never ended it.
+    Background rounds now get a bounded grace, then are cancelled."""
+    cdn = DrippingCdn()
+    proc = write_config(
+        tmp_path,
+        database,
+        [p256_issuer],
+        extra=f'cdn_purge_timeout = "1s"\n[[cdn_purge]]\nurl = "http://127.0.0.1:{cdn.port}/{{serial}}"\n',
+    ).start()
+    try:
+        cert = p256_issuer.ca.issue_leaf("drip.cdn.test")
+        assert proc.record(cert).status_code == 201
+        revoked = proc.revoke(p256_issuer.name, cert.serial_number)
+        assert revoked.status_code in (200, 201), revoked.text
+        assert revoked.json()["cdn_purge"] == "pending"  # bounded for the caller already
+        assert proc.proc is not None
+        proc.proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        try:
+            proc.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            pytest.fail("serve did not stop within 15 s of SIGTERM: it waited for the purge")
+        assert proc.proc.returncode == 0, proc.log()
+        assert time.monotonic() - start < 15
+        assert "CDN purge" in proc.log() and "cancelled at shutdown" in proc.log()
+    finally:
+        proc.stop(signal.SIGKILL)
+        cdn.close()
+
+
+def test_a_dripping_cdn_fails_the_purge_within_its_attempts(issuer: Issuer) -> None:
+    """httpx's timeout bounds each read: a CDN sending a byte every 0.3 s held each call,
+    so the round, `ocsp-responder revoke` (which waits for it) and shutdown, for ever."""
+    cdn = DrippingCdn()
+    purger = CdnPurger(
+        [CdnPurgeConfig(f"http://127.0.0.1:{cdn.port}/{{serial}}")],
+        attempts=2,
+        timeout=1.0,
+        settle_delay=0.0,
+    )
+
+    async def go() -> str:
+        try:
+            result = await purger.purge(issuer, 42)
+            await asyncio.wait_for(purger.drain(), 10)  # was: never
+            return result
+        finally:
+            await purger.aclose()
+
+    try:
+        assert asyncio.run(go()) in ("failed", "pending")
+        assert cdn.requests >= 2  # both attempts were made (and bounded)
+    finally:
+        cdn.close()

@@ -131,3 +131,34 @@ def test_a_torn_user_list_is_reset(data_dir: Path) -> None:
             await asyncpg.connect(dsn, timeout=5)
 
     asyncio.run(refused())
+
+
+def test_a_live_server_seen_from_another_pid_namespace_keeps_its_pid_file(
+    data_dir: Path,
+) -> None:
+    """A container sharing data_dir sees the running server's pid as whatever process
+    has that pid here: one older than the server cannot have got the pid after it died,
+    so the server may be alive. Removing its postmaster.pid let a second server start on
+    the same data (and makes the live one shut itself down at its next lock check)."""
+    pgdata = data_dir / "postgres"
+    older = subprocess.Popen(["sleep", "300"])  # a process that predates the server
+    time.sleep(2.5)  # start times are compared to the second
+    try:
+        assert use_cluster(data_dir, "kill").returncode == -signal.SIGKILL
+        server = postmaster_pid(pgdata)
+        assert running(server)
+        pid_file = pgdata / "postmaster.pid"
+        lines = pid_file.read_text().splitlines()
+        pid_file.write_text("\n".join([str(older.pid), *lines[1:]]) + "\n")
+        try:
+            result = use_cluster(data_dir, "kill")
+            assert "which is not PostgreSQL" not in result.stderr, result.stderr
+            assert pid_file.read_text().splitlines() == [str(older.pid), *lines[1:]]
+            assert running(server)
+        finally:
+            if pid_file.exists():  # give the fixture the real server to stop
+                rest = pid_file.read_text().splitlines()[1:]
+                pid_file.write_text("\n".join([str(server), *rest]) + "\n")
+    finally:
+        older.kill()
+        older.wait()

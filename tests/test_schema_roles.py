@@ -156,3 +156,35 @@ def test_migrate_records_contract_migrations(pg_admin_dsn) -> None:  # type: ign
     assert [r["version"] for r in rows] == list(range(1, REQUIRED_VERSION + 1))
     assert not any(r["contract"] for r in rows)  # none of ours removes anything (yet)
     assert Migration(9, "drop_x", f"{CONTRACT_MARK}\nALTER TABLE t DROP COLUMN x;").contract
+
+
+def test_migrate_with_nothing_to_apply_issues_no_ddl(pg_admin_dsn, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A deploy runs migrate every time, possibly while a pg_dump holds every table: with
+    nothing to apply it succeeded yesterday, and must not now fail adding the contract
+    column behind the dump's lock (a LockNotAvailableError after 2 s, exit 3)."""
+    import asyncio
+
+    import asyncpg
+
+    dsn = create_database(pg_admin_dsn)
+    sql_sync(dsn, "ALTER TABLE schema_migrations DROP COLUMN contract")  # yesterday's table
+
+    async def during_a_dump() -> subprocess.CompletedProcess[str]:
+        dump = await asyncpg.connect(dsn)
+        try:
+            async with dump.transaction():
+                await dump.execute("LOCK TABLE schema_migrations IN ACCESS SHARE MODE")
+                return await asyncio.to_thread(
+                    subprocess.run,
+                    [str(VENV_BIN / "ocsp-responder"), "migrate", "--database-url", dsn],
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                    cwd=tmp_path,
+                )
+        finally:
+            await dump.close()
+
+    result = run_async(during_a_dump())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "schema is up to date\n"

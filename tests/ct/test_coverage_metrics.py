@@ -11,6 +11,7 @@ ran, a log failing for an hour or a gap left open showed nothing on ``serve``'s 
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import re
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from responder.ct_coverage import open_gaps_query
 from responder.store import serial_key
 from signer.demo_ca import DemoCA
 from tests.support import VENV_BIN, IssuerFiles, ResponderProcess, sql, write_config
@@ -139,3 +141,97 @@ async def test_serve_exports_follower_progress_and_open_gaps_from_the_database(
     finally:
         fake_log.faults.bad_signature = False
         proc.stop()
+
+
+async def test_ct_status_leaves_retired_gaps_out_of_its_exit_status(
+    database: str, tmp_path: Path
+) -> None:
+    """A gap whose certificate expired beyond expired_retention is retired: answered
+    unauthorized on purpose, its row open for good as the record that it was never
+    covered. serve's coverage_gaps_open leaves it out; ct-status exited 2 for ever."""
+    config = tmp_path / "status.toml"
+    config.write_text(f'database_url = "{database}"\nexpired_retention = "7d"\n')
+
+    def ct_status() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(VENV_BIN / "ocsp-responder"), "ct-status", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    await sql(
+        database,
+        "INSERT INTO issuers (spki_sha256, name, subject) VALUES ($1, 'old', 'CN=old')",
+        bytes(32),
+    )
+    retired, live = serial_key(0x51), serial_key(0x52)
+    await sql(
+        database,
+        "INSERT INTO certificates (issuer_id, serial, not_after, kinds) "
+        "SELECT id, $1, now() - interval '30 days', 1 FROM issuers",
+        retired,
+    )
+    await sql(
+        database,
+        "INSERT INTO coverage_gaps (issuer_id, serial, detected_by) "
+        "SELECT id, $1, 'test' FROM issuers",
+        retired,
+    )
+    status = ct_status()
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "old: 1 (1 not repaired, 1 of them retired)" in status.stdout
+    # an open gap that is not retired still makes the check fail
+    await sql(
+        database,
+        "INSERT INTO coverage_gaps (issuer_id, serial, detected_by) "
+        "SELECT id, $1, 'test' FROM issuers",
+        live,
+    )
+    status = ct_status()
+    assert status.returncode == 2, status.stdout + status.stderr
+    assert "old: 2 (2 not repaired, 1 of them retired)" in status.stdout
+
+
+async def test_open_gap_count_looks_gaps_up_by_key_not_by_scanning_the_index(
+    database: str,
+) -> None:
+    """serve counts the open gaps every health_check_interval. With a few thousand open
+    (an issuer without a key, retired rows that accumulate) the joins were planned as
+    hashes of certificates and ct_index whole: a sequential scan of the CT index (the
+    CA's every serial) each time. The count must stay the same."""
+    await sql(
+        database,
+        "INSERT INTO issuers (spki_sha256, name, subject) VALUES ($1, 'big', 'CN=big')",
+        bytes(32),
+    )
+    await sql(
+        database,
+        "INSERT INTO ct_logs (log_id, name, url) VALUES ($1, 'l', 'http://l')",
+        bytes(32),
+    )
+    await sql(
+        database,
+        "INSERT INTO ct_index (issuer_id, serial, log, leaf_index, entry_kind, logged_at) "
+        "SELECT i.id, int8send(g), 1, g, 1, now() FROM issuers i, generate_series(1, 20000) g",
+    )
+    await sql(
+        database,
+        "INSERT INTO certificates (issuer_id, serial, not_after, kinds) "
+        "SELECT i.id, int8send(g), now() + CASE WHEN g % 8 = 1 THEN interval '-30 days' "
+        "  ELSE interval '30 days' END, 1 "
+        "FROM issuers i, generate_series(1, 20000, 2) g",
+    )
+    await sql(
+        database,
+        "INSERT INTO coverage_gaps (issuer_id, serial, log, detected_by) "
+        "SELECT i.id, int8send(g), 1, 'test' FROM issuers i, generate_series(1, 20000, 4) g",
+    )
+    await sql(database, "ANALYZE")
+    retired_before = dt.datetime.now(dt.UTC) - dt.timedelta(days=7)
+    for with_not_after in (True, False):
+        query = open_gaps_query(with_not_after)
+        plan = "\n".join(r[0] for r in await sql(database, "EXPLAIN " + query, retired_before))
+        assert "Seq Scan on ct_index" not in plan and "Seq Scan on certificates" not in plan, plan
+        [row] = await sql(database, query, retired_before)
+        assert row["open"] == 2500  # 5,000 open, half of them expired 30 days ago

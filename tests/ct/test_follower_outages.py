@@ -10,8 +10,12 @@ it" and never followed again: every lost recording published afterwards stayed
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import os
+import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -96,4 +100,59 @@ async def test_follower_started_while_the_database_is_down_follows_once_it_is_ba
         await wait_until(both, timeout=30, what="the second lost precert to be repaired")
     finally:
         await follower.stop()
+        await store.close()
+
+
+def server_processes(cluster: PgCluster) -> list[int]:
+    postmaster = int((cluster.datadir / "postmaster.pid").read_text().split()[0])
+    children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
+    return [postmaster, *map(int, children)]
+
+
+def signal_all(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+async def test_follower_stopped_while_registering_its_logs_closes_its_client(
+    own_cluster: PgCluster, fake_server: FakeLogServer, fake_log: FakeLog, ct_ca: DemoCA
+) -> None:
+    """serve stopped while the follower registered its logs against a hung database (a
+    stalled disk, a partition) cancelled it before the try that closes the shared HTTP
+    client: the client, and its connections to the logs, were left open."""
+    own_cluster.psql("CREATE DATABASE ct")
+    dsn = own_cluster.dsn("ct")
+    await migrate(dsn)
+    registry = signing_registry({"ctca": ct_ca})
+    store = await connect(dsn, registry)
+    cfg = CTLogConfig(
+        name="o",
+        url=fake_server.url,
+        kind="static",
+        public_key=fake_server.log.public_key_pem.decode(),
+        poll_interval=dt.timedelta(seconds=0.2),
+        origin=fake_server.log.origin,
+    )
+    indexer = CTIndexer([cfg], registry, store.pool, ValidityPolicy(), retry=FAST)
+    follower = BackgroundFollower(indexer)
+    pids = server_processes(own_cluster)
+    signal_all(pids, signal.SIGSTOP)  # hung: the registration's query waits
+    try:
+        follower.start()
+
+        async def built() -> bool:
+            return indexer.http is not None
+
+        await wait_until(built, what="the follower's HTTP client")
+        client = indexer.http
+        assert client is not None
+        await asyncio.sleep(0.3)  # inside the registration's query
+        stopping = asyncio.create_task(follower.stop())  # cancels the registration
+        await asyncio.sleep(0.3)
+        signal_all(pids, signal.SIGCONT)  # (asyncpg's cancel request needs the server)
+        await asyncio.wait_for(stopping, 10)
+        assert client.is_closed and indexer.http is None
+    finally:
+        signal_all(pids, signal.SIGCONT)
         await store.close()

@@ -551,7 +551,9 @@ async def test_status_is_current_after_errors_and_ct_status_exits_non_zero(
         return p["next_index"], p["tree_size"], p["last_error"]
 
     async def status() -> int:
-        return exit_status(await collect(SimpleNamespace(ct_logs=[]), database))  # type: ignore[arg-type]
+        # the indexer here retires nothing (no expired_retention): neither does this
+        config = SimpleNamespace(ct_logs=[], expired_retention=dt.timedelta(days=36500))
+        return exit_status(await collect(config, database))  # type: ignore[arg-type]
 
     try:
         indexer = CTIndexer(

@@ -267,7 +267,7 @@ async def test_ct_only_serials_are_answered_and_never_unauthorized(
     assert entry["behind"] == 0 and entry["last_error"] is None
     all_gaps = len(lost) + 1 + len(grown) + len(untrusted)
     assert entry["gaps"] == all_gaps and entry["gaps_unrepaired"] == 0
-    assert doc["gaps_by_issuer"]["ctca"] == {"gaps": all_gaps, "unrepaired": 0}
+    assert doc["gaps_by_issuer"]["ctca"] == {"gaps": all_gaps, "unrepaired": 0, "retired": 0}
     table = cli(proc, "ct-status")
     assert table.returncode == 0 and "testlog" in table.stdout and "ctca" in table.stdout
 
