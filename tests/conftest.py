@@ -27,6 +27,17 @@ def pg_admin_dsn() -> Iterator[str]:
 
 
 @pytest.fixture
+def own_cluster() -> Iterator[PgCluster]:
+    """A PostgreSQL of this test's own, which it may stop, pause or restart (the shared
+    cluster of ``pg_admin_dsn`` must stay up for every other test)."""
+    cluster = PgCluster().init().start()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
 def database(pg_admin_dsn: str) -> str:
     """A fresh, migrated database for one test."""
     return create_database(pg_admin_dsn)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,19 +22,10 @@ from tests.pgcluster import PgCluster
 from tests.support import IssuerFiles, build_request, create_database, write_config
 
 
-@pytest.fixture
-def cluster() -> Iterator[PgCluster]:
-    pg = PgCluster().init().start()
-    try:
-        yield pg
-    finally:
-        pg.destroy()
-
-
 def test_cached_answer_due_for_renewal_is_served_through_an_outage(
-    cluster: PgCluster, p256_issuer: IssuerFiles, tmp_path: Path
+    own_cluster: PgCluster, p256_issuer: IssuerFiles, tmp_path: Path
 ) -> None:
-    dsn = create_database(cluster.dsn())
+    dsn = create_database(own_cluster.dsn())
     config = load_config(write_config(tmp_path, dsn, [p256_issuer]).config_path, {})
     cert = p256_issuer.ca.issue_leaf("outage.test")
     request = parse_request(build_request(cert, p256_issuer.ca.ca_cert))
@@ -51,7 +41,7 @@ def test_cached_answer_due_for_renewal_is_served_through_an_outage(
             entry = service.cache.get(cache_key(issuer.db_id, cert.serial_number, "sha1"))
             assert entry is not None and entry.der == first.response.der
             entry.renew_at = int(time.time()) - 1  # due for renewal: the store is asked
-            cluster.stop("immediate")
+            own_cluster.stop("immediate")
             answer = await service.chain.response(request)  # was: Unavailable (tryLater)
             assert answer.source == "cache" and answer.response.der == first.response.der
             entry.next_update = int(time.time()) - 1  # past nextUpdate: never served

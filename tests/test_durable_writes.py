@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -121,15 +120,6 @@ async def test_retries_are_bounded() -> None:
         await with_retries(always_lost, "probe", RetryPolicy(attempts=3, first_delay=0.01))
     assert calls == 3 and info.value.reason == "connection"
     assert "after 3 attempts" in str(info.value)
-
-
-@pytest.fixture
-def own_cluster() -> Iterator[PgCluster]:
-    cluster = PgCluster().init().start()
-    try:
-        yield cluster
-    finally:
-        cluster.destroy()
 
 
 def test_database_down_means_503_and_nonzero_exit(

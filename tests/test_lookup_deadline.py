@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,15 +24,6 @@ from responder.store import PresignedStore
 from responder.store_lookup import BatchedLookup, LookupTimedOut
 from tests.pgcluster import PgCluster
 from tests.support import IssuerFiles, build_request, create_database, write_config
-
-
-@pytest.fixture
-def cluster() -> Iterator[PgCluster]:
-    pg = PgCluster().init().start()
-    try:
-        yield pg
-    finally:
-        pg.destroy()
 
 
 def server_processes(cluster: PgCluster) -> list[int]:
@@ -51,9 +41,9 @@ def freeze(pids: list[int], sig: signal.Signals) -> None:
 
 
 def test_a_hung_database_is_given_up_after_the_deadline(
-    cluster: PgCluster, p256_issuer: IssuerFiles, tmp_path: Path
+    own_cluster: PgCluster, p256_issuer: IssuerFiles, tmp_path: Path
 ) -> None:
-    dsn = create_database(cluster.dsn())
+    dsn = create_database(own_cluster.dsn())
     config = load_config(write_config(tmp_path, dsn, [p256_issuer]).config_path, {})
     request = parse_request(build_request(None, p256_issuer.ca.ca_cert, serial=12345))
 
@@ -63,7 +53,7 @@ def test_a_hung_database_is_given_up_after_the_deadline(
         service = ResponderService(config)
         await service.start(pool_size=2)
         assert not (await lookup.get(1, 5)).knowledge.known  # answers while it runs
-        pids = server_processes(cluster)
+        pids = server_processes(own_cluster)
         freeze(pids, signal.SIGSTOP)
         try:
             # the 15 s guard only bounds the test: asyncpg alone takes ~20 s here

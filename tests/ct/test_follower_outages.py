@@ -14,10 +14,7 @@ import contextlib
 import datetime as dt
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from responder.config import CTLogConfig
 from responder.ct_indexer import BackgroundFollower, CTIndexer
@@ -28,15 +25,6 @@ from tests.pgcluster import PgCluster
 
 from .fakelog import FakeLog, FakeLogServer
 from .index_support import DER, FAST, connect, now_ms, signing_registry, spki_sha256, wait_until
-
-
-@pytest.fixture
-def own_cluster() -> Iterator[PgCluster]:
-    cluster = PgCluster().init().start()
-    try:
-        yield cluster
-    finally:
-        cluster.destroy()
 
 
 def add_lost_precert(log: FakeLog, ca: DemoCA, serial: int) -> None:
