@@ -7,10 +7,12 @@ runs as an unprivileged system user (PostgreSQL refuses to run as root).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -100,6 +102,19 @@ class PgCluster:
     def restart(self, mode: str = "fast") -> None:
         self.stop(mode)
         self.start()
+
+    def server_pids(self) -> list[int]:
+        """The postmaster and its children (backends, checkpointer, walwriter...)."""
+        postmaster = int((self.datadir / "postmaster.pid").read_text().split()[0])
+        children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
+        return [postmaster, *map(int, children)]
+
+    def signal_all(self, pids: list[int], sig: signal.Signals) -> None:
+        """Send ``sig`` to ``pids`` (from ``server_pids``): SIGSTOP hangs the server the
+        way a stalled disk or a partition does, SIGCONT resumes it."""
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
 
     def destroy(self) -> None:
         self.stop("immediate")

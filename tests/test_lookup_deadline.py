@@ -10,7 +10,6 @@ and answer nothing), and the chain as `serve` builds it.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 from pathlib import Path
 
@@ -26,20 +25,6 @@ from tests.pgcluster import PgCluster
 from tests.support import IssuerFiles, build_request, create_database, write_config
 
 
-def server_processes(cluster: PgCluster) -> list[int]:
-    postmaster = int((cluster.datadir / "postmaster.pid").read_text().split()[0])
-    children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
-    return [postmaster, *map(int, children)]
-
-
-def freeze(pids: list[int], sig: signal.Signals) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
 def test_a_hung_database_is_given_up_after_the_deadline(
     own_cluster: PgCluster, p256_issuer: IssuerFiles, tmp_path: Path
 ) -> None:
@@ -53,8 +38,8 @@ def test_a_hung_database_is_given_up_after_the_deadline(
         service = ResponderService(config)
         await service.start(pool_size=2)
         assert not (await lookup.get(1, 5)).knowledge.known  # answers while it runs
-        pids = server_processes(own_cluster)
-        freeze(pids, signal.SIGSTOP)
+        pids = own_cluster.server_pids()
+        own_cluster.signal_all(pids, signal.SIGSTOP)
         try:
             # the 15 s guard only bounds the test: asyncpg alone takes ~20 s here
             with pytest.raises(LookupTimedOut):
@@ -68,7 +53,7 @@ def test_a_hung_database_is_given_up_after_the_deadline(
                 "detail": "unreachable: TimeoutError",
             }
         finally:
-            freeze(pids, signal.SIGCONT)
+            own_cluster.signal_all(pids, signal.SIGCONT)
         store.pool.terminate()
         if service.monitor is not None:
             await service.monitor.stop()

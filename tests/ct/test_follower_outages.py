@@ -10,15 +10,13 @@ it" and never followed again: every lost recording published afterwards stayed
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
-import os
 import signal
-from pathlib import Path
 
 from responder.config import CTLogConfig
 from responder.ct_indexer import BackgroundFollower, CTIndexer
 from responder.schema import migrate
+from responder.store import PresignedStore
 from signer.demo_ca import DemoCA
 from signer.response_builder import ValidityPolicy
 from tests.pgcluster import PgCluster
@@ -34,25 +32,32 @@ def add_lost_precert(log: FakeLog, ca: DemoCA, serial: int) -> None:
     log.publish()
 
 
+async def follower_on(
+    cluster: PgCluster, server: FakeLogServer, ca: DemoCA
+) -> tuple[PresignedStore, CTIndexer, BackgroundFollower]:
+    """A follower of ``server``'s log (polled every 0.2 s) on a fresh database of ``cluster``."""
+    cluster.psql("CREATE DATABASE ct")
+    dsn = cluster.dsn("ct")
+    await migrate(dsn)
+    registry = signing_registry({"ctca": ca})
+    store = await connect(dsn, registry)
+    cfg = CTLogConfig(
+        name="o",
+        url=server.url,
+        kind="static",
+        public_key=server.log.public_key_pem.decode(),
+        poll_interval=dt.timedelta(seconds=0.2),
+        origin=server.log.origin,
+    )
+    indexer = CTIndexer([cfg], registry, store.pool, ValidityPolicy(), retry=FAST)
+    return store, indexer, BackgroundFollower(indexer)
+
+
 async def test_follower_started_while_the_database_is_down_follows_once_it_is_back(
     own_cluster: PgCluster, fake_server: FakeLogServer, fake_log: FakeLog, ct_ca: DemoCA
 ) -> None:
-    own_cluster.psql("CREATE DATABASE ct")
-    dsn = own_cluster.dsn("ct")
-    await migrate(dsn)
-    registry = signing_registry({"ctca": ct_ca})
-    store = await connect(dsn, registry)
     add_lost_precert(fake_log, ct_ca, 0x7B01)
-    cfg = CTLogConfig(
-        name="o",
-        url=fake_server.url,
-        kind="static",
-        public_key=fake_server.log.public_key_pem.decode(),
-        poll_interval=dt.timedelta(seconds=0.2),
-        origin=fake_server.log.origin,
-    )
-    indexer = CTIndexer([cfg], registry, store.pool, ValidityPolicy(), retry=FAST)
-    follower = BackgroundFollower(indexer)
+    store, _, follower = await follower_on(own_cluster, fake_server, ct_ca)
 
     async def repaired() -> bool:
         try:
@@ -91,41 +96,15 @@ async def test_follower_started_while_the_database_is_down_follows_once_it_is_ba
         await store.close()
 
 
-def server_processes(cluster: PgCluster) -> list[int]:
-    postmaster = int((cluster.datadir / "postmaster.pid").read_text().split()[0])
-    children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
-    return [postmaster, *map(int, children)]
-
-
-def signal_all(pids: list[int], sig: signal.Signals) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-
-
 async def test_follower_stopped_while_registering_its_logs_closes_its_client(
     own_cluster: PgCluster, fake_server: FakeLogServer, fake_log: FakeLog, ct_ca: DemoCA
 ) -> None:
     """serve stopped while the follower registered its logs against a hung database (a
     stalled disk, a partition) cancelled it before the try that closes the shared HTTP
     client: the client, and its connections to the logs, were left open."""
-    own_cluster.psql("CREATE DATABASE ct")
-    dsn = own_cluster.dsn("ct")
-    await migrate(dsn)
-    registry = signing_registry({"ctca": ct_ca})
-    store = await connect(dsn, registry)
-    cfg = CTLogConfig(
-        name="o",
-        url=fake_server.url,
-        kind="static",
-        public_key=fake_server.log.public_key_pem.decode(),
-        poll_interval=dt.timedelta(seconds=0.2),
-        origin=fake_server.log.origin,
-    )
-    indexer = CTIndexer([cfg], registry, store.pool, ValidityPolicy(), retry=FAST)
-    follower = BackgroundFollower(indexer)
-    pids = server_processes(own_cluster)
-    signal_all(pids, signal.SIGSTOP)  # hung: the registration's query waits
+    store, indexer, follower = await follower_on(own_cluster, fake_server, ct_ca)
+    pids = own_cluster.server_pids()
+    own_cluster.signal_all(pids, signal.SIGSTOP)  # hung: the registration's query waits
     try:
         follower.start()
 
@@ -138,9 +117,9 @@ async def test_follower_stopped_while_registering_its_logs_closes_its_client(
         await asyncio.sleep(0.3)  # inside the registration's query
         stopping = asyncio.create_task(follower.stop())  # cancels the registration
         await asyncio.sleep(0.3)
-        signal_all(pids, signal.SIGCONT)  # (asyncpg's cancel request needs the server)
+        own_cluster.signal_all(pids, signal.SIGCONT)  # (asyncpg's cancel request needs the server)
         await asyncio.wait_for(stopping, 10)
         assert client.is_closed and indexer.http is None
     finally:
-        signal_all(pids, signal.SIGCONT)
+        own_cluster.signal_all(pids, signal.SIGCONT)
         await store.close()
