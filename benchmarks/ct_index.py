@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import secrets
 import sys
 import time
@@ -201,23 +200,15 @@ def main() -> None:
             parse_round(tiles, issuers)
         baseline = max(baseline, args.rounds * 1024 / (time.perf_counter() - t0))
 
-    cluster = None
-    admin = os.environ.get("DATABASE_URL")
-    if not admin:
-        from tests.pgcluster import PgCluster
+    from tests.pgcluster import superuser_dsn
 
-        cluster = PgCluster(settings={"fsync": "on", "full_page_writes": "on"}).init().start()
-        admin = cluster.dsn()
-    try:
+    with superuser_dsn({"fsync": "on", "full_page_writes": "on"}) as admin:
         results = {}
         for label, recorded in (("recorded", True), ("all gaps", False)):
             dsn = asyncio.run(scratch_database(admin))
             results[label] = asyncio.run(
                 run_case(dsn, tiles, issuers, args.rounds, args.batch, recorded)
             )
-    finally:
-        if cluster is not None:
-            cluster.destroy()
     n = args.rounds * 1024
     print(f"ct_index: parse+filter only (baseline): {baseline:,.0f} entries/s")
     for label, rate in results.items():

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import os
 import sys
 import time
 from pathlib import Path
@@ -107,18 +106,10 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=200)
     args = ap.parse_args()
-    cluster = None
-    admin = os.environ.get("DATABASE_URL")
-    if not admin:
-        from tests.pgcluster import PgCluster
+    from tests.pgcluster import superuser_dsn
 
-        cluster = PgCluster().init().start()
-        admin = cluster.dsn()
-    try:
+    with superuser_dsn() as admin:
         asyncio.run(run(create_database(admin), args.rows, args.batch))
-    finally:
-        if cluster is not None:
-            cluster.destroy()
 
 
 if __name__ == "__main__":

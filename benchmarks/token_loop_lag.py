@@ -35,6 +35,7 @@ from responder.protocol import parse_request
 from responder.service import ResponderService
 from signer.demo_ca import create_ca
 from signer.issuers import Issuer
+from tests.pgcluster import superuser_dsn
 from tests.softhsm import SoftHSMToken
 from tests.support import build_request, create_database, issuer_files, write_config
 
@@ -102,19 +103,8 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=3.0)
     ap.add_argument("--concurrency", type=int, default=16)
     args = ap.parse_args()
-    cluster = None
-    admin = os.environ.get("DATABASE_URL")
-    if not admin:
-        from tests.pgcluster import PgCluster
-
-        cluster = PgCluster().init().start()
-        admin = cluster.dsn()
-    try:
-        with tempfile.TemporaryDirectory() as work:
-            asyncio.run(run(create_database(admin), Path(work), args.duration, args.concurrency))
-    finally:
-        if cluster is not None:
-            cluster.destroy()
+    with superuser_dsn() as admin, tempfile.TemporaryDirectory() as work:
+        asyncio.run(run(create_database(admin), Path(work), args.duration, args.concurrency))
 
 
 if __name__ == "__main__":

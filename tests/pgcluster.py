@@ -17,6 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -188,3 +189,18 @@ class PgCluster:
             except RuntimeError:
                 time.sleep(0.2)
         raise TimeoutError("PostgreSQL did not become ready")
+
+
+@contextlib.contextmanager
+def superuser_dsn(settings: dict[str, str] | None = None) -> Iterator[str]:
+    """``$DATABASE_URL`` (a superuser DSN) if set, else a throwaway cluster for the
+    duration (benchmarks: measure on a given server, or on one of their own)."""
+    given = os.environ.get("DATABASE_URL")
+    if given:
+        yield given
+        return
+    cluster = PgCluster(settings=settings).init().start()
+    try:
+        yield cluster.dsn()
+    finally:
+        cluster.destroy()
