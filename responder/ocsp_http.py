@@ -15,7 +15,8 @@ What it implements of HTTP/1.1 (RFC 9112), and its limits:
   requests wait, beyond that the socket is not read);
 - HTTP/1.0 (closes after the answer unless the client asked for keep-alive);
 - ``Expect: 100-continue``; chunked request bodies;
-- request head (request line + headers) at most ``MAX_HEAD_BYTES``: 431 and close;
+- request head (request line + headers) at most ``MAX_HEAD_BYTES``: 431 and close, also
+  while a header line is still arriving (httptools holds it until its end);
 - request body at most MAX_REQUEST_BYTES: 413 and close, before reading it when the
   declared Content-Length is already too large;
 - unparseable input: 400 and close; an ``Upgrade`` request is answered, then closed;
@@ -156,7 +157,9 @@ class OCSPHttpProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.request: _Request | None = None  # being parsed
-        self.head_bytes = 0
+        self.head_bytes = 0  # of its request line and headers, as the parser passed them on
+        self.in_head = False  # its headers are not complete yet
+        self.head_received = 0  # bytes received while inside its head (see data_received)
         self.started_at = 0.0  # when the request being parsed began
         self.last_active = monotonic()
         #: parsed requests waiting their turn; a Reply is a refusal to send, then close
@@ -189,6 +192,7 @@ class OCSPHttpProtocol(asyncio.Protocol):
         if self.stopped:
             return
         self.last_active = monotonic()
+        in_head = self.request if self.in_head else None
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -204,6 +208,14 @@ class OCSPHttpProtocol(asyncio.Protocol):
                 self._refuse(_BAD_REQUEST)
         except httptools.HttpParserError:
             self._refuse(_BAD_REQUEST)
+        # httptools keeps a header's name and value to itself until the header ends (no
+        # callback before): a header line that never ends would grow in memory, and be
+        # copied on each chunk, until the request timeout. A chunk that began and ended
+        # inside the same request's head was all head: count it against the limit.
+        if in_head is not None and in_head is self.request and self.in_head:
+            self.head_received += len(data)
+            if self.head_received > MAX_HEAD_BYTES and not self.stopped:
+                self._refuse(_HEAD_TOO_LARGE)
 
     def pause_writing(self) -> None:
         self._pause_reading()
@@ -218,6 +230,8 @@ class OCSPHttpProtocol(asyncio.Protocol):
             raise _Stopped
         self.request = _Request()
         self.head_bytes = 0
+        self.in_head = True
+        self.head_received = 0
         self.started_at = monotonic()
 
     def on_url(self, url: bytes) -> None:
@@ -251,6 +265,7 @@ class OCSPHttpProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         request = self.request
         assert request is not None
+        self.in_head = False
         request.method = self.parser.get_method().decode("ascii", "replace")
         request.http10 = self.parser.get_http_version() == "1.0"
         if request.expect_continue and self.task is None and not self.queue:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import os
 from collections.abc import Iterator
@@ -267,6 +268,49 @@ def test_unusable_input_gets_a_4xx_and_the_connection_closes(
     assert closed
     # counted for the operator (ocsp_http_refusals_total), once
     assert REGISTRY.get_sample_value("ocsp_http_refusals_total", labels) == before + 1
+
+
+def test_a_header_line_that_never_ends_is_refused_at_the_head_limit(wire: Wire) -> None:
+    """httptools holds a header's value until its line ends: without a count of the bytes
+    received inside the head, a never-ending header grew in memory (copied again on each
+    chunk) until the request timeout, and got a 408 instead of the 431."""
+
+    async def scenario() -> tuple[Answer, bool]:
+        reader, writer = await connect(wire)
+        writer.write(b"GET / HTTP/1.1\r\nhost: x\r\nx-filler: ")
+        for _ in range(6):  # 96 KiB in chunks of their own, the line never ends
+            await asyncio.sleep(0.02)
+            if reader.at_eof():
+                break
+            with contextlib.suppress(ConnectionError):  # refused and closed meanwhile
+                writer.write(b"A" * (MAX_HEAD_BYTES // 4))
+                await writer.drain()
+        answer = await read_answer(reader)
+        closed = await closed_by_server(reader)
+        writer.close()
+        return answer, closed
+
+    answer, closed = run(wire, scenario())
+    assert answer.status == 431 and closed
+
+
+def test_head_split_into_many_chunks_is_served(wire: Wire) -> None:
+    """The count of head bytes received is no more than the head: a large head (well
+    under the limit) that arrives a few bytes at a time is still served."""
+
+    async def scenario() -> Answer:
+        reader, writer = await connect(wire)
+        request = get(wire.good, extra=b"x-filler: " + b"A" * (MAX_HEAD_BYTES - 4096) + b"\r\n")
+        for at in range(0, len(request), 1000):
+            writer.write(request[at : at + 1000])
+            await asyncio.sleep(0)
+        answer = await read_answer(reader)
+        writer.close()
+        return answer
+
+    answer = run(wire, scenario())
+    assert answer.status == 200
+    assert answer.cert_status().certificate_status == ocsp.OCSPCertStatus.GOOD
 
 
 def test_upgrade_request_is_answered_then_closed(wire: Wire) -> None:
