@@ -168,6 +168,7 @@ class OCSPHttpProtocol(asyncio.Protocol):
         self.closing = False
         self.stopped = False  # no more requests are parsed (the connection will close)
         self.reading_paused = False
+        self.writing_paused = False  # the transport's write buffer is past its high water
 
     # -- connection events -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -218,9 +219,11 @@ class OCSPHttpProtocol(asyncio.Protocol):
                 self._refuse(_HEAD_TOO_LARGE)
 
     def pause_writing(self) -> None:
+        self.writing_paused = True
         self._pause_reading()
 
     def resume_writing(self) -> None:
+        self.writing_paused = False
         if len(self.queue) < MAX_QUEUED:
             self._resume_reading()
 
@@ -376,7 +379,14 @@ class OCSPHttpProtocol(asyncio.Protocol):
                 self.transport.pause_reading()
 
     def _resume_reading(self) -> None:
-        if self.reading_paused and self.transport is not None and not self.stopped:
+        """Read again, unless the client is not reading its answers (the write buffer
+        past its high water): each request read then grows that buffer without bound."""
+        if (
+            self.reading_paused
+            and not self.writing_paused
+            and self.transport is not None
+            and not self.stopped
+        ):
             self.reading_paused = False
             with contextlib.suppress(RuntimeError):
                 self.transport.resume_reading()

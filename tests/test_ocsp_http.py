@@ -17,6 +17,7 @@ import base64
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,6 +312,38 @@ def test_head_split_into_many_chunks_is_served(wire: Wire) -> None:
     answer = run(wire, scenario())
     assert answer.status == 200
     assert answer.cert_status().certificate_status == ocsp.OCSPCertStatus.GOOD
+
+
+def test_a_client_that_never_reads_stops_being_read(wire: Wire) -> None:
+    """Back-pressure: once the server's write buffer is past its high-water mark, it reads
+    no more requests until the client reads answers. Each answer from the database
+    (unknown serial) used to resume reading even while writing was paused, so a client
+    that sent requests and never read answers grew the server's buffer without bound."""
+    burst = (post(wire.unknown) + get(wire.good) * 20) * 40  # ~170 KiB of answers
+
+    async def scenario() -> int:
+        _reader, writer = await connect(wire)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        [server_side] = [
+            c
+            for c in wire.server.connections
+            if c.transport is not None
+            and c.transport.get_extra_info("peername") == sock.getsockname()
+        ]
+        largest = 0
+        for _ in range(30):  # never reads
+            writer.write(burst)
+            await asyncio.sleep(0.05)
+            assert server_side.transport is not None
+            largest = max(largest, server_side.transport.get_write_buffer_size())
+        writer.transport.abort()
+        return largest
+
+    largest = run(wire, scenario())
+    # the high-water mark (64 KiB) plus the answers to one read of requests (one read is
+    # at most 256 KiB: ~0.5 MiB here); it was 20+ MiB after 1.5 s, and growing
+    assert largest < 2 * 1024 * 1024, largest
 
 
 def test_upgrade_request_is_answered_then_closed(wire: Wire) -> None:
