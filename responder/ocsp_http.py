@@ -23,7 +23,11 @@ What it implements of HTTP/1.1 (RFC 9112), and its limits:
 - a request not complete within ``request_timeout`` seconds: 408 and close (slow
   clients cannot hold connections open); an idle keep-alive connection is closed after
   ``keep_alive_timeout`` seconds (config: ``ocsp_request_read_timeout``,
-  ``ocsp_keep_alive_timeout``);
+  ``ocsp_keep_alive_timeout``); a closed connection whose client has not taken its
+  answers ``request_timeout`` seconds later is aborted (a client that never reads
+  cannot hold the connection and its buffered answers);
+- the socket is not read while the write buffer is past its high water (back-pressure
+  on a client that sends requests and does not read the answers);
 - each refusal (400/408/413/431) is counted in ``ocsp_http_refusals_total{status}`` and
   logged, at most one line a minute with the counts since the last;
 - on shutdown: stop accepting, close idle connections, let answers in progress finish
@@ -166,6 +170,7 @@ class OCSPHttpProtocol(asyncio.Protocol):
         self.queue: deque[_Request | Reply] = deque()
         self.task: asyncio.Task[None] | None = None  # the answer being awaited
         self.closing = False
+        self.closing_seen_at = 0.0  # when the sweeper first found it closing
         self.stopped = False  # no more requests are parsed (the connection will close)
         self.reading_paused = False
         self.writing_paused = False  # the transport's write buffer is past its high water
@@ -393,7 +398,15 @@ class OCSPHttpProtocol(asyncio.Protocol):
 
     # -- housekeeping (called by the server's sweeper) --------------------------------
     def sweep(self, now: float, keep_alive_timeout: float, request_timeout: float) -> None:
-        if self.closing or self.transport is None:
+        if self.transport is None:
+            return
+        if self.closing:
+            # close() waits for the write buffer to drain: a client that never reads
+            # (zero window) would hold the connection and its buffer forever
+            if not self.closing_seen_at:
+                self.closing_seen_at = now
+            elif now - self.closing_seen_at > request_timeout:
+                self.transport.abort()
             return
         busy = self.task is not None or bool(self.queue)
         if self.request is not None and not busy:

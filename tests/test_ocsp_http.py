@@ -117,6 +117,23 @@ async def connect(wire: Wire) -> tuple[asyncio.StreamReader, asyncio.StreamWrite
     return await asyncio.open_connection("127.0.0.1", wire.port)
 
 
+async def connect_not_reading(wire: Wire) -> tuple[asyncio.StreamWriter, OCSPHttpProtocol]:
+    """A client connection with a tiny receive window (set before connecting, so that the
+    kernel never advertises more), and the server's protocol for it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await wire.loop.sock_connect(sock, ("127.0.0.1", wire.port))
+    _reader, writer = await asyncio.open_connection(sock=sock)
+    await asyncio.sleep(0.01)  # accepted
+    [server_side] = [
+        c
+        for c in wire.server.connections
+        if c.transport is not None and c.transport.get_extra_info("peername") == sock.getsockname()
+    ]
+    return writer, server_side
+
+
 async def closed_by_server(reader: asyncio.StreamReader) -> bool:
     return await asyncio.wait_for(reader.read(1), 5) == b""
 
@@ -322,15 +339,7 @@ def test_a_client_that_never_reads_stops_being_read(wire: Wire) -> None:
     burst = (post(wire.unknown) + get(wire.good) * 20) * 40  # ~170 KiB of answers
 
     async def scenario() -> int:
-        _reader, writer = await connect(wire)
-        sock = writer.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        [server_side] = [
-            c
-            for c in wire.server.connections
-            if c.transport is not None
-            and c.transport.get_extra_info("peername") == sock.getsockname()
-        ]
+        writer, server_side = await connect_not_reading(wire)
         largest = 0
         for _ in range(30):  # never reads
             writer.write(burst)
@@ -344,6 +353,31 @@ def test_a_client_that_never_reads_stops_being_read(wire: Wire) -> None:
     # the high-water mark (64 KiB) plus the answers to one read of requests (one read is
     # at most 256 KiB: ~0.5 MiB here); it was 20+ MiB after 1.5 s, and growing
     assert largest < 2 * 1024 * 1024, largest
+
+
+def test_a_closed_connection_whose_client_never_reads_is_dropped(wire: Wire) -> None:
+    """A closed connection waits for its write buffer to drain: when the client never
+    reads (zero window), the server aborts it after the request timeout instead of
+    keeping the connection and its buffered answers forever."""
+
+    async def scenario() -> tuple[bool, bool]:
+        writer, server_side = await connect_not_reading(wire)
+        writer.write(get(wire.good) * 20000)  # never reads the answers
+        for _ in range(10):
+            await asyncio.sleep(0.2)
+        closing_with_answers_pending = server_side.closing and bool(
+            server_side.transport and server_side.transport.get_write_buffer_size()
+        )
+        for _ in range(40):  # keep-alive and request timeouts are 1 s here
+            if server_side not in wire.server.connections:
+                break
+            await asyncio.sleep(0.1)
+        dropped = server_side not in wire.server.connections
+        writer.transport.abort()
+        return closing_with_answers_pending, dropped
+
+    closing_with_answers_pending, dropped = run(wire, scenario())
+    assert closing_with_answers_pending and dropped
 
 
 def test_upgrade_request_is_answered_then_closed(wire: Wire) -> None:
