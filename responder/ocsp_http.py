@@ -213,7 +213,10 @@ class OCSPHttpProtocol(asyncio.Protocol):
                 log.error("HTTP parser callback failed", exc_info=failure)
                 self._refuse(_BAD_REQUEST)
         except httptools.HttpParserError:
-            self._refuse(_BAD_REQUEST)
+            # llhttp refuses bytes after a request that ends the connection ("Data after
+            # `Connection: close`"): those are ignored, not a refusal to count and log
+            if not self.stopped:
+                self._refuse(_BAD_REQUEST)
         # httptools keeps a header's name and value to itself until the header ends (no
         # callback before): a header line that never ends would grow in memory, and be
         # copied on each chunk, until the request timeout. A chunk that began and ended
@@ -276,7 +279,9 @@ class OCSPHttpProtocol(asyncio.Protocol):
         self.in_head = False
         request.method = self.parser.get_method().decode("ascii", "replace")
         request.http10 = self.parser.get_http_version() == "1.0"
-        if request.expect_continue and self.task is None and not self.queue:
+        # an HTTP/1.0 client cannot parse a 1xx: it MUST ignore the expectation (RFC
+        # 9110 10.1.1), else that client (or a 1.0 proxy) takes "100" for the answer
+        if request.expect_continue and not request.http10 and self.task is None and not self.queue:
             assert self.transport is not None
             self.transport.write(_CONTINUE)
 

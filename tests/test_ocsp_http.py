@@ -215,6 +215,47 @@ def test_expect_continue_then_body(wire: Wire) -> None:
     assert final.cert_status().certificate_status == ocsp.OCSPCertStatus.GOOD
 
 
+def test_expect_continue_from_http10_is_ignored(wire: Wire) -> None:
+    """RFC 9110 10.1.1: an HTTP/1.0 client cannot parse a 1xx, so the expectation is
+    ignored (it used to get "100 Continue", which it takes for the whole answer)."""
+
+    async def scenario() -> Answer:
+        reader, writer = await connect(wire)
+        writer.write(post(wire.good, b"expect: 100-continue\r\n", version=b"1.0"))
+        answer = await read_answer(reader)
+        writer.close()
+        return answer
+
+    answer = run(wire, scenario())
+    assert answer.status == 200
+    assert answer.cert_status().certificate_status == ocsp.OCSPCertStatus.GOOD
+
+
+def test_bytes_after_a_closing_request_are_ignored_not_refused(wire: Wire) -> None:
+    """What a client sends after its ``Connection: close`` request (or HTTP/1.0 without
+    keep-alive) is dropped with the connection: not counted and logged as a 400."""
+    before = REGISTRY.get_sample_value("ocsp_http_refusals_total", {"status": "400"}) or 0.0
+
+    async def scenario() -> tuple[list[Answer], bool]:
+        answers = []
+        for first in (
+            post(wire.good, version=b"1.0"),
+            get(wire.good, extra=b"connection: close\r\n"),
+        ):
+            reader, writer = await connect(wire)
+            writer.write(first + get(wire.good))
+            answers.append(await read_answer(reader))
+            closed = await closed_by_server(reader)
+            writer.close()
+        return answers, closed
+
+    answers, closed = run(wire, scenario())
+    assert [a.status for a in answers] == [200, 200] and closed
+    assert all(a.headers[b"connection"] == b"close" for a in answers)
+    after = REGISTRY.get_sample_value("ocsp_http_refusals_total", {"status": "400"}) or 0.0
+    assert after == before
+
+
 def test_chunked_body_is_accepted(wire: Wire) -> None:
     async def scenario() -> Answer:
         reader, writer = await connect(wire)
