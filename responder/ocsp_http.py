@@ -165,7 +165,7 @@ class OCSPHttpProtocol(asyncio.Protocol):
         self.in_head = False  # its headers are not complete yet
         self.head_received = 0  # bytes received while inside its head (see data_received)
         self.started_at = 0.0  # when the request being parsed began
-        self.last_active = monotonic()
+        self.last_active = monotonic()  # a request began or an answer was written
         #: parsed requests waiting their turn; a Reply is a refusal to send, then close
         self.queue: deque[_Request | Reply] = deque()
         self.task: asyncio.Task[None] | None = None  # the answer being awaited
@@ -197,7 +197,6 @@ class OCSPHttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.stopped:
             return
-        self.last_active = monotonic()
         in_head = self.request if self.in_head else None
         try:
             self.parser.feed_data(data)
@@ -243,7 +242,10 @@ class OCSPHttpProtocol(asyncio.Protocol):
         self.head_bytes = 0
         self.in_head = True
         self.head_received = 0
-        self.started_at = monotonic()
+        # idle time counts from a request's start or an answer's write, not from any
+        # bytes: empty lines before a request line (which llhttp skips) kept an idle
+        # connection open forever, two bytes at a time
+        self.started_at = self.last_active = monotonic()
 
     def on_url(self, url: bytes) -> None:
         assert self.request is not None
@@ -362,6 +364,7 @@ class OCSPHttpProtocol(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         transport.write(encode_reply(reply, keep_alive, http10))
+        self.last_active = monotonic()
         if not keep_alive:
             self.closing = True
             self.queue.clear()

@@ -502,6 +502,26 @@ def test_idle_keep_alive_connection_is_closed(wire: Wire) -> None:
     assert answer.status == 200 and before >= 1 and closed
 
 
+def test_empty_lines_do_not_keep_an_idle_connection_open(wire: Wire) -> None:
+    """llhttp skips CRLFs before a request line; any bytes used to count as activity, so
+    a client sending an empty line more often than the keep-alive timeout held a
+    connection (a file descriptor) forever without ever sending a request."""
+
+    async def scenario() -> bool:
+        reader, writer = await connect(wire)
+        for _ in range(15):  # 4.5 s; the keep-alive timeout is 1 s here
+            if reader.at_eof():
+                return True
+            with contextlib.suppress(ConnectionError):
+                writer.write(b"\r\n")
+                await writer.drain()
+            await asyncio.sleep(0.3)
+        writer.close()
+        return reader.at_eof()
+
+    assert run(wire, scenario())
+
+
 def test_absolute_form_target_and_query_string(wire: Wire) -> None:
     async def scenario() -> list[Answer]:
         reader, writer = await connect(wire)
