@@ -129,3 +129,20 @@ def test_purge_header_from_outside_is_ignored_and_post_not_cached(edge_and_respo
     fetch(url)
     # an empty purge header is not a purge: the cached entry answers
     assert httpx.get(url, headers={"X-OCSP-Purge": ""}).headers["x-cache-status"] == "HIT"
+
+
+def test_edge_drops_idle_upstream_connections_before_the_responder_does() -> None:
+    """nginx keeps idle upstream connections 60 s by default, the responder 5 s: a request
+    nginx sends on one just as the responder closes it is lost (a POST, not retried, is a
+    502). The shipped config's upstream keepalive_timeout must be below the default
+    ocsp_keep_alive_timeout."""
+    from responder.config import Config
+    from tests.nginx_edge import SHIPPED_CONFIG
+
+    upstream = SHIPPED_CONFIG.read_text().split("upstream ocsp_responders {", 1)[1]
+    block = upstream.split("}", 1)[0]
+    directives = [line.split("#", 1)[0].split() for line in block.splitlines()]
+    [seconds] = [d[1].rstrip(";") for d in directives if d and d[0] == "keepalive_timeout"]
+    assert seconds.endswith("s")
+    responder_default = Config.__dataclass_fields__["ocsp_keep_alive_timeout"].default
+    assert float(seconds[:-1]) < responder_default.total_seconds()
