@@ -87,9 +87,12 @@ class InvalidationListener:
                 # (serve waits for it at most 10 s). The first time the cache is usually
                 # still empty and the clear costs nothing.
                 self.cache.clear()
+                if self.replicas is not None:
+                    # the first time too: a revocation acknowledged before this process
+                    # listened sent its notification to nobody here, and a lagging replica
+                    # still holds the "good" it replaced
+                    self.replicas.pin_everything_now()
                 if not first:
-                    if self.replicas is not None:
-                        self.replicas.pin_everything_now()
                     metrics.invalidation_listener_reconnects_total.inc()
                     log.warning("invalidation: listener reconnected; cache cleared")
                 first = False

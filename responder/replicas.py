@@ -9,8 +9,9 @@ primary. Replica lag must never cause a wrong answer, so:
   from the primary until every replica has replayed past the primary's WAL position at
   the moment we learned of it (its *barrier* LSN), so a stale "good" row on a lagging
   replica is never served;
-- when notifications may have been missed (the listener reconnected), every read goes to
-  the primary until the replicas pass the barrier taken at reconnection;
+- when notifications may have been missed (at start, before the listener's first LISTEN,
+  and whenever it reconnects), every read goes to the primary until the replicas pass the
+  barrier taken once it listens (again);
 - a replica that fails its health probe, or lags more than ``max_lag``, is not read.
 """
 
@@ -200,6 +201,11 @@ async def connect_replicas(
         pool = asyncpg.create_pool(dsn, min_size=0, max_size=max_size, command_timeout=5, timeout=2)
         await pool  # min_size=0: does not fail when the replica is down
         replicas.append(Replica(name=f"replica{index}", pool=pool))
-    replica_set = ReplicaSet(replicas=replicas, primary=primary, max_lag=max_lag)
+    # primary only until a barrier is taken (the invalidation listener's first LISTEN,
+    # pin_everything_now): a replica may not have replayed a revocation acknowledged
+    # before this process started, and no notification of it will ever arrive here
+    replica_set = ReplicaSet(
+        replicas=replicas, primary=primary, max_lag=max_lag, global_barrier=UNRESOLVED
+    )
     await asyncio.gather(*(replica_set._probe(r) for r in replicas))
     return replica_set
