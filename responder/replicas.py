@@ -67,6 +67,9 @@ class ReplicaSet:
     global_barrier: int = 0
     _task: asyncio.Task[None] | None = None
     _pending: set[asyncio.Task[None]] = field(default_factory=set)
+    #: barrier reads under way, per pinned key (None: the global barrier): [how many,
+    #: highest position read so far]; a pin is resolved only when the last one is back
+    _resolving: dict[tuple[int, bytes] | None, list[int]] = field(default_factory=dict)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._probe_forever(), name="replica-probe")
@@ -106,7 +109,8 @@ class ReplicaSet:
             return
         key = (issuer_id, serial_key)
         self.pins[key] = UNRESOLVED
-        self._spawn(self._resolve_pin(key))
+        self._begin(key)
+        self._spawn(self._resolve(key))
 
     def pin_everything_now(self) -> None:
         """After notifications may have been lost: primary only until the replicas catch
@@ -114,22 +118,36 @@ class ReplicaSet:
         if not self.replicas:
             return
         self.global_barrier = UNRESOLVED
-        self._spawn(self._resolve_global())
+        self._begin(None)
+        self._spawn(self._resolve(None))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def _resolve_pin(self, key: tuple[int, bytes]) -> None:
-        lsn = await self._barrier_with_retry()
-        if self.pins.get(key) == UNRESOLVED:
-            self.pins[key] = lsn
+    def _begin(self, key: tuple[int, bytes] | None) -> None:
+        self._resolving.setdefault(key, [0, 0])[0] += 1
 
-    async def _resolve_global(self) -> None:
+    async def _resolve(self, key: tuple[int, bytes] | None) -> None:
+        """Read the barrier; the pin takes the highest position read by every resolution
+        begun meanwhile, once the last is back. One that began earlier may have read the
+        position before a later change committed (its query was on its way when the later
+        notification came, or a reconnection came while it retried): set alone, its lower
+        barrier would lift the later pin before a replica replayed that change (a
+        revocation acknowledged while the listener was away, then "good" from a replica)."""
         lsn = await self._barrier_with_retry()
-        if self.global_barrier == UNRESOLVED:
-            self.global_barrier = lsn
+        state = self._resolving[key]
+        state[0] -= 1
+        state[1] = max(state[1], lsn)
+        if state[0]:
+            return
+        del self._resolving[key]
+        if key is None:
+            if self.global_barrier == UNRESOLVED:
+                self.global_barrier = state[1]
+        elif self.pins.get(key) == UNRESOLVED:
+            self.pins[key] = state[1]
 
     async def _barrier_with_retry(self) -> int:
         """The primary's position; while it cannot be read, the pin stays unresolved
@@ -141,9 +159,10 @@ class ReplicaSet:
                 await asyncio.sleep(0.5)
 
     async def pin(self, issuer_id: int, serial_key: bytes) -> None:
-        """Read this serial from the primary until the replicas have replayed its change."""
-        if self.replicas:
-            self.pins[(issuer_id, serial_key)] = await self.barrier()
+        """Read this serial from the primary until the replicas have replayed its change
+        (after our own commit: the pin is in place when this returns, its barrier is read
+        in the background like a notification's, so it never lowers a later pin)."""
+        self.pin_now(issuer_id, serial_key)
 
     def ready_detail(self) -> str:
         healthy = sum(r.healthy for r in self.replicas)
