@@ -116,6 +116,9 @@ class InvalidationListener:
             finally:
                 self.listening.clear()
                 self.cache.invalidations_heard = False
+                if self.replicas is not None:
+                    # the store is read meanwhile: from the primary, a replica may lag
+                    self.replicas.hold_everything()
                 if conn is not None and not conn.is_closed():
                     conn.terminate()
             await asyncio.sleep(backoff)

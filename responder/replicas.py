@@ -10,8 +10,8 @@ primary. Replica lag must never cause a wrong answer, so:
   the moment we learned of it (its *barrier* LSN), so a stale "good" row on a lagging
   replica is never served;
 - when notifications may have been missed (at start, before the listener's first LISTEN,
-  and whenever it reconnects), every read goes to the primary until the replicas pass the
-  barrier taken once it listens (again);
+  while it is disconnected, and after it reconnects), every read goes to the primary
+  until the replicas pass the barrier taken once it listens (again);
 - a replica that fails its health probe, or lags more than ``max_lag``, is not read.
 """
 
@@ -70,6 +70,8 @@ class ReplicaSet:
     #: barrier reads under way, per pinned key (None: the global barrier): [how many,
     #: highest position read so far]; a pin is resolved only when the last one is back
     _resolving: dict[tuple[int, bytes] | None, list[int]] = field(default_factory=dict)
+    #: the listener is away (``hold_everything``): the global barrier stays unresolved
+    _held: bool = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._probe_forever(), name="replica-probe")
@@ -114,12 +116,23 @@ class ReplicaSet:
 
     def pin_everything_now(self) -> None:
         """After notifications may have been lost: primary only until the replicas catch
-        up (usable from a synchronous callback)."""
+        up (usable from a synchronous callback). Called once a LISTEN is in place: the
+        barrier read after it covers everything missed before."""
         if not self.replicas:
             return
         self.global_barrier = UNRESOLVED
+        self._held = False
         self._begin(None)
         self._spawn(self._resolve(None))
+
+    def hold_everything(self) -> None:
+        """Primary only from now until the next ``pin_everything_now``: the listener lost
+        its connection, so notifications are being missed right now, and no barrier read
+        before the next LISTEN can cover them."""
+        if not self.replicas:
+            return
+        self.global_barrier = UNRESOLVED
+        self._held = True
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -144,7 +157,7 @@ class ReplicaSet:
             return
         del self._resolving[key]
         if key is None:
-            if self.global_barrier == UNRESOLVED:
+            if self.global_barrier == UNRESOLVED and not self._held:
                 self.global_barrier = state[1]
         elif self.pins.get(key) == UNRESOLVED:
             self.pins[key] = state[1]

@@ -91,3 +91,21 @@ def test_the_revokers_own_pin_never_lowers_a_later_notifications_pin() -> None:
         assert replicas.pins[KEY] == 200
 
     asyncio.run(run())
+
+
+def test_a_barrier_read_before_the_listener_was_lost_does_not_lift_the_hold() -> None:
+    async def run() -> None:
+        replicas = ScriptedBarriers()
+        replicas.pin_everything_now()  # listener connected: read A under way
+        await _settle()
+        replicas.hold_everything()  # and lost again: notifications are missed now
+        replicas.reads[0].set_result(100)
+        await _settle()
+        assert replicas.global_barrier == UNRESOLVED  # primary only while away
+        replicas.pin_everything_now()  # listening again: read B covers what was missed
+        await _settle()
+        replicas.reads[1].set_result(200)
+        await _settle()
+        assert replicas.global_barrier == 200
+
+    asyncio.run(run())

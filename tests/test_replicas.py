@@ -217,3 +217,51 @@ def test_instance_started_after_a_revocation_never_reads_the_lagging_replica_goo
         replica.resume_replay()
         if late is not None:
             late.stop()
+
+
+def test_revocation_while_the_listener_is_away_is_not_read_from_a_lagging_replica(  # type: ignore[no-untyped-def]
+    instances, primary, replica, p256_issuer
+):
+    """While an instance's listener is away it reads the store instead of its cache; that
+    read must not go to a replica that has not replayed a revocation it never heard of."""
+    cert = p256_issuer.ca.issue_leaf("away.replica.test")
+    assert instances[0].record(cert).status_code == 201
+    from responder.invalidation import APPLICATION_NAME
+    from responder.store import serial_key
+
+    hexkey = serial_key(cert.serial_number).hex()
+    wait_for(
+        lambda: (
+            replica.psql(
+                f"SELECT count(*) FROM responses WHERE serial = '\\x{hexkey}'", database="ocsp"
+            ).strip()
+            == "1"
+        )
+    )
+    assert status_of(instances[1], p256_issuer, cert) == "good"
+    replica.pause_replay()  # keeps the "good" row (and, paused, not the ALTER below)
+    primary.psql("ALTER DATABASE ocsp WITH ALLOW_CONNECTIONS false")  # no reconnection
+    try:
+        primary.psql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            f"WHERE application_name = '{APPLICATION_NAME}' AND datname = 'ocsp'"
+        )
+        assert instances[0].revoke("p256", cert.serial_number).status_code == 201
+        for alg in ("sha1", "sha256", "sha384", "sha512"):
+            request = build_request(cert, p256_issuer.ca.ca_cert, alg=alg)
+            der = httpx.get(get_url(instances[1].url, request), timeout=10).content
+            assert _expected(der) == "revoked", alg
+    finally:
+        primary.psql("ALTER DATABASE ocsp WITH ALLOW_CONNECTIONS true")
+        replica.resume_replay()
+    # the listeners come back, and so do the replica reads
+    wait_for(
+        lambda: (
+            primary.psql(
+                "SELECT count(*) FROM pg_stat_activity "
+                f"WHERE application_name = '{APPLICATION_NAME}' AND datname = 'ocsp'"
+            ).strip()
+            == "3"
+        ),
+        20,
+    )
