@@ -12,12 +12,15 @@ listener reconnects (with backoff) and clears its whole cache once it listens ag
 next requests re-read the store. A silent network loss is found by a periodic
 ``SELECT 1`` on the listening connection.
 
-While the listener is disconnected the cache is kept and served: when the database is
-down no revocation can commit on it, and answering from memory is what keeps the service
-up through a database outage (issue: resilience). The one case where that cache can be
-stale is a partition that cuts this instance off from a primary the others still reach;
-it lasts until the listener reconnects (then the cache is cleared) and is covered at the
-edge by the CDN purge hook. See docs/deploy.md ("Invalidation").
+While the listener is disconnected (and before its first LISTEN) the cache is kept but
+not trusted (``ResponseCache.invalidations_heard``): every lookup reads the store, and a
+cached answer is served only when the store cannot be read (CacheSource), since answering
+from memory is what keeps the service up through a database outage (issue: resilience).
+So a revocation acknowledged while the listener is away (its backend terminated, a
+reconnection backing off) is answered from the store at once. What remains: a partition
+that cuts this instance off from a primary the others still reach, or a notification lost
+in a crash right after its commit, serves the cache until the listener reconnects (then
+it is cleared); the CDN purge hook covers the edge. See docs/deploy.md ("Revocation").
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ class InvalidationListener:
         self.max_backoff = max_backoff
         #: set while a LISTEN is in place (tests and readiness may wait for it)
         self.listening = asyncio.Event()
+        # until the first LISTEN, and whenever it is lost, the cache may miss revocations
+        cache.invalidations_heard = False
 
     def _on_notification(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         try:
@@ -87,14 +92,18 @@ class InvalidationListener:
                 # (serve waits for it at most 10 s). The first time the cache is usually
                 # still empty and the clear costs nothing.
                 self.cache.clear()
+                if self.replicas is not None:
+                    # the first time too: a revocation acknowledged before this process
+                    # listened sent its notification to nobody here, and a lagging replica
+                    # still holds the "good" it replaced
+                    self.replicas.pin_everything_now()
                 if not first:
-                    if self.replicas is not None:
-                        self.replicas.pin_everything_now()
                     metrics.invalidation_listener_reconnects_total.inc()
                     log.warning("invalidation: listener reconnected; cache cleared")
                 first = False
                 backoff = 0.1
                 self.listening.set()
+                self.cache.invalidations_heard = True
                 while not lost.is_set():
                     try:
                         await asyncio.wait_for(lost.wait(), timeout=self.probe_interval)
@@ -106,6 +115,10 @@ class InvalidationListener:
                 log.warning("invalidation: listener connection lost: %r", exc)
             finally:
                 self.listening.clear()
+                self.cache.invalidations_heard = False
+                if self.replicas is not None:
+                    # the store is read meanwhile: from the primary, a replica may lag
+                    self.replicas.hold_everything()
                 if conn is not None and not conn.is_closed():
                     conn.terminate()
             await asyncio.sleep(backoff)

@@ -9,8 +9,9 @@ primary. Replica lag must never cause a wrong answer, so:
   from the primary until every replica has replayed past the primary's WAL position at
   the moment we learned of it (its *barrier* LSN), so a stale "good" row on a lagging
   replica is never served;
-- when notifications may have been missed (the listener reconnected), every read goes to
-  the primary until the replicas pass the barrier taken at reconnection;
+- when notifications may have been missed (at start, before the listener's first LISTEN,
+  while it is disconnected, and after it reconnects), every read goes to the primary
+  until the replicas pass the barrier taken once it listens (again);
 - a replica that fails its health probe, or lags more than ``max_lag``, is not read.
 """
 
@@ -66,6 +67,11 @@ class ReplicaSet:
     global_barrier: int = 0
     _task: asyncio.Task[None] | None = None
     _pending: set[asyncio.Task[None]] = field(default_factory=set)
+    #: barrier reads under way, per pinned key (None: the global barrier): [how many,
+    #: highest position read so far]; a pin is resolved only when the last one is back
+    _resolving: dict[tuple[int, bytes] | None, list[int]] = field(default_factory=dict)
+    #: the listener is away (``hold_everything``): the global barrier stays unresolved
+    _held: bool = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._probe_forever(), name="replica-probe")
@@ -105,30 +111,56 @@ class ReplicaSet:
             return
         key = (issuer_id, serial_key)
         self.pins[key] = UNRESOLVED
-        self._spawn(self._resolve_pin(key))
+        self._begin(key)
+        self._spawn(self._resolve(key))
 
     def pin_everything_now(self) -> None:
         """After notifications may have been lost: primary only until the replicas catch
-        up (usable from a synchronous callback)."""
+        up (usable from a synchronous callback). Called once a LISTEN is in place: the
+        barrier read after it covers everything missed before."""
         if not self.replicas:
             return
         self.global_barrier = UNRESOLVED
-        self._spawn(self._resolve_global())
+        self._held = False
+        self._begin(None)
+        self._spawn(self._resolve(None))
+
+    def hold_everything(self) -> None:
+        """Primary only from now until the next ``pin_everything_now``: the listener lost
+        its connection, so notifications are being missed right now, and no barrier read
+        before the next LISTEN can cover them."""
+        if not self.replicas:
+            return
+        self.global_barrier = UNRESOLVED
+        self._held = True
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def _resolve_pin(self, key: tuple[int, bytes]) -> None:
-        lsn = await self._barrier_with_retry()
-        if self.pins.get(key) == UNRESOLVED:
-            self.pins[key] = lsn
+    def _begin(self, key: tuple[int, bytes] | None) -> None:
+        self._resolving.setdefault(key, [0, 0])[0] += 1
 
-    async def _resolve_global(self) -> None:
+    async def _resolve(self, key: tuple[int, bytes] | None) -> None:
+        """Read the barrier; the pin takes the highest position read by every resolution
+        begun meanwhile, once the last is back. One that began earlier may have read the
+        position before a later change committed (its query was on its way when the later
+        notification came, or a reconnection came while it retried): set alone, its lower
+        barrier would lift the later pin before a replica replayed that change (a
+        revocation acknowledged while the listener was away, then "good" from a replica)."""
         lsn = await self._barrier_with_retry()
-        if self.global_barrier == UNRESOLVED:
-            self.global_barrier = lsn
+        state = self._resolving[key]
+        state[0] -= 1
+        state[1] = max(state[1], lsn)
+        if state[0]:
+            return
+        del self._resolving[key]
+        if key is None:
+            if self.global_barrier == UNRESOLVED and not self._held:
+                self.global_barrier = state[1]
+        elif self.pins.get(key) == UNRESOLVED:
+            self.pins[key] = state[1]
 
     async def _barrier_with_retry(self) -> int:
         """The primary's position; while it cannot be read, the pin stays unresolved
@@ -140,9 +172,10 @@ class ReplicaSet:
                 await asyncio.sleep(0.5)
 
     async def pin(self, issuer_id: int, serial_key: bytes) -> None:
-        """Read this serial from the primary until the replicas have replayed its change."""
-        if self.replicas:
-            self.pins[(issuer_id, serial_key)] = await self.barrier()
+        """Read this serial from the primary until the replicas have replayed its change
+        (after our own commit: the pin is in place when this returns, its barrier is read
+        in the background like a notification's, so it never lowers a later pin)."""
+        self.pin_now(issuer_id, serial_key)
 
     def ready_detail(self) -> str:
         healthy = sum(r.healthy for r in self.replicas)
@@ -200,6 +233,11 @@ async def connect_replicas(
         pool = asyncpg.create_pool(dsn, min_size=0, max_size=max_size, command_timeout=5, timeout=2)
         await pool  # min_size=0: does not fail when the replica is down
         replicas.append(Replica(name=f"replica{index}", pool=pool))
-    replica_set = ReplicaSet(replicas=replicas, primary=primary, max_lag=max_lag)
+    # primary only until a barrier is taken (the invalidation listener's first LISTEN,
+    # pin_everything_now): a replica may not have replayed a revocation acknowledged
+    # before this process started, and no notification of it will ever arrive here
+    replica_set = ReplicaSet(
+        replicas=replicas, primary=primary, max_lag=max_lag, global_barrier=UNRESOLVED
+    )
     await asyncio.gather(*(replica_set._probe(r) for r in replicas))
     return replica_set

@@ -117,6 +117,10 @@ class ResponseCache:
         self._order: deque[CacheKey] = deque()
         #: while a warm-up loads an older snapshot: the serials invalidated meanwhile
         self._dropped: set[tuple[int, int]] | None = None
+        #: whether invalidations reach this cache now (an invalidation listener is
+        #: listening, or none is attached): when not, an entry may be a "good" that a
+        #: revocation replaced, and is served only when the store cannot be read
+        self.invalidations_heard = True
 
     def get(self, key: CacheKey) -> ServedResponse | None:
         return self._entries.get(key)

@@ -138,7 +138,7 @@ class CacheSource:
     def cached(self, request: CertIdRequest, issuer: Issuer) -> ServedResponse | None:
         """The fresh cached answer, if any."""
         entry = self.cache.get(cache_key(issuer.db_id, request.serial, request.hash_algorithm))
-        if entry is not None and time.time() < entry.renew_at:
+        if entry is not None and time.time() < entry.renew_at and self.cache.invalidations_heard:
             return entry
         return None
 
@@ -146,7 +146,9 @@ class CacheSource:
         req = query.request
         key = cache_key(query.issuer.db_id, req.serial, req.hash_algorithm)
         entry = self.cache.get(key)
-        if entry is not None and time.time() < entry.renew_at:
+        # not while invalidations are not heard: then the entry may be a "good" that a
+        # revocation replaced, and it is only the fallback for a store that cannot answer
+        if entry is not None and time.time() < entry.renew_at and self.cache.invalidations_heard:
             return Answer(entry, "cache", None)
         generation = self.cache.generation
         try:
@@ -156,7 +158,8 @@ class CacheSource:
             # cached bytes are still valid until nextUpdate, as StoreSource serves a stored
             # row (before, a database outage turned every cached answer into tryLater as it
             # passed its renewal point). Never past nextUpdate, nor once an invalidation
-            # (a revocation) has dropped it meanwhile.
+            # (a revocation) has dropped it meanwhile. The same holds while the
+            # invalidation listener is away: the store cannot tell, so memory answers.
             if (
                 entry is not None
                 and self.cache.get(key) is entry

@@ -164,3 +164,104 @@ def test_replica_down_falls_back_to_primary(instances, replica, p256_issuer):  #
     wait_for(lambda: "replicas 1/1 healthy" in httpx.get(instances[0].url + "/readyz").text, 20)
     metrics = httpx.get(instances[0].admin_url + "/metrics").text
     assert 'ocsp_db_replica_up{replica="replica0"} 1.0' in metrics
+
+
+def test_instance_started_after_a_revocation_never_reads_the_lagging_replica_good(  # type: ignore[no-untyped-def]
+    instances, primary, replica, p256_issuer, workdir
+):
+    """A process that starts (a new instance, a respawned worker) after a revocation was
+    acknowledged heard no notification for it: its first LISTEN must keep it off a replica
+    that has not replayed the revocation, as a reconnection does. (No warm-up: it reads
+    the primary and would hide what the lookups read.)"""
+    cert = p256_issuer.ca.issue_leaf("late-start.test")
+    assert instances[0].record(cert).status_code == 201
+    from responder.store import serial_key
+
+    hexkey = serial_key(cert.serial_number).hex()
+    wait_for(
+        lambda: (
+            replica.psql(
+                f"SELECT count(*) FROM responses WHERE serial = '\\x{hexkey}'", database="ocsp"
+            ).strip()
+            == "1"
+        )
+    )
+    replica.pause_replay()  # the replica keeps the "good" row
+    late = None
+    try:
+        assert instances[1].revoke("p256", cert.serial_number).status_code == 201
+        extra = (
+            f'replica_urls = ["{replica.dsn("ocsp")}"]\nreplica_max_lag = "30s"\n'
+            "warmup_responses = 0\n"
+        )
+        late = write_config(workdir / "late", primary.dsn("ocsp"), [p256_issuer], extra=extra)
+        late.start()
+        assert "replicas 1/1 healthy" in httpx.get(late.url + "/readyz").text
+        for alg in ("sha1", "sha256", "sha384", "sha512"):
+            request = build_request(cert, p256_issuer.ca.ca_cert, alg=alg)
+            answers = [
+                httpx.get(get_url(late.url, request), timeout=10).content,
+                httpx.post(
+                    late.url,
+                    content=request,
+                    headers={"content-type": "application/ocsp-request"},
+                    timeout=10,
+                ).content,
+            ]
+            for der in answers:
+                assert _expected(der) == "revoked", alg
+                check_response(
+                    der, issuer=p256_issuer, serial=cert.serial_number, alg=alg, expect="revoked"
+                )
+    finally:
+        replica.resume_replay()
+        if late is not None:
+            late.stop()
+
+
+def test_revocation_while_the_listener_is_away_is_not_read_from_a_lagging_replica(  # type: ignore[no-untyped-def]
+    instances, primary, replica, p256_issuer
+):
+    """While an instance's listener is away it reads the store instead of its cache; that
+    read must not go to a replica that has not replayed a revocation it never heard of."""
+    cert = p256_issuer.ca.issue_leaf("away.replica.test")
+    assert instances[0].record(cert).status_code == 201
+    from responder.invalidation import APPLICATION_NAME
+    from responder.store import serial_key
+
+    hexkey = serial_key(cert.serial_number).hex()
+    wait_for(
+        lambda: (
+            replica.psql(
+                f"SELECT count(*) FROM responses WHERE serial = '\\x{hexkey}'", database="ocsp"
+            ).strip()
+            == "1"
+        )
+    )
+    assert status_of(instances[1], p256_issuer, cert) == "good"
+    replica.pause_replay()  # keeps the "good" row (and, paused, not the ALTER below)
+    primary.psql("ALTER DATABASE ocsp WITH ALLOW_CONNECTIONS false")  # no reconnection
+    try:
+        primary.psql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            f"WHERE application_name = '{APPLICATION_NAME}' AND datname = 'ocsp'"
+        )
+        assert instances[0].revoke("p256", cert.serial_number).status_code == 201
+        for alg in ("sha1", "sha256", "sha384", "sha512"):
+            request = build_request(cert, p256_issuer.ca.ca_cert, alg=alg)
+            der = httpx.get(get_url(instances[1].url, request), timeout=10).content
+            assert _expected(der) == "revoked", alg
+    finally:
+        primary.psql("ALTER DATABASE ocsp WITH ALLOW_CONNECTIONS true")
+        replica.resume_replay()
+    # the listeners come back, and so do the replica reads
+    wait_for(
+        lambda: (
+            primary.psql(
+                "SELECT count(*) FROM pg_stat_activity "
+                f"WHERE application_name = '{APPLICATION_NAME}' AND datname = 'ocsp'"
+            ).strip()
+            == "3"
+        ),
+        20,
+    )

@@ -168,9 +168,68 @@ def test_listener_reconnect_clears_the_cache(two_instances, p256_issuer, module_
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
-    listeners = sql_sync(
+    # both instances listen again (B no longer waits for it to answer from the store)
+    deadline = time.monotonic() + 5
+    while True:
+        listeners = sql_sync(
+            module_database,
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = $1",
+            APPLICATION_NAME,
+        )
+        if listeners[0]["n"] == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert listeners[0]["n"] == 2
+
+
+def test_revocation_while_a_listener_is_away_is_answered_from_the_store(  # type: ignore[no-untyped-def]
+    two_instances, p256_issuer, module_database, pg_admin_dsn
+):
+    """B's listener is gone and cannot come back (the database takes no new connections;
+    B's pool keeps the ones it has): a revocation acknowledged meanwhile must not be
+    answered "good" from B's cache, for any CertID hash, GET or POST. B's cache is not
+    trusted while it hears no invalidations: it reads the store, which can answer."""
+    a, b = two_instances
+    cert = p256_issuer.ca.issue_leaf("listener.away.test")
+    assert a.record(cert).status_code == 201
+    requests = {
+        alg: build_request(cert, p256_issuer.ca.ca_cert, alg=alg)
+        for alg in ("sha1", "sha256", "sha384", "sha512")
+    }
+    for alg, der in requests.items():
+        for _ in range(2):  # the second answer comes from B's cache
+            body = status_via(b, der)
+            check_response(body, issuer=p256_issuer, serial=cert.serial_number, alg=alg)
+    name = module_database.rsplit("/", 1)[1].split("?")[0]
+    sql_sync(pg_admin_dsn, f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+    try:
+        sql_sync(
+            pg_admin_dsn,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = $1 AND datname = $2",
+            APPLICATION_NAME,
+            name,
+        )
+        assert a.revoke("p256", cert.serial_number).status_code == 201
+        for alg, der in requests.items():
+            answers = [
+                status_via(b, der),
+                httpx.post(
+                    b.url,
+                    content=der,
+                    headers={"content-type": "application/ocsp-request"},
+                    timeout=10,
+                ).content,
+            ]
+            for body in answers:
+                check_response(
+                    body, issuer=p256_issuer, serial=cert.serial_number, alg=alg, expect="revoked"
+                )
+    finally:
+        sql_sync(pg_admin_dsn, f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+    stored = sql_sync(
         module_database,
-        "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = $1",
-        APPLICATION_NAME,
+        "SELECT status FROM responses WHERE serial = $1",
+        serial_key(cert.serial_number),
     )
-    assert listeners[0]["n"] == 2  # both instances listen again
+    assert [row["status"] for row in stored] == [1]
