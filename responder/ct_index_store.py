@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from responder.schema import ct_index_has_not_after
-from responder.store import response_arrays, serial_from_key, serial_key
+from responder.store import durable_transaction, response_arrays, serial_from_key, serial_key
 from signer.response_builder import REASONS_BY_CODE, Revocation, SignedResponse
 
 ENTRY_KINDS = {"x509": 0, "precert": 1}
@@ -302,8 +302,7 @@ class CTIndexStore:
             return
         issuer_ids = [g.issuer_id for g, _ in repairs]
         serials = [serial_key(g.serial) for g, _ in repairs]
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute("SET LOCAL synchronous_commit = on")
+        async with durable_transaction(self.pool, timeout=None) as conn:
             await conn.execute(
                 "INSERT INTO responses (issuer_id, serial, status, this_update, next_update, der, "
                 "                       signer) "

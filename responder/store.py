@@ -14,11 +14,12 @@ price is that a retried recording whose first COMMIT did land reports "already r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -70,6 +71,18 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 
 #: Seconds to wait for a pool connection before counting the attempt as failed (transient).
 ACQUIRE_TIMEOUT = 5.0
+
+
+@contextlib.asynccontextmanager
+async def durable_transaction(
+    pool: asyncpg.Pool, *, timeout: float | None = ACQUIRE_TIMEOUT
+) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection inside a transaction that commits with ``synchronous_commit =
+    on`` whatever the server, database or role default: what the CA, or the coverage-gap
+    record, is told was written survives a crash of the server."""
+    async with pool.acquire(timeout=timeout) as conn, conn.transaction():
+        await conn.execute("SET LOCAL synchronous_commit = on")
+        yield conn
 
 
 #: PostgreSQL NOTIFY channel on which revocations tell every responder to drop a serial.
@@ -607,11 +620,7 @@ class PresignedStore:
         """Store a revocation and its revoked response together; False if already revoked."""
 
         async def op() -> bool:
-            async with (
-                self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn,
-                conn.transaction(),
-            ):
-                await conn.execute("SET LOCAL synchronous_commit = on")
+            async with durable_transaction(self.pool) as conn:
                 created = await conn.fetchval(
                     "INSERT INTO revocations (issuer_id, serial, revoked_at, reason) "
                     "VALUES ($1, $2, $3, $4) ON CONFLICT (issuer_id, serial) DO NOTHING "
@@ -670,11 +679,7 @@ class PresignedStore:
         overwritten unseen."""
 
         async def op() -> bool:
-            async with (
-                self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn,
-                conn.transaction(),
-            ):
-                await conn.execute("SET LOCAL synchronous_commit = on")
+            async with durable_transaction(self.pool) as conn:
                 replaced = await conn.fetchval(
                     "UPDATE revocations SET revoked_at = $5, reason = $6 "
                     "WHERE issuer_id = $1 AND serial = $2 AND revoked_at = $3 AND reason = $4 "
