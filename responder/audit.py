@@ -29,6 +29,7 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from responder.config import Config, ConfigError
+from responder.ct_index_store import retired_before
 from responder.schema import ct_index_has_not_after
 from responder.store import serial_from_key
 from signer.issuers import Issuer, IssuerConfigError, issuer_from_certificate
@@ -129,9 +130,7 @@ async def load_targets(
         by_id = {ids[i.spki_sha256]: i for i in issuers if i.spki_sha256 in ids}
         ct_not_after = await ct_index_has_not_after(conn)
         not_after = "coalesce(r.not_after, c.not_after)" if ct_not_after else "r.not_after"
-        retired_before = (
-            None if expired_retention is None else dt.datetime.now(dt.UTC) - expired_retention
-        )
+        retired = retired_before(expired_retention)
         query = (
             "SELECT c.issuer_id, c.serial, "
             "  EXISTS (SELECT 1 FROM revocations v "
@@ -141,7 +140,7 @@ async def load_targets(
             "WHERE c.issuer_id = ANY($1::smallint[]) "
             f"  AND ($2::timestamptz IS NULL OR {not_after} IS NULL OR {not_after} >= $2)"
         )
-        args = (list(by_id), retired_before)
+        args = (list(by_id), retired)
         if sample is not None:
             rows = await conn.fetch(query + " ORDER BY random() LIMIT $3", *args, sample)
         else:

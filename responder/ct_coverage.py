@@ -24,6 +24,7 @@ import asyncpg
 from responder import metrics
 from responder.config import CTLogConfig
 from responder.ct import LogKey
+from responder.ct_index_store import retired_before
 from responder.schema import ct_index_has_not_after
 from signer.issuers import IssuerRegistry
 
@@ -126,14 +127,11 @@ class CTCoverageMonitor:
             )
             if row["lag_seconds"] is not None:
                 metrics.ct_lag_seconds.labels(name).set(row["lag_seconds"])
-        retired_before = (
-            None
-            if self.expired_retention is None
-            else dt.datetime.now(dt.UTC) - self.expired_retention
-        )
         open_by_id = {
             r["issuer_id"]: r["open"]
-            for r in await self.pool.fetch(open_gaps_query(self._with_not_after), retired_before)
+            for r in await self.pool.fetch(
+                open_gaps_query(self._with_not_after), retired_before(self.expired_retention)
+            )
         }
         for issuer in self.registry.issuers:
             metrics.coverage_gaps_open.labels(issuer.name).set(open_by_id.get(issuer.db_id, 0))

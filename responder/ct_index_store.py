@@ -118,6 +118,15 @@ def _index_statement(with_not_after: bool) -> str:
 _INDEX_STATEMENTS = {flag: _index_statement(flag) for flag in (False, True)}
 
 
+def retired_before(expired_retention: dt.timedelta | None) -> dt.datetime | None:
+    """notAfter before this: retired, answered ``unauthorized`` and never signed, never a
+    coverage gap to report (docs/deploy.md, "Expired certificates: retention"); None
+    without a retention: no serial is."""
+    if expired_retention is None:
+        return None
+    return dt.datetime.now(dt.UTC) - expired_retention
+
+
 class CTIndexStore:
     def __init__(
         self, pool: asyncpg.Pool, *, expired_retention: dt.timedelta | None = None
@@ -128,12 +137,6 @@ class CTIndexStore:
         self.expired_retention = expired_retention
         #: ct_index has not_after (migration 0005): looked up at the first commit
         self.ct_not_after: bool | None = None
-
-    def _retired_before(self) -> dt.datetime | None:
-        """notAfter before this: retired (see ``expired_retention``)."""
-        if self.expired_retention is None:
-            return None
-        return dt.datetime.now(dt.UTC) - self.expired_retention
 
     async def ensure_log(self, log_id: bytes, name: str, url: str) -> LogPosition:
         """The log's row (created on first use; name and URL follow the configuration)."""
@@ -196,7 +199,7 @@ class CTIndexStore:
                 [ENTRY_KINDS[r.kind] for r in rows],
                 [r.logged_at_ms for r in rows],
                 *(
-                    [[r.not_after for r in rows], self._retired_before()]
+                    [[r.not_after for r in rows], retired_before(self.expired_retention)]
                     if self.ct_not_after
                     else []
                 ),
@@ -275,7 +278,7 @@ class CTIndexStore:
             "ORDER BY g.detected_at LIMIT $2",
             list(issuer_ids),
             limit,
-            self._retired_before(),
+            retired_before(self.expired_retention),
             [issuer_id for issuer_id, _ in skip],
             [serial_key(serial) for _, serial in skip],
         )

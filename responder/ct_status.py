@@ -10,7 +10,7 @@ import asyncpg
 
 from responder.config import Config
 from responder.ct_coverage import open_gaps_query
-from responder.ct_index_store import gap_counts_by_issuer, log_statuses
+from responder.ct_index_store import gap_counts_by_issuer, log_statuses, retired_before
 from responder.schema import check_schema, ct_index_has_not_after
 
 
@@ -57,8 +57,10 @@ async def collect(config: Config, dsn: str) -> dict[str, Any]:
 async def _open_unretired_gaps(conn: asyncpg.Connection, config: Config) -> dict[str, int]:
     """issuer name -> unrepaired gaps that are not retired: the ones a check should
     report (the same count as serve's ``coverage_gaps_open``)."""
-    retired_before = dt.datetime.now(dt.UTC) - config.expired_retention
-    rows = await conn.fetch(open_gaps_query(await ct_index_has_not_after(conn)), retired_before)
+    rows = await conn.fetch(
+        open_gaps_query(await ct_index_has_not_after(conn)),
+        retired_before(config.expired_retention),
+    )
     names = {r["id"]: r["name"] for r in await conn.fetch("SELECT id, name FROM issuers")}
     return {names[r["issuer_id"]]: r["open"] for r in rows}
 
