@@ -75,11 +75,17 @@ class DemoCA:
         lifetime: dt.timedelta = dt.timedelta(days=90),
         issuer_cert: x509.Certificate | None = None,
         issuer_key: SigningKey | None = None,
+        issued_at: dt.datetime | None = None,
     ) -> x509.Certificate:
-        """A TLS server certificate (or precertificate, with the CT poison extension)."""
+        """A TLS server certificate (or precertificate, with the CT poison extension).
+
+        ``issued_at`` (default: now) is the instant the validity counts from: a
+        precertificate and its final certificate issued in two calls must share it, or a
+        second boundary between the calls gives them different notAfters (and a CT
+        follower rightly refuses such a precertificate as not the logged one)."""
         signer_cert = issuer_cert or self.ca_cert
         signer_key = issuer_key or self.ca_key
-        now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+        now = (issued_at or dt.datetime.now(dt.UTC)).replace(microsecond=0)
         key = ec.generate_private_key(ec.SECP256R1())
         builder = (
             x509.CertificateBuilder()

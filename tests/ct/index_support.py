@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
@@ -58,6 +59,25 @@ def twin_ca(real: x509.Certificate, kind: str) -> DemoCA:
 def precert_signing_ca(ca: DemoCA) -> CA:
     """A precertificate signing CA (EKU 1.3.6.1.4.1.11129.2.4.4) under ``ca``."""
     return make_ca("Precert Signing", CA(ca.ca_cert, ca.ca_key), precert_signing=True)  # type: ignore[arg-type]
+
+
+def precert_and_tbs(
+    ca: DemoCA,
+    name: str,
+    serial: int,
+    signer: CA | None = None,
+    *,
+    logged_serial: int | None = None,
+) -> tuple[bytes, bytes]:
+    """A precertificate (DER) of ``ca`` (or of its signing CA ``signer``) and the
+    TBSCertificate a log carries for it, issued at one instant so that their notAfters
+    agree (two calls a second boundary apart would not). ``logged_serial``: a TBS with
+    another serial, for entries that must be refused."""
+    at = dt.datetime.now(dt.UTC)
+    kw = {"issuer_cert": signer.cert, "issuer_key": signer.key} if signer else {}
+    pre = ca.issue_leaf(name, serial=serial, precertificate=True, issued_at=at, **kw)  # type: ignore[arg-type]
+    tbs = ca.issue_leaf(name, serial=logged_serial or serial, issued_at=at).tbs_certificate_bytes
+    return pre.public_bytes(DER), tbs
 
 
 def bare_registry(certs: dict[str, x509.Certificate]) -> IssuerRegistry:

@@ -26,7 +26,7 @@ from signer.demo_ca import DemoCA
 from tests.support import VENV_BIN, IssuerFiles, ResponderProcess, sql, write_config
 
 from .fakelog import FakeLog, FakeLogServer
-from .index_support import DER, ct_log_table, now_ms, spki_sha256, wait_until
+from .index_support import ct_log_table, now_ms, precert_and_tbs, spki_sha256, wait_until
 
 
 def samples(proc: ResponderProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -65,9 +65,8 @@ async def test_serve_exports_follower_progress_and_open_gaps_from_the_database(
 ) -> None:
     key_hash = spki_sha256(ct_ca.ca_cert)
     for serial in (0x7A01, 0x7A02):  # precerts whose recording with us was lost
-        pre = ct_ca.issue_leaf("m.test", serial=serial, precertificate=True)
-        tbs = ct_ca.issue_leaf("m.test", serial=serial).tbs_certificate_bytes
-        fake_log.add_precert(key_hash, tbs, pre.public_bytes(DER), [], now_ms())
+        pre, tbs = precert_and_tbs(ct_ca, "m.test", serial)
+        fake_log.add_precert(key_hash, tbs, pre, [], now_ms())
     fake_log.publish()
     # the default deployment: the follower is not inside serve
     proc = write_config(

@@ -22,13 +22,20 @@ from signer.response_builder import ValidityPolicy
 from tests.pgcluster import PgCluster
 
 from .fakelog import FakeLog, FakeLogServer
-from .index_support import DER, FAST, connect, now_ms, signing_registry, spki_sha256, wait_until
+from .index_support import (
+    FAST,
+    connect,
+    now_ms,
+    precert_and_tbs,
+    signing_registry,
+    spki_sha256,
+    wait_until,
+)
 
 
 def add_lost_precert(log: FakeLog, ca: DemoCA, serial: int) -> None:
-    pre = ca.issue_leaf("o.test", serial=serial, precertificate=True)
-    tbs = ca.issue_leaf("o.test", serial=serial).tbs_certificate_bytes
-    log.add_precert(spki_sha256(ca.ca_cert), tbs, pre.public_bytes(DER), [], now_ms())
+    pre, tbs = precert_and_tbs(ca, "o.test", serial)
+    log.add_precert(spki_sha256(ca.ca_cert), tbs, pre, [], now_ms())
     log.publish()
 
 

@@ -38,6 +38,7 @@ from .index_support import (
     bare_registry,
     connect,
     now_ms,
+    precert_and_tbs,
     precert_signing_ca,
     signing_registry,
     staging_certs,
@@ -276,19 +277,11 @@ async def test_follower_repairs_lost_writes_within_the_poll(
         if s % 4 == 0:
             log.add_x509(ct_ca.issue_leaf("x.test", serial=serial).public_bytes(DER), [], ts)
         elif s % 4 == 1:
-            pre = ct_ca.issue_leaf("p.test", serial=serial, precertificate=True)
-            tbs = ct_ca.issue_leaf("p.test", serial=serial).tbs_certificate_bytes
-            log.add_precert(issuer.spki_sha256, tbs, pre.public_bytes(DER), [], ts)
+            pre, tbs = precert_and_tbs(ct_ca, "p.test", serial)
+            log.add_precert(issuer.spki_sha256, tbs, pre, [], ts)
         elif s % 4 == 2:  # from the precertificate signing CA: the log names the real CA
-            pre = ct_ca.issue_leaf(
-                "ps.test",
-                serial=serial,
-                precertificate=True,
-                issuer_cert=pcsa.cert,
-                issuer_key=pcsa.key,
-            )
-            tbs = ct_ca.issue_leaf("ps.test", serial=serial).tbs_certificate_bytes
-            log.add_precert(issuer.spki_sha256, tbs, pre.public_bytes(DER), [pcsa.der], ts)
+            pre, tbs = precert_and_tbs(ct_ca, "ps.test", serial, pcsa)
+            log.add_precert(issuer.spki_sha256, tbs, pre, [pcsa.der], ts)
         else:
             log.add_x509(other.issue_leaf("o.test", serial=serial).public_bytes(DER), [], ts)
             continue
@@ -653,10 +646,8 @@ async def test_precert_naming_our_key_hash_is_indexed_only_if_our_key_signed_it(
         *,
         logged_serial: int | None = None,
     ) -> None:
-        kw = {"issuer_cert": signer.cert, "issuer_key": signer.key} if signer else {}
-        pre = ca.issue_leaf("v.test", serial=serial, precertificate=True, **kw)  # type: ignore[arg-type]
-        tbs = ca.issue_leaf("v.test", serial=logged_serial or serial).tbs_certificate_bytes
-        log.add_precert(ikh, tbs, pre.public_bytes(DER), chain, ts)
+        pre, tbs = precert_and_tbs(ca, "v.test", serial, signer, logged_serial=logged_serial)
+        log.add_precert(ikh, tbs, pre, chain, ts)
 
     add(evil, 0x4242, [])  # the audit's probe: foreign CA, our key hash
     add(evil, 0x4243, [evil_psc.der], evil_psc)  # signing CA chained to the foreign CA

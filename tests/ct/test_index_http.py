@@ -40,6 +40,7 @@ from .index_support import (
     DER,
     ct_log_table,
     now_ms,
+    precert_and_tbs,
     precert_signing_ca,
     spki_sha256,
     staging_certs,
@@ -141,25 +142,15 @@ async def test_ct_only_serials_are_answered_and_never_unauthorized(
         ours = []
         for i in range(n):
             serial, ts = next(serials), now_ms()
-            final = ct_ca.issue_leaf("ct.test", serial=serial)
             if i % 3 == 0:
+                final = ct_ca.issue_leaf("ct.test", serial=serial)
                 log.add_x509(final.public_bytes(DER), [ct_ca.ca_cert.public_bytes(DER)], ts)
             elif i % 3 == 1:
-                pre = ct_ca.issue_leaf("ct.test", serial=serial, precertificate=True)
-                log.add_precert(
-                    key_hash, final.tbs_certificate_bytes, pre.public_bytes(DER), [], ts
-                )
+                pre, tbs = precert_and_tbs(ct_ca, "ct.test", serial)
+                log.add_precert(key_hash, tbs, pre, [], ts)
             else:
-                pre = ct_ca.issue_leaf(
-                    "ct.test",
-                    serial=serial,
-                    precertificate=True,
-                    issuer_cert=pcsa.cert,
-                    issuer_key=pcsa.key,
-                )
-                log.add_precert(
-                    key_hash, final.tbs_certificate_bytes, pre.public_bytes(DER), [pcsa.der], ts
-                )
+                pre, tbs = precert_and_tbs(ct_ca, "ct.test", serial, pcsa)
+                log.add_precert(key_hash, tbs, pre, [pcsa.der], ts)
             ours.append(serial)
             if i % 4 == 0:
                 foreign = next(serials)
@@ -321,9 +312,8 @@ async def test_ct_follow_once_command(
 ) -> None:
     key_hash = spki_sha256(ct_ca.ca_cert)
     for serial in range(0x6100, 0x6106):
-        pre = ct_ca.issue_leaf("f.test", serial=serial, precertificate=True)
-        tbs = ct_ca.issue_leaf("f.test", serial=serial).tbs_certificate_bytes
-        fake_log.add_precert(key_hash, tbs, pre.public_bytes(DER), [], now_ms())
+        pre, tbs = precert_and_tbs(ct_ca, "f.test", serial)
+        fake_log.add_precert(key_hash, tbs, pre, [], now_ms())
     fake_log.publish()
     proc = write_config(
         tmp_path, database, [ct_issuer], extra=ct_log_table(fake_server, "static", name="cli")
@@ -339,7 +329,7 @@ async def test_ct_follow_once_command(
     )
     assert result["next_index"] == 6 and result["error"] is None
     fake_log.faults.bad_signature = True
-    fake_log.add_precert(key_hash, tbs, pre.public_bytes(DER), [], now_ms())
+    fake_log.add_precert(key_hash, tbs, pre, [], now_ms())
     fake_log.publish()
     failed = cli(proc, "ct-follow", "--once")
     assert failed.returncode == 1
