@@ -125,6 +125,8 @@ class CTLogConfig:
     poll_interval: dt.timedelta
     origin: str | None = None  # static: checkpoint origin (default: URL without scheme)
     batch_size: int = 4096  # entries per committed batch
+    #: the first leaf indexed: a position below it jumps there (docs/ct-index.md)
+    start_index: int = 0
 
 
 @dataclass(frozen=True)
@@ -653,7 +655,16 @@ def _key_ref(base: Path, value: object, key: str) -> KeyRef:
     return _path(base, value, key)
 
 
-CT_LOG_KEYS = {"name", "url", "kind", "origin", "public_key", "poll_interval", "batch_size"}
+CT_LOG_KEYS = {
+    "name",
+    "url",
+    "kind",
+    "origin",
+    "public_key",
+    "poll_interval",
+    "batch_size",
+    "start_index",
+}
 
 
 def _ct_log(item: dict[str, Any], index: int) -> CTLogConfig:
@@ -682,7 +693,15 @@ def _ct_log(item: dict[str, Any], index: int) -> CTLogConfig:
         poll_interval=poll,
         origin=_str(item["origin"], f"{where}.origin") if "origin" in item else None,
         batch_size=_positive(item.get("batch_size", 4096), f"{where}.batch_size"),
+        start_index=_non_negative(item.get("start_index", 0), f"{where}.start_index"),
     )
+
+
+def _non_negative(v: object, key: str) -> int:
+    n = _int(v, key)
+    if n < 0:
+        raise ConfigError(f"{key}: must be 0 or more, got {n}")
+    return n
 
 
 def _positive(v: object, key: str) -> int:

@@ -264,6 +264,7 @@ class CTIndexer:
                     origin=cfg.origin,
                     batch_size=cfg.batch_size,
                     retry=self.retry,
+                    start_index=cfg.start_index,
                 ),
                 position.state,
                 http=self.http,

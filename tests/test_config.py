@@ -53,6 +53,7 @@ def test_ct_logs(tmp_path: Path) -> None:
     path.write_text(
         "ct_follow_in_serve = true\n[[ct_logs]]\nname = 'n'\nurl = 'https://l.example/'\n"
         "kind = 'static'\npublic_key = 'AAAA'\norigin = 'l.example'\nbatch_size = 512\n"
+        "start_index = 123456789\n"
         "[[ct_logs]]\nurl = 'https://r.example'\nkind = 'rfc6962'\npublic_key = 'BBBB'\n"
         "poll_interval = '30s'\n"
     )
@@ -66,6 +67,7 @@ def test_ct_logs(tmp_path: Path) -> None:
         512,
     )
     assert static.poll_interval == dt.timedelta(seconds=10)
+    assert (static.start_index, rfc.start_index) == (123456789, 0)
     assert (rfc.name, rfc.kind, rfc.origin, rfc.batch_size) == (
         "https://r.example",
         "rfc6962",
@@ -75,6 +77,19 @@ def test_ct_logs(tmp_path: Path) -> None:
     assert rfc.poll_interval == dt.timedelta(seconds=30)
     env = {"OCSP_RESPONDER_CT_FOLLOW_IN_SERVE": "false"}
     assert not load_config(path, env).ct_follow_in_serve
+
+
+@pytest.mark.parametrize(
+    ("value", "message"), [("-1", "must be 0 or more"), ("true", "expected an integer")]
+)
+def test_ct_start_index_is_a_leaf_index(tmp_path: Path, value: str, message: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        "[[ct_logs]]\nurl = 'https://l.example/'\nkind = 'static'\npublic_key = 'AAAA'\n"
+        f"start_index = {value}\n"
+    )
+    with pytest.raises(ConfigError, match=rf"ct_logs\[0\]\.start_index: {message}"):
+        load_config(path, {})
 
 
 @pytest.mark.parametrize("interval", ["0s", "6m", "1h"])

@@ -17,6 +17,7 @@ from .errors import (
     MalformedTileError,
     ResumeStateError,
     SignatureError,
+    StartIndexError,
     VerificationError,
 )
 from .follower import Batch, LogConfig, LogFollower, ResumeState
@@ -42,6 +43,7 @@ __all__ = [
     "ResumeStateError",
     "RetryPolicy",
     "SignatureError",
+    "StartIndexError",
     "SuspiciousEntry",
     "TreeHead",
     "VerificationError",

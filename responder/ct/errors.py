@@ -74,6 +74,11 @@ class ResumeStateError(CTError, ValueError):
     """A stored resume state is corrupt or belongs to another log."""
 
 
+class StartIndexError(CTError):
+    """The configured ``start_index`` is beyond the log's signed tree size (a typo, or
+    the wrong log): nothing is skipped, the poll is retried from the stored position."""
+
+
 # --- fetching ----------------------------------------------------------------
 
 

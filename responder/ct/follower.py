@@ -15,6 +15,10 @@ signature verified with the configured log key.
   proof (``get-proof-by-hash``) of the batch's last leaf must lead to the STH
   root *and* its left siblings must equal our compact range of everything
   before that leaf, which pins every leaf of the batch.
+* ``start_index``: a follower below it jumps there. The compact range of the
+  leaves it skips comes from the log (hash tiles, or the audit path of the leaf
+  before it) and is checked against the signed root before anything else uses
+  it; from there on the two rules above apply unchanged.
 
 The caller stores ``batch.new_state`` in the same transaction as
 ``batch.entries``; a follower built from a stored state resumes exactly there.
@@ -47,6 +51,7 @@ from .errors import (
     ResumeStateError,
     RootMismatchError,
     ShortResponseError,
+    StartIndexError,
 )
 from .leaf import (
     IndexedEntry,
@@ -80,6 +85,10 @@ class LogConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     max_body: int = DEFAULT_MAX_BODY
     empty_page_retries: int = 3  # RFC 6962: empty get-entries pages tolerated in a row
+    #: the first leaf to index: a follower whose position is below it jumps there (its
+    #: frontier taken from the log and verified against the signed head) instead of
+    #: reading every older entry first; leaves before it are never indexed
+    start_index: int = 0
 
     def checkpoint_origin(self) -> str:
         if self.origin is not None:
@@ -172,10 +181,12 @@ class Batch:
     new_state: ResumeState
     #: entries naming our issuer_key_hash that our issuer did not sign: never indexed
     suspicious: list[SuspiciousEntry] = field(default_factory=list)
+    #: leaves ``[start, end)`` were jumped over to reach ``start_index``, not read
+    skipped: bool = False
 
     @property
     def scanned(self) -> int:
-        return self.end - self.start
+        return 0 if self.skipped else self.end - self.start
 
 
 #: Static CT chain certificates cached per follower, and fetches allowed per poll
@@ -334,6 +345,10 @@ class LogFollower:
         """
         head = await self.fetch_head()
         self._fetch_budget = CHAIN_FETCHES
+        if self.state.next_index < self.config.start_index:
+            jump = await self._jump(head)
+            self.state = jump.new_state
+            yield jump
         gen = self._static(head) if self.config.kind == "static" else self._rfc6962(head)
         async for batch in gen:
             self.state = batch.new_state
@@ -351,6 +366,64 @@ class LogFollower:
             head.root_hash,
             head.timestamp_ms,
         )
+
+    # --- start_index ---------------------------------------------------------------
+
+    async def _jump(self, head: TreeHead) -> Batch:
+        """Move the position up to ``start_index`` without reading the leaves before it.
+
+        The compact range of ``[0, start_index)`` comes from the log (Static CT: its hash
+        tiles; RFC 6962: the audit path of leaf ``start_index - 1``) and is verified
+        against the signed head before it is used, so every batch after the jump is
+        checked exactly as if the follower had read the whole log. A log that is smaller
+        than ``start_index`` is refused (StartIndexError): the position stays.
+        """
+        start, n = self.config.start_index, head.tree_size
+        if start > n:
+            raise StartIndexError(f"start_index {start} is beyond the log's signed tree size {n}")
+        if self.config.kind == "static":
+            cr = await self._static_prefix(start, head)
+        else:
+            cr = await self._rfc6962_prefix(start, head)
+        log.warning(
+            "CT log %s: jumping from leaf %d to start_index %d; leaves before it are not indexed",
+            self.config.url,
+            self.state.next_index,
+            start,
+        )
+        return Batch([], [], self.state.next_index, start, n, self._state(cr, head), skipped=True)
+
+    async def _static_prefix(self, start: int, head: TreeHead) -> CompactRange:
+        cache = _HashTileCache(self._static_client(), head.tree_size)
+        cr = CompactRange()
+        for level, leaf in merkle.decompose(0, start):
+            cr.append_subtree(level, await cache.subtree(level, leaf))
+        probe = cr.copy()
+        for level, leaf in merkle.decompose(start, head.tree_size):
+            probe.append_subtree(level, await cache.subtree(level, leaf))
+        if probe.root() != head.root_hash:
+            raise RootMismatchError(
+                f"hash tiles do not hash to the checkpoint root (jump to leaf {start})"
+            )
+        return cr
+
+    async def _rfc6962_prefix(self, start: int, head: TreeHead) -> CompactRange:
+        if start == 0:
+            return CompactRange()
+        assert isinstance(self.client, RFC6962Client)
+        page = await self.client.get_entries(start - 1, start - 1)
+        if not page:
+            raise ShortResponseError(f"get-entries for leaf {start - 1} returned nothing")
+        last_hash = merkle.leaf_hash(page[0][0])
+        path = await self._audit_path(start - 1, last_hash, head)
+        lefts = merkle.verify_inclusion(start - 1, head.tree_size, last_hash, path, head.root_hash)
+        cr = CompactRange(start - 1, lefts[::-1])
+        cr.append(last_hash)
+        return cr
+
+    def _static_client(self) -> StaticCTClient:
+        assert isinstance(self.client, StaticCTClient)
+        return self.client
 
     # --- Static CT --------------------------------------------------------------
 
@@ -497,29 +570,35 @@ class LogFollower:
             if cr.root() != head.root_hash:
                 raise RootMismatchError(f"leaves [0, {cr.size}) do not hash to the STH root")
             return
+        index = cr.size - 1
+        path = await self._audit_path(index, last_hash, head)
+        lefts = merkle.verify_inclusion(index, head.tree_size, last_hash, path, head.root_hash)
+        if lefts != before_last.nodes[::-1]:
+            raise InclusionProofError("audit path contradicts the leaves fetched before it")
+
+    async def _audit_path(self, index: int, leaf_hash: bytes, head: TreeHead) -> list[bytes]:
+        """The audit path of leaf ``index`` (whose hash is ``leaf_hash``) in ``head``'s
+        tree; the caller verifies it (merkle.verify_inclusion)."""
         assert isinstance(self.client, RFC6962Client)
-        index, path = await self.client.get_proof_by_hash(last_hash, head.tree_size)
-        if index < cr.size - 1:
+        proved, path = await self.client.get_proof_by_hash(leaf_hash, head.tree_size)
+        if proved < index:
             # the log holds this leaf more than once (RFC 6962 logs may log a submission
             # twice) and proved an earlier copy: ask for the proof of ours by its index
             log.info(
                 "CT log %s: leaf %d is a duplicate of leaf %d; proving it by index",
                 self.config.url,
-                cr.size - 1,
                 index,
+                proved,
             )
-            duplicate_of, index = index, cr.size - 1
             try:
                 leaf_input, path = await self.client.get_entry_and_proof(index, head.tree_size)
             except NotFoundError as exc:
                 raise InclusionProofError(
-                    f"leaf {index} duplicates leaf {duplicate_of} and the log does not serve "
+                    f"leaf {index} duplicates leaf {proved} and the log does not serve "
                     "get-entry-and-proof, the only proof by index"
                 ) from exc
-            if merkle.leaf_hash(leaf_input) != last_hash:
+            if merkle.leaf_hash(leaf_input) != leaf_hash:
                 raise InclusionProofError(f"get-entry-and-proof returned another leaf {index}")
-        if index != cr.size - 1:
-            raise InclusionProofError(f"proof is for leaf {index}, expected {cr.size - 1}")
-        lefts = merkle.verify_inclusion(index, head.tree_size, last_hash, path, head.root_hash)
-        if lefts != before_last.nodes[::-1]:
-            raise InclusionProofError("audit path contradicts the leaves fetched before it")
+        elif proved != index:
+            raise InclusionProofError(f"proof is for leaf {proved}, expected {index}")
+        return path

@@ -135,6 +135,7 @@ class Faults:
     drip: float | None = None  # seconds between the bytes of every 200 body (slow drip)
     bomb_mib: int = 0  # tiles: a Content-Encoding gzip body inflating to this many MiB
     entry_and_proof: bool = True  # serve RFC 6962 get-entry-and-proof
+    bad_hash_tiles: bool = False  # Static CT: flip a bit of every hash tile served
 
 
 class FakeLog:
@@ -153,6 +154,8 @@ class FakeLog:
         self.published = 0
         self.faults = Faults()
         self.requests: list[str] = []
+        #: (path, query) of every request, for the tests that look at parameters
+        self.queries: list[tuple[str, dict[str, list[str]]]] = []
         self._memo: dict[tuple[int, int], bytes] = {}
         self._clock = 1_750_000_000_000
         #: chain certificates by SHA-256, served at /issuer/<hex> (Static CT)
@@ -397,6 +400,8 @@ class FakeLog:
             )
         else:
             body = self.hash_tile(level, index, width)
+            if self.faults.bad_hash_tiles:
+                body = bytes([body[0] ^ 1]) + body[1:]
         hdrs: dict[str, str] = {}
         if self.faults.bomb_mib:
             return 200, _gzip_zeros(self.faults.bomb_mib), {"content-encoding": "gzip"}
@@ -444,6 +449,7 @@ class FakeLogServer:
         path = scope["path"]
         query = parse_qs(scope.get("query_string", b"").decode())
         log.requests.append(path)
+        log.queries.append((path, query))
         try:
             status, body, hdrs = log.route(path, query)
         except Exception as exc:  # a bug in the fake must show, not hang the client

@@ -18,12 +18,14 @@ from responder.ct.errors import (
     LeafHashMismatchError,
     LogRollbackError,
     MalformedResponseError,
+    NotFoundError,
     ResponseTooLargeError,
     ResumeStateError,
     RetriesExhaustedError,
     RootMismatchError,
     ShortResponseError,
     SignatureError,
+    StartIndexError,
     VerificationError,
 )
 from responder.ct.leaf import Issuer
@@ -344,6 +346,69 @@ async def test_rollback_and_foreign_state_are_refused(
     other = FakeLog()
     with pytest.raises(ResumeStateError):
         LogFollower(LogConfig(**{**cfg.__dict__, "public_key": other.public_key_pem}), f.state)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("start", [1, 600, 1024])
+async def test_start_index_jumps_to_a_verified_frontier(
+    fake_server: FakeLogServer, fixture_log: FakeLog, pki: Pki, kind: str, start: int
+) -> None:
+    """A follower below ``start_index`` jumps there without reading the older leaves; the
+    frontier it takes from the log is the one reading everything gives, so the log's
+    growth afterwards verifies as usual."""
+    cfg = config(fake_server, kind, staging(), batch_size=300, start_index=start)
+    batches, f = await follow(cfg)
+    jump, rest = batches[0], batches[1:]
+    assert jump.skipped and (jump.start, jump.end) == (0, start)
+    assert jump.entries == [] and jump.scanned == 0 and jump.new_state.next_index == start
+    check_contiguous(rest, start)
+    assert sorted(e.leaf_index for b in rest for e in b.entries) == list(range(start, 1024))
+    if kind == "static" and start >= 512:
+        assert not any(
+            p.startswith(("/tile/data/000", "/tile/data/001")) for p in fixture_log.requests
+        )
+    if kind == "rfc6962":  # one entry before start_index (its audit path gives the frontier)
+        firsts = [int(q["start"][0]) for p, q in fixture_log.queries if p.endswith("get-entries")]
+        assert min(firsts) == start - 1
+    _, everything = await follow(config(fake_server, kind, staging()))
+
+    def position(st: ResumeState) -> tuple[object, ...]:
+        return st.next_index, st.frontier, st.head_size, st.head_root
+
+    assert position(f.state) == position(everything.state)
+    # growth after the jump verifies against the next head, from the jumped state
+    fixture_log.add_x509(leaf(pki.other, 5).public_bytes(DER), [])
+    fixture_log.add_x509(leaf(pki.other, 6).public_bytes(DER), [])
+    fixture_log.publish()
+    more, g = await follow(cfg, f.state.to_json())
+    assert [(b.start, b.end, b.skipped) for b in more] == [(1024, 1026, False)]
+    # a position at or past start_index does not jump again
+    assert g.state.next_index == 1026
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_start_index_refusals_keep_the_position(
+    fake_server: FakeLogServer, fixture_log: FakeLog, kind: str
+) -> None:
+    cfg = config(fake_server, kind, staging(), start_index=1025)
+    f = LogFollower(cfg)
+    with pytest.raises(StartIndexError, match="beyond the log's signed tree size 1024"):
+        _ = [b async for b in f.poll_once()]
+    assert f.state.next_index == 0
+    await f.aclose()
+    # a frontier from the log that does not hash to the signed root is not taken
+    cfg = config(fake_server, kind, staging(), start_index=600)
+    if kind == "static":
+        fixture_log.faults.bad_hash_tiles = True
+        expected: type[Exception] = RootMismatchError
+    else:
+        fixture_log.faults.tamper = {599}  # leaf 599 served != leaf 599 hashed
+        expected = NotFoundError  # the log has no proof for the served leaf
+    f = LogFollower(cfg)
+    with pytest.raises(expected):
+        _ = [b async for b in f.poll_once()]
+    assert f.state.next_index == 0
+    await f.aclose()
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -10,6 +10,7 @@ those serials are shown in test_index_http.py with test twins of the issuers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from prometheus_client import REGISTRY
 from responder.config import CTLogConfig
 from responder.ct import LogFollower, RetryPolicy
 from responder.ct_index_store import CTIndexStore
-from responder.ct_indexer import CTIndexer
+from responder.ct_indexer import CTIndexer, PollResult
 from responder.ct_status import EXIT_LOG_ERROR, EXIT_OPEN_GAPS, collect, exit_status
 from responder.store import CertificateRecord, serial_from_key, serial_key
 from signer.demo_ca import DemoCA, create_ca
@@ -191,6 +192,45 @@ async def test_restart_resumes_without_gap_or_duplicate(
         assert leaves == list(range(1024))
         if kind == "static":
             assert "/tile/data/000" not in fixture_log.requests  # resumed, not restarted
+        [pos] = await fetch(database, "SELECT next_index, last_error FROM ct_logs")
+        assert pos["next_index"] == 1024 and pos["last_error"] is None
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_start_index_skips_the_backlog_before_it_and_nothing_else(
+    fake_server: FakeLogServer, fixture_log: FakeLog, database: str, kind: str
+) -> None:
+    """An operator whose follower is stuck in a backlog sets start_index: the follower
+    jumps there once, indexes everything after it, and keeps what it had indexed."""
+    registry = bare_registry(staging_certs())
+    store = await connect(database, registry)
+
+    async def run(start_index: int) -> PollResult:
+        cfg = dataclasses.replace(log_config(fake_server, kind), start_index=start_index)
+        indexer = CTIndexer([cfg], registry, store.pool, POLICY, retry=FAST)
+        try:
+            [result] = await indexer.run_once()
+        finally:
+            await indexer.aclose()
+        return result
+
+    try:
+        fixture_log.publish(200)
+        assert (await run(0)).next_index == 200
+        fixture_log.publish()
+        beyond = await run(5000)  # a typo: refused, the position stays
+        assert beyond.error is not None and "StartIndexError" in beyond.error
+        [pos] = await fetch(database, "SELECT next_index, last_error FROM ct_logs")
+        assert pos["next_index"] == 200 and "start_index 5000" in pos["last_error"]
+        jumped = await run(700)
+        assert jumped.error is None and jumped.next_index == 1024
+        assert jumped.scanned == 324 and jumped.indexed == 324
+        leaves = sorted(r["leaf_index"] for r in await index_rows(database))
+        assert leaves == [*range(200), *range(700, 1024)]
+        again = await run(700)  # at or past start_index: no second jump
+        assert again.error is None and again.scanned == 0 and again.next_index == 1024
         [pos] = await fetch(database, "SELECT next_index, last_error FROM ct_logs")
         assert pos["next_index"] == 1024 and pos["last_error"] is None
     finally:
