@@ -315,6 +315,23 @@ class CTIndexer:
                 bad.leaf_index,
                 bad.reason,
             )
+        mismatched = [e for e in batch.entries if e.mismatch is not None]
+        if mismatched:
+            # our key signed these precertificates, the log paired them with another
+            # TBSCertificate: indexed by what we signed; the log misbehaves (one line)
+            first_m = mismatched[0]
+            log.error(
+                "CT log %s: %d precertificates our issuer signed were logged with a "
+                "TBSCertificate that differs from them (indexed by the precertificate's "
+                "serial); first: leaf %d, serial %x: %s",
+                name,
+                len(mismatched),
+                first_m.leaf_index,
+                first_m.serial,
+                first_m.mismatch,
+            )
+            metrics.ct_suspicious_entries_total.labels(name).inc(len(mismatched))
+            result.suspicious += len(mismatched)
         if batch.suspicious:
             # one line per batch, not per entry: a hostile log may send thousands
             first = batch.suspicious[0]

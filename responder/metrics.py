@@ -83,7 +83,8 @@ ct_entries_indexed_total = Counter(
 )
 ct_suspicious_entries_total = Counter(
     "ct_suspicious_entries_total",
-    "CT precert entries naming our issuer_key_hash that our issuer did not sign (not indexed)",
+    "CT precert entries naming our issuer_key_hash that our issuer did not sign (not indexed), "
+    "or that it signed but whose logged TBSCertificate differs (indexed by the precertificate)",
     ["log"],
 )
 ct_lag_seconds = Gauge(

@@ -68,6 +68,9 @@ class IndexedEntry:
     issuer_key_hash: bytes  # SHA-256 of the issuer's DER SubjectPublicKeyInfo
     #: the certificate's notAfter, POSIX seconds (None: its Validity did not parse)
     not_after: int | None = None
+    #: set when the log's TBSCertificate disagrees with the precertificate our key
+    #: signed: serial and notAfter are then the precertificate's (what we vouched for)
+    mismatch: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,25 +303,13 @@ class IssuerSet:
         return None
 
     def precert_problem(
-        self,
-        key_hash: bytes,
-        precert_der: bytes,
-        serial: int,
-        not_after: int | None,
-        chain_first: bytes | None,
+        self, key_hash: bytes, pre: x509.Certificate, chain_first: bytes | None
     ) -> str | None:
         """Why this precertificate is not our issuer's (None: it is).
 
         Ours: signed by the issuer of ``key_hash`` directly, or by ``chain_first``,
-        a Precertificate Signing Certificate (CT EKU) that issuer's key signed;
-        and it carries the logged TBS's serial and notAfter. Only the serial and
-        notAfter are indexed, so they are what must agree: a full TBS comparison
-        (minus poison, issuer/AKI rewritten for a PSC) would cost a DER rebuild.
+        a Precertificate Signing Certificate (CT EKU) that issuer's key signed.
         """
-        try:
-            pre = x509.load_der_x509_certificate(precert_der)
-        except ValueError as exc:
-            return f"precertificate does not load: {exc}"
         pub = self._keys[key_hash]
         if not _signed_by(pre, pub):
             if chain_first is None:
@@ -334,10 +325,14 @@ class IssuerSet:
                 return "precertificate signing CA not signed by the named issuer's key"
             if not _signed_by(pre, psc.public_key()):
                 return "precertificate not signed by the named issuer or its signing CA"
-        if pre.serial_number != serial:
-            return "precertificate serial differs from the logged TBSCertificate"
-        if not_after is not None and int(pre.not_valid_after_utc.timestamp()) != not_after:
-            return "precertificate notAfter differs from the logged TBSCertificate"
+        return None
+
+
+def _not_after_seconds(cert: x509.Certificate) -> int | None:
+    """notAfter as POSIX seconds, None where cryptography cannot represent it."""
+    try:
+        return int(cert.not_valid_after_utc.timestamp())
+    except (ValueError, OverflowError):
         return None
 
 
@@ -414,11 +409,34 @@ def extract(
                 pre, chain_first = logged, (chain[0] if chain else None)
         except MalformedEntryError as exc:
             return MalformedEntry(leaf_index, f"precert chain data: {exc}", ikh)
-        problem = issuers.precert_problem(ikh, pre, serial, not_after, chain_first)
+        try:
+            pre_cert = x509.load_der_x509_certificate(pre)
+        except ValueError as exc:
+            return SuspiciousEntry(leaf_index, f"precertificate does not load: {exc}", ikh)
+        problem = issuers.precert_problem(ikh, pre_cert, chain_first)
         if problem is not None:
             if problem != NOT_SIGNED_BY_ISSUER:
                 want = None
             return SuspiciousEntry(leaf_index, problem, ikh, want)
+        # Our key signed this precertificate, so its serial was issued (BR 7.1.2.9: a
+        # precertificate implies the certificate), whatever the log's TBSCertificate
+        # says. Only serial and notAfter are indexed, so only they are compared (a full
+        # TBS comparison would cost a DER rebuild). On a mismatch the precertificate's
+        # values are indexed, never the log's: a log cannot make us vouch for a serial.
+        signed_not_after = _not_after_seconds(pre_cert)
+        if pre_cert.serial_number != serial or (
+            not_after is not None and signed_not_after != not_after
+        ):
+            what = "serial" if pre_cert.serial_number != serial else "notAfter"
+            return IndexedEntry(
+                leaf_index,
+                raw.timestamp_ms,
+                "precert",
+                pre_cert.serial_number,
+                ikh,
+                signed_not_after,
+                mismatch=f"the logged TBSCertificate's {what} differs from the precertificate's",
+            )
         return IndexedEntry(leaf_index, raw.timestamp_ms, "precert", serial, ikh, not_after)
     try:
         serial, i0, i1 = der.certificate_serial_and_issuer(buf, raw.body_start, raw.body_end)

@@ -68,15 +68,20 @@ def precert_and_tbs(
     signer: CA | None = None,
     *,
     logged_serial: int | None = None,
+    logged_lifetime: dt.timedelta | None = None,
 ) -> tuple[bytes, bytes]:
     """A precertificate (DER) of ``ca`` (or of its signing CA ``signer``) and the
     TBSCertificate a log carries for it, issued at one instant so that their notAfters
     agree (two calls a second boundary apart would not). ``logged_serial``: a TBS with
-    another serial, for entries that must be refused."""
+    another serial (or ``logged_lifetime``, another notAfter), for a log that pairs a
+    precertificate with a TBSCertificate that is not its own."""
     at = dt.datetime.now(dt.UTC)
     kw = {"issuer_cert": signer.cert, "issuer_key": signer.key} if signer else {}
     pre = ca.issue_leaf(name, serial=serial, precertificate=True, issued_at=at, **kw)  # type: ignore[arg-type]
-    tbs = ca.issue_leaf(name, serial=logged_serial or serial, issued_at=at).tbs_certificate_bytes
+    life = {"lifetime": logged_lifetime} if logged_lifetime is not None else {}
+    tbs = ca.issue_leaf(
+        name, serial=logged_serial or serial, issued_at=at, **life
+    ).tbs_certificate_bytes
     return pre.public_bytes(DER), tbs
 
 

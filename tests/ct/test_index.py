@@ -666,9 +666,11 @@ async def test_precert_naming_our_key_hash_is_indexed_only_if_our_key_signed_it(
 ) -> None:
     """A hostile log (or submitter) can write our issuer_key_hash on any precert: an entry
     is ours only if our key signed its precertificate, directly or through a
-    Precertificate Signing Certificate (CT EKU) that our key signed, and only for the
-    logged TBS's serial. Forged entries get no index row, no gap, no 'good' response;
-    they are counted and logged once per batch. The genuine ones are indexed and signed."""
+    Precertificate Signing Certificate (CT EKU) that our key signed. Forged entries get
+    no index row, no gap, no 'good' response; they are counted and logged once per
+    batch. The genuine ones are indexed and signed; a genuine precertificate logged with
+    another TBSCertificate is indexed by its own serial and notAfter (what our key
+    vouched for), never the log's, and reported."""
     registry = signing_registry({"ctca": ct_ca})
     issuer = registry.issuers[0]
     store = await connect(database, registry)
@@ -685,14 +687,23 @@ async def test_precert_naming_our_key_hash_is_indexed_only_if_our_key_signed_it(
         signer: CA | None = None,
         *,
         logged_serial: int | None = None,
+        logged_lifetime: dt.timedelta | None = None,
     ) -> None:
-        pre, tbs = precert_and_tbs(ca, "v.test", serial, signer, logged_serial=logged_serial)
+        pre, tbs = precert_and_tbs(
+            ca,
+            "v.test",
+            serial,
+            signer,
+            logged_serial=logged_serial,
+            logged_lifetime=logged_lifetime,
+        )
         log.add_precert(ikh, tbs, pre, chain, ts)
 
     add(evil, 0x4242, [])  # the audit's probe: foreign CA, our key hash
     add(evil, 0x4243, [evil_psc.der], evil_psc)  # signing CA chained to the foreign CA
     add(ct_ca, 0x4244, [no_eku.der], no_eku)  # under our key, but no CT precert EKU
     add(ct_ca, 0x4245, [], logged_serial=0x4246)  # ours, but the logged TBS names another
+    add(ct_ca, 0x4247, [], logged_lifetime=dt.timedelta(days=30))  # another notAfter
     add(ct_ca, 0x5001, [])  # genuine, direct
     add(ct_ca, 0x5002, [pcsa.der], pcsa)  # genuine, via our precertificate signing CA
     log.publish()
@@ -703,14 +714,20 @@ async def test_precert_naming_our_key_hash_is_indexed_only_if_our_key_signed_it(
             [r] = await indexer.run_once()
             await indexer.aclose()
         assert r.error is None and r.malformed == 0
-        indexed = await fetch(database, "SELECT serial FROM ct_index")
-        assert sorted(serial_from_key(x["serial"]) for x in indexed) == [0x5001, 0x5002]
+        ours = [0x4245, 0x4247, 0x5001, 0x5002]
+        indexed = await fetch(database, "SELECT serial, not_after FROM ct_index")
+        assert sorted(serial_from_key(x["serial"]) for x in indexed) == ours
+        [mismatched] = [x for x in indexed if serial_from_key(x["serial"]) == 0x4247]
+        life = mismatched["not_after"] - dt.datetime.now(dt.UTC)  # the precert's 90 days
+        assert dt.timedelta(days=89) < life <= dt.timedelta(days=90)
         gaps = await fetch(database, "SELECT serial FROM coverage_gaps")
-        assert sorted(serial_from_key(g["serial"]) for g in gaps) == [0x5001, 0x5002]
+        assert sorted(serial_from_key(g["serial"]) for g in gaps) == ours
         answered = await fetch(database, "SELECT serial FROM responses")
-        assert sorted(serial_from_key(a["serial"]) for a in answered) == [0x5001, 0x5002]
-        assert r.suspicious == 4 and suspicious_metric("fake") - before == 4
+        assert sorted(serial_from_key(a["serial"]) for a in answered) == ours
+        assert r.suspicious == 5 and suspicious_metric("fake") - before == 5
         [line] = [m for m in caplog.messages if "did not sign" in m]
-        assert "CT log fake: 4 entries" in line and "leaf 0" in line
+        assert "CT log fake: 3 entries" in line and "leaf 0" in line
+        [line] = [m for m in caplog.messages if "differs from them" in m]
+        assert "2 precertificates" in line and "leaf 3, serial 4245" in line
     finally:
         await store.close()
