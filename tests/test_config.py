@@ -79,15 +79,20 @@ def test_ct_logs(tmp_path: Path) -> None:
     assert not load_config(path, env).ct_follow_in_serve
 
 
+def one_ct_log(tmp_path: Path, line: str) -> Path:
+    """A configuration with one static CT log and ``line`` added to its table."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        f"[[ct_logs]]\nurl = 'https://l.example/'\nkind = 'static'\npublic_key = 'AAAA'\n{line}\n"
+    )
+    return path
+
+
 @pytest.mark.parametrize(
     ("value", "message"), [("-1", "must be 0 or more"), ("true", "expected an integer")]
 )
 def test_ct_start_index_is_a_leaf_index(tmp_path: Path, value: str, message: str) -> None:
-    path = tmp_path / "c.toml"
-    path.write_text(
-        "[[ct_logs]]\nurl = 'https://l.example/'\nkind = 'static'\npublic_key = 'AAAA'\n"
-        f"start_index = {value}\n"
-    )
+    path = one_ct_log(tmp_path, f"start_index = {value}")
     with pytest.raises(ConfigError, match=rf"ct_logs\[0\]\.start_index: {message}"):
         load_config(path, {})
 
@@ -96,11 +101,7 @@ def test_ct_start_index_is_a_leaf_index(tmp_path: Path, value: str, message: str
 def test_ct_poll_interval_must_fit_the_15_minute_bound(tmp_path: Path, interval: str) -> None:
     """A lost recording is answered only once the follower polls its log: an interval of
     an hour was accepted and left BR 4.9.9's 15 minutes unmet; 0 polled without pause."""
-    path = tmp_path / "c.toml"
-    path.write_text(
-        "[[ct_logs]]\nurl = 'https://l.example/'\nkind = 'static'\npublic_key = 'AAAA'\n"
-        f"poll_interval = '{interval}'\n"
-    )
+    path = one_ct_log(tmp_path, f"poll_interval = '{interval}'")
     with pytest.raises(ConfigError, match=r"ct_logs\[0\]\.poll_interval: must be more than 0"):
         load_config(path, {})
     path.write_text(path.read_text().replace(interval, "5m"))
