@@ -18,7 +18,8 @@ signature verified with the configured log key.
 * ``start_index``: a follower below it jumps there. The compact range of the
   leaves it skips comes from the log (hash tiles, or the audit path of the leaf
   before it) and is checked against the signed root before anything else uses
-  it; from there on the two rules above apply unchanged.
+  it; a stored frontier is kept and must be extended by it, as on any poll.
+  From there on the two rules above apply unchanged.
 
 The caller stores ``batch.new_state`` in the same transaction as
 ``batch.entries``; a follower built from a stored state resumes exactly there.
@@ -375,8 +376,11 @@ class LogFollower:
         The compact range of ``[0, start_index)`` comes from the log (Static CT: its hash
         tiles; RFC 6962: the audit path of leaf ``start_index - 1``) and is verified
         against the signed head before it is used, so every batch after the jump is
-        checked exactly as if the follower had read the whole log. A log that is smaller
-        than ``start_index`` is refused (StartIndexError): the position stays.
+        checked exactly as if the follower had read the whole log. A follower that has a
+        position already jumps from its stored frontier, not past it: the log's tree must
+        still extend the one it verified (a split view is refused, as without a jump). A
+        log that is smaller than ``start_index`` is refused (StartIndexError): the
+        position stays.
         """
         start, n = self.config.start_index, head.tree_size
         if start > n:
@@ -385,6 +389,12 @@ class LogFollower:
             cr = await self._static_prefix(start, head)
         else:
             cr = await self._rfc6962_prefix(start, head)
+            held = self.state.compact_range()
+            if held.size and await self._rfc6962_prefix(held.size, head) != held:
+                raise InclusionProofError(
+                    f"audit path of leaf {held.size - 1} contradicts the verified leaves "
+                    f"[0, {held.size}) (jump to leaf {start})"
+                )
         log.warning(
             "CT log %s: jumping from leaf %d to start_index %d; leaves before it are not indexed",
             self.config.url,
@@ -395,8 +405,10 @@ class LogFollower:
 
     async def _static_prefix(self, start: int, head: TreeHead) -> CompactRange:
         cache = _HashTileCache(self._static_client(), head.tree_size)
-        cr = CompactRange()
-        for level, leaf in merkle.decompose(0, start):
+        # from the stored frontier, so that the root check below also proves the signed
+        # tree extends the one verified before (as every batch's check does)
+        cr = self.state.compact_range()
+        for level, leaf in merkle.decompose(cr.size, start):
             cr.append_subtree(level, await cache.subtree(level, leaf))
         probe = cr.copy()
         for level, leaf in merkle.decompose(start, head.tree_size):

@@ -412,6 +412,36 @@ async def test_start_index_refusals_keep_the_position(
 
 
 @pytest.mark.parametrize("kind", KINDS)
+async def test_start_index_jump_still_detects_a_forked_log(
+    fake_server: FakeLogServer, fixture_log: FakeLog, pki: Pki, kind: str
+) -> None:
+    """A follower with a position that jumps (start_index raised while it was in a
+    backlog) must still check that the log's tree extends the one it verified: the jump
+    took the whole frontier from the log and dropped the stored one, so a log that
+    rewrote the leaves already indexed (a split view) was followed on from there."""
+    fixture_log.publish(300)
+    _, f = await follow(config(fake_server, kind, staging()))
+    assert f.state.next_index == 300
+    fork = FakeLog()  # same key, the same first 200 leaves, then other ones
+    fork.key, fork.spki, fork.log_id = fixture_log.key, fixture_log.spki, fixture_log.log_id
+    fork.public_key_pem = fixture_log.public_key_pem
+    fork.add_fixture_tiles(tiles=1)
+    fork.entries, fork.leaf_hashes = fork.entries[:200], fork.leaf_hashes[:200]
+    for s in range(600):
+        fork.add_x509(leaf(pki.other, s + 1).public_bytes(DER), [])
+    fork.publish()
+    fake_server.log = fork
+    with pytest.raises(VerificationError):
+        await follow(config(fake_server, kind, staging(), start_index=700), f.state.to_json())
+    # the same jump from a position the log does extend is taken
+    fake_server.log = fixture_log
+    fixture_log.publish()
+    more, g = await follow(config(fake_server, kind, staging(), start_index=700), f.state)
+    assert (more[0].skipped, more[0].start, more[0].end) == (True, 300, 700)
+    assert g.state.next_index == 1024
+
+
+@pytest.mark.parametrize("kind", KINDS)
 async def test_forked_log_is_detected(
     fake_server: FakeLogServer, fixture_log: FakeLog, pki: Pki, kind: str
 ) -> None:
