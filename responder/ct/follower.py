@@ -422,10 +422,7 @@ class LogFollower:
     async def _rfc6962_prefix(self, start: int, head: TreeHead) -> CompactRange:
         if start == 0:
             return CompactRange()
-        assert isinstance(self.client, RFC6962Client)
-        page = await self.client.get_entries(start - 1, start - 1)
-        if not page:
-            raise ShortResponseError(f"get-entries for leaf {start - 1} returned nothing")
+        page = await self._entries_page(start - 1, start - 1)
         last_hash = merkle.leaf_hash(page[0][0])
         path = await self._audit_path(start - 1, last_hash, head)
         lefts = merkle.verify_inclusion(start - 1, head.tree_size, last_hash, path, head.root_hash)
@@ -549,16 +546,8 @@ class LogFollower:
             suspicious: list[SuspiciousEntry] = []
             before_last = cr
             last_hash = b""
-            empty = 0
             while cr.size < target:
-                page = await self.client.get_entries(cr.size, target - 1)
-                if not page:
-                    empty += 1
-                    if empty > self.config.empty_page_retries:
-                        raise ShortResponseError(f"get-entries from {cr.size} returned nothing")
-                    await asyncio.sleep(self.config.retry.delay(empty, None))
-                    continue
-                empty = 0
+                page = await self._entries_page(cr.size, target - 1)
                 page = page[: target - cr.size]
                 # parsing and (for our precertificates) signature verification run in a
                 # thread, as for Static CT tiles: the event loop stays free meanwhile
@@ -574,6 +563,18 @@ class LogFollower:
                     cr.append(last_hash)
             await self._verify_rfc6962(cr, before_last, last_hash, head)
             yield Batch(entries, malformed, start, cr.size, n, self._state(cr, head), suspicious)
+
+    async def _entries_page(self, start: int, end: int) -> list[tuple[bytes, bytes]]:
+        """One non-empty get-entries page from ``start``: a log may answer a few empty
+        pages in a row (tolerated ``empty_page_retries`` times, with the retry delay)."""
+        assert isinstance(self.client, RFC6962Client)
+        empty = 0
+        while not (page := await self.client.get_entries(start, end)):
+            empty += 1
+            if empty > self.config.empty_page_retries:
+                raise ShortResponseError(f"get-entries from {start} returned nothing")
+            await asyncio.sleep(self.config.retry.delay(empty, None))
+        return page
 
     async def _verify_rfc6962(
         self, cr: CompactRange, before_last: CompactRange, last_hash: bytes, head: TreeHead

@@ -325,6 +325,20 @@ async def test_empty_get_entries_pages(fake_server: FakeLogServer, fixture_log: 
         await follow(config(fake_server, "rfc6962", staging()))
 
 
+async def test_start_index_jump_tolerates_empty_get_entries_pages(
+    fake_server: FakeLogServer, fixture_log: FakeLog
+) -> None:
+    """The jump's one get-entries call (leaf N-1) has the tolerance every other one has
+    (docs/ct-index.md: retried ``empty_page_retries`` times): it failed the poll at once."""
+    fixture_log.faults.empty_pages = 2
+    cfg = config(fake_server, "rfc6962", staging(), start_index=1000)
+    batches, f = await follow(cfg)
+    assert batches[0].skipped and f.state.next_index == 1024
+    fixture_log.faults.empty_pages = 100
+    with pytest.raises(ShortResponseError):
+        await follow(cfg)
+
+
 @pytest.mark.parametrize("mode", ["header", "raw"])
 async def test_gzip_tiles(fake_server: FakeLogServer, fixture_log: FakeLog, mode: str) -> None:
     fixture_log.faults.gzip = mode
