@@ -408,14 +408,16 @@ class LogFollower:
         # from the stored frontier, so that the root check below also proves the signed
         # tree extends the one verified before (as every batch's check does)
         cr = self.state.compact_range()
-        for level, leaf in merkle.decompose(cr.size, start):
+        held = cr.size
+        for level, leaf in merkle.decompose(held, start):
             cr.append_subtree(level, await cache.subtree(level, leaf))
         probe = cr.copy()
         for level, leaf in merkle.decompose(start, head.tree_size):
             probe.append_subtree(level, await cache.subtree(level, leaf))
         if probe.root() != head.root_hash:
+            ours = f"the verified leaves [0, {held}) and " if held else ""
             raise RootMismatchError(
-                f"hash tiles do not hash to the checkpoint root (jump to leaf {start})"
+                f"{ours}the hash tiles do not hash to the checkpoint root (jump to leaf {start})"
             )
         return cr
 
