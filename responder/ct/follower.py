@@ -18,7 +18,8 @@ signature verified with the configured log key.
 * ``start_index``: a follower below it jumps there. The compact range of the
   leaves it skips comes from the log (hash tiles, or the audit path of the leaf
   before it) and is checked against the signed root before anything else uses
-  it; from there on the two rules above apply unchanged.
+  it; a stored frontier is kept and must be extended by it, as on any poll.
+  From there on the two rules above apply unchanged.
 
 The caller stores ``batch.new_state`` in the same transaction as
 ``batch.entries``; a follower built from a stored state resumes exactly there.
@@ -375,8 +376,11 @@ class LogFollower:
         The compact range of ``[0, start_index)`` comes from the log (Static CT: its hash
         tiles; RFC 6962: the audit path of leaf ``start_index - 1``) and is verified
         against the signed head before it is used, so every batch after the jump is
-        checked exactly as if the follower had read the whole log. A log that is smaller
-        than ``start_index`` is refused (StartIndexError): the position stays.
+        checked exactly as if the follower had read the whole log. A follower that has a
+        position already jumps from its stored frontier, not past it: the log's tree must
+        still extend the one it verified (a split view is refused, as without a jump). A
+        log that is smaller than ``start_index`` is refused (StartIndexError): the
+        position stays.
         """
         start, n = self.config.start_index, head.tree_size
         if start > n:
@@ -385,6 +389,12 @@ class LogFollower:
             cr = await self._static_prefix(start, head)
         else:
             cr = await self._rfc6962_prefix(start, head)
+            held = self.state.compact_range()
+            if held.size and await self._rfc6962_prefix(held.size, head) != held:
+                raise InclusionProofError(
+                    f"audit path of leaf {held.size - 1} contradicts the verified leaves "
+                    f"[0, {held.size}) (jump to leaf {start})"
+                )
         log.warning(
             "CT log %s: jumping from leaf %d to start_index %d; leaves before it are not indexed",
             self.config.url,
@@ -395,25 +405,26 @@ class LogFollower:
 
     async def _static_prefix(self, start: int, head: TreeHead) -> CompactRange:
         cache = _HashTileCache(self._static_client(), head.tree_size)
-        cr = CompactRange()
-        for level, leaf in merkle.decompose(0, start):
+        # from the stored frontier, so that the root check below also proves the signed
+        # tree extends the one verified before (as every batch's check does)
+        cr = self.state.compact_range()
+        held = cr.size
+        for level, leaf in merkle.decompose(held, start):
             cr.append_subtree(level, await cache.subtree(level, leaf))
         probe = cr.copy()
         for level, leaf in merkle.decompose(start, head.tree_size):
             probe.append_subtree(level, await cache.subtree(level, leaf))
         if probe.root() != head.root_hash:
+            ours = f"the verified leaves [0, {held}) and " if held else ""
             raise RootMismatchError(
-                f"hash tiles do not hash to the checkpoint root (jump to leaf {start})"
+                f"{ours}the hash tiles do not hash to the checkpoint root (jump to leaf {start})"
             )
         return cr
 
     async def _rfc6962_prefix(self, start: int, head: TreeHead) -> CompactRange:
         if start == 0:
             return CompactRange()
-        assert isinstance(self.client, RFC6962Client)
-        page = await self.client.get_entries(start - 1, start - 1)
-        if not page:
-            raise ShortResponseError(f"get-entries for leaf {start - 1} returned nothing")
+        page = await self._entries_page(start - 1, start - 1)
         last_hash = merkle.leaf_hash(page[0][0])
         path = await self._audit_path(start - 1, last_hash, head)
         lefts = merkle.verify_inclusion(start - 1, head.tree_size, last_hash, path, head.root_hash)
@@ -537,16 +548,8 @@ class LogFollower:
             suspicious: list[SuspiciousEntry] = []
             before_last = cr
             last_hash = b""
-            empty = 0
             while cr.size < target:
-                page = await self.client.get_entries(cr.size, target - 1)
-                if not page:
-                    empty += 1
-                    if empty > self.config.empty_page_retries:
-                        raise ShortResponseError(f"get-entries from {cr.size} returned nothing")
-                    await asyncio.sleep(self.config.retry.delay(empty, None))
-                    continue
-                empty = 0
+                page = await self._entries_page(cr.size, target - 1)
                 page = page[: target - cr.size]
                 # parsing and (for our precertificates) signature verification run in a
                 # thread, as for Static CT tiles: the event loop stays free meanwhile
@@ -562,6 +565,18 @@ class LogFollower:
                     cr.append(last_hash)
             await self._verify_rfc6962(cr, before_last, last_hash, head)
             yield Batch(entries, malformed, start, cr.size, n, self._state(cr, head), suspicious)
+
+    async def _entries_page(self, start: int, end: int) -> list[tuple[bytes, bytes]]:
+        """One non-empty get-entries page from ``start``: a log may answer a few empty
+        pages in a row (tolerated ``empty_page_retries`` times, with the retry delay)."""
+        assert isinstance(self.client, RFC6962Client)
+        empty = 0
+        while not (page := await self.client.get_entries(start, end)):
+            empty += 1
+            if empty > self.config.empty_page_retries:
+                raise ShortResponseError(f"get-entries from {start} returned nothing")
+            await asyncio.sleep(self.config.retry.delay(empty, None))
+        return page
 
     async def _verify_rfc6962(
         self, cr: CompactRange, before_last: CompactRange, last_hash: bytes, head: TreeHead

@@ -325,6 +325,20 @@ async def test_empty_get_entries_pages(fake_server: FakeLogServer, fixture_log: 
         await follow(config(fake_server, "rfc6962", staging()))
 
 
+async def test_start_index_jump_tolerates_empty_get_entries_pages(
+    fake_server: FakeLogServer, fixture_log: FakeLog
+) -> None:
+    """The jump's one get-entries call (leaf N-1) has the tolerance every other one has
+    (docs/ct-index.md: retried ``empty_page_retries`` times): it failed the poll at once."""
+    fixture_log.faults.empty_pages = 2
+    cfg = config(fake_server, "rfc6962", staging(), start_index=1000)
+    batches, f = await follow(cfg)
+    assert batches[0].skipped and f.state.next_index == 1024
+    fixture_log.faults.empty_pages = 100
+    with pytest.raises(ShortResponseError):
+        await follow(cfg)
+
+
 @pytest.mark.parametrize("mode", ["header", "raw"])
 async def test_gzip_tiles(fake_server: FakeLogServer, fixture_log: FakeLog, mode: str) -> None:
     fixture_log.faults.gzip = mode
@@ -409,6 +423,36 @@ async def test_start_index_refusals_keep_the_position(
         _ = [b async for b in f.poll_once()]
     assert f.state.next_index == 0
     await f.aclose()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_start_index_jump_still_detects_a_forked_log(
+    fake_server: FakeLogServer, fixture_log: FakeLog, pki: Pki, kind: str
+) -> None:
+    """A follower with a position that jumps (start_index raised while it was in a
+    backlog) must still check that the log's tree extends the one it verified: the jump
+    took the whole frontier from the log and dropped the stored one, so a log that
+    rewrote the leaves already indexed (a split view) was followed on from there."""
+    fixture_log.publish(300)
+    _, f = await follow(config(fake_server, kind, staging()))
+    assert f.state.next_index == 300
+    fork = FakeLog()  # same key, the same first 200 leaves, then other ones
+    fork.key, fork.spki, fork.log_id = fixture_log.key, fixture_log.spki, fixture_log.log_id
+    fork.public_key_pem = fixture_log.public_key_pem
+    fork.add_fixture_tiles(tiles=1)
+    fork.entries, fork.leaf_hashes = fork.entries[:200], fork.leaf_hashes[:200]
+    for s in range(600):
+        fork.add_x509(leaf(pki.other, s + 1).public_bytes(DER), [])
+    fork.publish()
+    fake_server.log = fork
+    with pytest.raises(VerificationError):
+        await follow(config(fake_server, kind, staging(), start_index=700), f.state.to_json())
+    # the same jump from a position the log does extend is taken
+    fake_server.log = fixture_log
+    fixture_log.publish()
+    more, g = await follow(config(fake_server, kind, staging(), start_index=700), f.state)
+    assert (more[0].skipped, more[0].start, more[0].end) == (True, 300, 700)
+    assert g.state.next_index == 1024
 
 
 @pytest.mark.parametrize("kind", KINDS)
