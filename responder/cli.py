@@ -351,7 +351,7 @@ def cmd_ct_status(args: argparse.Namespace) -> None:
 
     config = _config(args)
     _setup_logging(config.log_level, config.log_format)
-    doc = asyncio.run(collect(config, resolve_database_url(config)))
+    doc = asyncio.run(collect(config, resolve_database_url(config), counts=args.counts))
     print(render_json(doc) if args.json else render_table(doc))
     status = exit_status(doc)
     if status:
@@ -453,6 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ct_follow)
     p = with_config(sub.add_parser("ct-status", help="each CT log's position, lag and gaps"))
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--counts",
+        action="store_true",
+        help="also count the serials indexed per log (scans the whole CT index)",
+    )
     p.set_defaults(func=cmd_ct_status)
     p = with_config(
         sub.add_parser("audit", help="ask the responder about indexed serials, as a client")

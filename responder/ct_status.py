@@ -14,12 +14,13 @@ from responder.ct_index_store import gap_counts_by_issuer, log_statuses, retired
 from responder.schema import check_schema, ct_index_has_not_after
 
 
-async def collect(config: Config, dsn: str) -> dict[str, Any]:
-    """The status document (what ``--json`` prints): logs, gaps per issuer."""
+async def collect(config: Config, dsn: str, *, counts: bool = False) -> dict[str, Any]:
+    """The status document (what ``--json`` prints): logs, gaps per issuer; ``counts``:
+    also the serials indexed per log (a scan of the whole CT index: ``--counts``)."""
     conn = await asyncpg.connect(dsn)
     try:
         await check_schema(conn)
-        statuses = await log_statuses(conn)
+        statuses = await log_statuses(conn, counts=counts)
         by_issuer = await gap_counts_by_issuer(conn)
         live = await _open_unretired_gaps(conn, config)
     finally:
@@ -117,7 +118,7 @@ def render_table(doc: dict[str, Any], now: dt.datetime | None = None) -> str:
                 str(item["behind"]),
                 "-" if lag is None else f"{lag:.1f}s",
                 f"{(now - updated).total_seconds():.0f}s ago",
-                str(item["indexed"]),
+                "-" if item["indexed"] is None else str(item["indexed"]),
                 f"{item['gaps']} ({item['gaps_unrepaired']} open)",
             )
         )

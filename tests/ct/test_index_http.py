@@ -259,8 +259,14 @@ async def test_ct_only_serials_are_answered_and_never_unauthorized(
     all_gaps = len(lost) + 1 + len(grown) + len(untrusted)
     assert entry["gaps"] == all_gaps and entry["gaps_unrepaired"] == 0
     assert doc["gaps_by_issuer"]["ctca"] == {"gaps": all_gaps, "unrepaired": 0, "retired": 0}
+    # the per-log count scans the whole CT index: only when asked (--counts)
+    assert entry["indexed"] is None
+    counted = json.loads(cli(proc, "ct-status", "--json", "--counts").stdout)
+    assert counted["logs"][0]["indexed"] == len(first) + len(grown) + len(untrusted)
     table = cli(proc, "ct-status")
     assert table.returncode == 0 and "testlog" in table.stdout and "ctca" in table.stdout
+    [row] = [line.split() for line in table.stdout.splitlines() if line.startswith("testlog")]
+    assert row[7] == "-"  # name, next, size, behind, lag, "Ns ago", indexed
 
     # The audit asks about every indexed serial like a relying party: no violation.
     audit = cli(proc, "audit", "--url", proc.url, "--json")
