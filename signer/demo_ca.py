@@ -32,6 +32,8 @@ def new_key(kind: str = "p256") -> SigningKey:
         return ec.generate_private_key(ec.SECP256R1())
     if kind == "p384":
         return ec.generate_private_key(ec.SECP384R1())
+    if kind == "p521":
+        return ec.generate_private_key(ec.SECP521R1())
     if kind == "rsa2048":
         return rsa.generate_private_key(public_exponent=65537, key_size=2048)
     raise ValueError(f"unknown key kind {kind!r}")
@@ -51,7 +53,10 @@ def _ski(key: SigningKey) -> x509.SubjectKeyIdentifier:
     return x509.SubjectKeyIdentifier.from_public_key(key.public_key())
 
 
-def _sign_hash(key: SigningKey) -> hashes.SHA256 | hashes.SHA384:
+def _sign_hash(key: SigningKey) -> hashes.SHA256 | hashes.SHA384 | hashes.SHA512:
+    """BR 7.1.3.2.2: an ECDSA key signs with the hash of its size (P-521: SHA-512)."""
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 384:
+        return hashes.SHA512()
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 256:
         return hashes.SHA384()
     return hashes.SHA256()

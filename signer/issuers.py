@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from signer.der import DERError, spki_key_bits, tbs_fields
-from signer.keys import SigningKey
+from signer.keys import SigningKey, ecdsa_hash_for_curve
 from signer.pkcs11_key import Pkcs11Key
 
 #: A key in memory (PEM) or inside a PKCS#11 token.
@@ -43,13 +43,15 @@ class IssuerConfigError(Exception):
 
 
 def signature_hash_for(key: AnySigningKey) -> hashes.HashAlgorithm | None:
-    """The signature digest for a key: SHA-256, SHA-384 for P-384/P-521, none for Ed25519."""
+    """The signature digest for a key: SHA-256, none for Ed25519, and for ECDSA the hash
+    BR 7.1.3.2.2 pairs with the curve (P-384: SHA-384, P-521: SHA-512; anything else is
+    a misissued response)."""
     if isinstance(key, Pkcs11Key):
         return key.signature_hash()
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return None
-    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 256:
-        return hashes.SHA384()
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return ecdsa_hash_for_curve(key.curve.key_size)
     return hashes.SHA256()
 
 

@@ -320,3 +320,23 @@ def test_token_signatures_run_off_the_event_loop(  # type: ignore[no-untyped-def
     check_response(
         revoked, issuer=hsm_p256, serial=cert.serial_number, alg="sha384", expect="revoked"
     )
+
+
+def test_token_p521_key_signs_with_sha512(token, workdir, monkeypatch):  # type: ignore[no-untyped-def]
+    """BR 7.1.3.2.2: a P-521 key signs with ecdsa-with-SHA512 (it used SHA-384, like
+    P-384), in a token as in a PEM file (tests/test_interop_lint.py serves a PEM one)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from signer.issuers import signature_hash_for
+
+    for name, value in token.env.items():
+        monkeypatch.setenv(name, value)
+    files = issuer_files("hsm-p521", create_ca("p521", "HSM P521"), workdir / "hsm")
+    token.import_key(files.directory / "responder.key", "p521-ocsp", "03")
+    key = Pkcs11Key(parse_pkcs11_uri(token.uri("p521-ocsp"), token.directory))
+    algorithm = signature_hash_for(key)
+    assert isinstance(algorithm, hashes.SHA512)
+    signature = key.sign(b"probe", algorithm)
+    public = files.ca.responder_cert.public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    public.verify(signature, b"probe", ec.ECDSA(hashes.SHA512()))
