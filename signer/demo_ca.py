@@ -198,6 +198,8 @@ def make_responder_certificate(
         )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), False)
         .add_extension(x509.OCSPNoCheck(), critical=False)
+        # BR 7.1.2.8.1: subjectKeyIdentifier SHOULD be present (pkilint warns without it)
+        .add_extension(_ski(responder_key), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,
