@@ -137,6 +137,11 @@ def create_ca(kind: str = "p256", name: str = "Demo") -> DemoCA:
             x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
         )
         .add_extension(_ski(root_key), critical=False)
+        # BR 7.1.2.1.2 recommends a root's AKI; 7.1.2.1.3: keyIdentifier = its own SKI
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()),
+            critical=False,
+        )
         .sign(root_key, _sign_hash(root_key))
     )
     ca = make_issuing_ca_certificate(root, root_key, ca_key, _name(f"{name} Issuing CA"))
