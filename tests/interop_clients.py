@@ -136,6 +136,10 @@ def gnutls_verify(der: bytes, issuer_pem: Path, *, delegated: bool) -> GnutlsVie
             text=True,
             timeout=30,
         )
+    return _gnutls_view(result)
+
+
+def _gnutls_view(result: subprocess.CompletedProcess[str]) -> GnutlsView:
     output = result.stdout + result.stderr
     serial = _field(output, "Serial Number")
     nonce = _field(output, "Nonce")
@@ -148,6 +152,23 @@ def gnutls_verify(der: bytes, issuer_pem: Path, *, delegated: bool) -> GnutlsVie
         nonce=bytes.fromhex(nonce) if nonce else None,
         output=output,
     )
+
+
+def gnutls_ask(
+    url: str, leaf_pem: Path, issuer_pem: Path, *, delegated: bool, nonce: bool = False
+) -> GnutlsView:
+    """`ocsptool --ask`: GnuTLS builds the request (SHA-1 CertID, a nonce if asked), POSTs
+    it over its own HTTP/1.0 client and verifies the answer, as in ``gnutls_verify``."""
+    trust = "--load-trust" if delegated else "--load-signer"
+    command = ["ocsptool", f"--ask={url}", "--load-cert", str(leaf_pem)]
+    command += ["--load-issuer", str(issuer_pem), trust, str(issuer_pem)]
+    result = subprocess.run(
+        [*command, "--nonce" if nonce else "--no-nonce"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return _gnutls_view(result)
 
 
 def gnutls_response_status(der: bytes) -> str:
@@ -205,13 +226,24 @@ class GoView:
     output: str
 
 
-def go_parse(binary: Path, der: bytes, issuer_pem: Path) -> GoView:
-    with tempfile.NamedTemporaryFile(suffix=".der") as f:
-        f.write(der)
-        f.flush()
-        result = subprocess.run(
-            [str(binary), f.name, str(issuer_pem)], capture_output=True, text=True, timeout=30
-        )
+def _go_view(command: list[str]) -> GoView:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     output = (result.stdout + result.stderr).strip()
     fields = dict(part.split("=", 1) for part in output.split() if "=" in part)
     return GoView(result.returncode == 0, fields, output)
+
+
+def go_parse(binary: Path, der: bytes, issuer_pem: Path) -> GoView:
+    """ParseResponseForCert on a response we saved."""
+    with tempfile.NamedTemporaryFile(suffix=".der") as f:
+        f.write(der)
+        f.flush()
+        return _go_view([str(binary), "parse", f.name, str(issuer_pem)])
+
+
+def go_ask(
+    binary: Path, method: str, url: str, leaf_pem: Path, issuer_pem: Path, alg: str = "sha1"
+) -> GoView:
+    """Go as the whole client: ocsp.CreateRequest, POST (or GET with the base64 appended
+    unescaped), then ParseResponseForCert for that leaf."""
+    return _go_view([str(binary), "ask", method, url, str(leaf_pem), str(issuer_pem), alg])

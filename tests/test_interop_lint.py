@@ -28,12 +28,14 @@ from pkilint.cabf.serverauth.serverauth_constants import CertificateType
 
 from responder.protocol import MALFORMED_REQUEST, TRY_LATER, UNAUTHORIZED
 from responder.store import serial_key
-from signer.demo_ca import DemoCA, create_ca
+from signer.demo_ca import DemoCA, create_ca, write_pem_cert
 from signer.response_builder import ALLOWED_REASONS, REASON_CODES
 from tests.interop_clients import (
     build_go_checker,
+    gnutls_ask,
     gnutls_response_status,
     gnutls_verify,
+    go_ask,
     go_parse,
     lint_certificate,
     lint_issued_by,
@@ -181,39 +183,49 @@ def served_for(
 
 
 @pytest.fixture(scope="module")
-def answers(
+def serving(
     module_database: str, issuers: list[IssuerFiles], workdir: Path
-) -> Iterator[tuple[list[Served], list[Refused]]]:
-    """Every answer, taken from real `ocsp-responder serve` processes."""
-    proc = write_config(workdir / "lint", module_database, issuers).start()
+) -> Iterator[tuple[ResponderProcess, ResponderProcess]]:
+    """`ocsp-responder serve` for every issuer, and one with no signing slot (tryLater)."""
+    proc = write_config(workdir / "lint", module_database, issuers)
     busy = write_config(
         workdir / "busy", module_database, issuers[:1], extra="signing_queue_limit = 0"
     )
     try:
-        served: list[Served] = []
-        for i, files in enumerate(issuers):
-            served += served_for(proc, files, tuple(ALLOWED_REASONS) if i == 0 else SOME_REASONS)
-        first = issuers[0]
-        unknown = build_request(None, first.ca.ca_cert, serial=secrets.randbits(100))
-        on_demand = build_request(
-            None, first.ca.ca_cert, serial=known_serial(module_database, first.name)
-        )
-        busy.start()
-        refused = [
-            Refused("unknown serial GET", get(proc.url, unknown), UNAUTHORIZED, "unauthorized", 6),
-            Refused(
-                "garbage POST",
-                post(proc.url, b"\x30\x03\x02\x01"),
-                MALFORMED_REQUEST,
-                "malformedRequest",
-                1,
-            ),
-            Refused("no signing slot GET", get(busy.url, on_demand), TRY_LATER, "tryLater", 3),
-        ]
-        yield served, refused
+        yield proc.start(), busy.start()
     finally:
         busy.stop()
         proc.stop()
+
+
+@pytest.fixture(scope="module")
+def answers(
+    serving: tuple[ResponderProcess, ResponderProcess],
+    module_database: str,
+    issuers: list[IssuerFiles],
+) -> tuple[list[Served], list[Refused]]:
+    """Every answer, as the running responders gave them."""
+    proc, busy = serving
+    served: list[Served] = []
+    for i, files in enumerate(issuers):
+        served += served_for(proc, files, tuple(ALLOWED_REASONS) if i == 0 else SOME_REASONS)
+    first = issuers[0]
+    unknown = build_request(None, first.ca.ca_cert, serial=secrets.randbits(100))
+    on_demand = build_request(
+        None, first.ca.ca_cert, serial=known_serial(module_database, first.name)
+    )
+    refused = [
+        Refused("unknown serial GET", get(proc.url, unknown), UNAUTHORIZED, "unauthorized", 6),
+        Refused(
+            "garbage POST",
+            post(proc.url, b"\x30\x03\x02\x01"),
+            MALFORMED_REQUEST,
+            "malformedRequest",
+            1,
+        ),
+        Refused("no signing slot GET", get(busy.url, on_demand), TRY_LATER, "tryLater", 3),
+    ]
+    return served, refused
 
 
 @pytest.fixture(scope="module")
@@ -372,3 +384,75 @@ def test_responder_certificate_subject_key_identifier_is_its_key() -> None:
     ski = ca.responder_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
     assert not ski.critical
     assert ski.value == x509.SubjectKeyIdentifier.from_public_key(ca.responder_key.public_key())
+
+
+def leaf_pem(files: IssuerFiles, label: str, proc: ResponderProcess) -> tuple[Path, int]:
+    """A recorded leaf of ``files``'s CA, written as PEM for a client to ask about."""
+    leaf = files.ca.issue_leaf(f"{label}.{files.name}.test")
+    assert proc.record(leaf).status_code == 201
+    path = files.directory / f"{label}-leaf.pem"
+    write_pem_cert(path, leaf)
+    return path, leaf.serial_number
+
+
+def test_gnutls_as_the_client_asks_and_accepts(
+    serving: tuple[ResponderProcess, ResponderProcess], issuers: list[IssuerFiles]
+) -> None:
+    """`ocsptool --ask`: GnuTLS's own request and HTTP/1.0 POST, then its verification."""
+    proc, _ = serving
+    for files in issuers:
+        path, serial = leaf_pem(files, "gnutls-ask", proc)
+        view = gnutls_ask(proc.url + "/", path, files.ca_pem, delegated=files.delegated)
+        assert view.verified, (files.name, view.output)
+        assert (view.cert_status, view.serial, view.hash_algorithm) == ("good", serial, "SHA1")
+        assert proc.revoke(files.name, serial, "superseded").status_code == 201
+        view = gnutls_ask(proc.url + "/", path, files.ca_pem, delegated=files.delegated)
+        assert view.verified, (files.name, view.output)
+        assert view.cert_status == "revoked", (files.name, view.output)
+
+
+def test_gnutls_ocsptool_insists_on_a_nonce_we_do_not_echo_when_pre_signed(
+    serving: tuple[ResponderProcess, ResponderProcess], issuers: list[IssuerFiles]
+) -> None:
+    """Kept on purpose (docs/deploy.md "Interoperability"): a request with a nonce for a
+    recorded certificate gets the pre-signed answer, which has none (RFC 5019 2.2.1 and
+    RFC 9654 let a responder omit it; signing per nonce would let anyone make us sign at
+    will). `ocsptool --ask --nonce` alone refuses that; gnutls-cli --ocsp and wget2 log
+    "did not include the requested nonce" and accept. An answer signed on demand (here
+    SHA-256, not pre-signed) echoes it: test_gnutls_verifies_every_answer."""
+    proc, _ = serving
+    files = issuers[0]
+    path, _serial = leaf_pem(files, "gnutls-nonce", proc)
+    view = gnutls_ask(proc.url + "/", path, files.ca_pem, delegated=True, nonce=True)
+    assert not view.verified
+    assert "could not read response's nonce" in view.output, view.output
+    assert view.cert_status == "good" and view.nonce is None
+
+
+def test_go_as_the_client_asks_and_accepts(
+    serving: tuple[ResponderProcess, ResponderProcess],
+    issuers: list[IssuerFiles],
+    go_checker: Path,
+) -> None:
+    """ocsp.CreateRequest, POST or GET (base64 appended unescaped, '+' and '/' as they
+    are), then ParseResponseForCert for that leaf: what Go stapling code does."""
+    proc, _ = serving
+    for files in issuers:
+        path, serial = leaf_pem(files, "go-ask", proc)
+        for method, alg in (
+            ("POST", "sha1"),
+            ("GET", "sha1"),
+            ("POST", "sha256"),
+            ("GET", "sha256"),
+        ):
+            view = go_ask(go_checker, method, proc.url + "/", path, files.ca_pem, alg)
+            assert view.accepted, (files.name, method, alg, view.output)
+            assert view.fields["status"] == "good", view.output
+            assert int(view.fields["serial"], 16) == serial
+            assert view.fields["hash"] == GO_HASH[alg], view.output
+        assert proc.revoke(files.name, serial, "keyCompromise").status_code == 201
+        view = go_ask(go_checker, "GET", proc.url + "/", path, files.ca_pem)
+        assert (view.fields.get("status"), view.fields.get("reason")) == ("revoked", "1"), (
+            files.name,
+            view.output,
+        )
