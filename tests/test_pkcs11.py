@@ -332,7 +332,7 @@ def test_token_p521_key_signs_with_sha512(token, workdir, monkeypatch):  # type:
     for name, value in token.env.items():
         monkeypatch.setenv(name, value)
     files = issuer_files("hsm-p521", create_ca("p521", "HSM P521"), workdir / "hsm")
-    token.import_key(files.directory / "responder.key", "p521-ocsp", "03")
+    token.import_key(files.directory / "responder.key", "p521-ocsp", "21")
     key = Pkcs11Key(parse_pkcs11_uri(token.uri("p521-ocsp"), token.directory))
     algorithm = signature_hash_for(key)
     assert isinstance(algorithm, hashes.SHA512)
