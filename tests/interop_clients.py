@@ -206,6 +206,9 @@ def build_go_checker(directory: Path) -> Path:
         "GOCACHE": str(directory / "gocache"),
         "GOPROXY": "off",
     }
+    if shutil.which(os.environ.get("CC", "gcc")) is None:
+        # no C compiler (golang-go installed without Recommends): pure-Go net, ~5 s more
+        env["CGO_ENABLED"] = "0"
     result = subprocess.run(
         ["go", "build", "-o", str(binary), str(GO_SOURCE)],
         capture_output=True,
