@@ -77,12 +77,14 @@ def lint_ocsp_response(
 def lint_certificate(
     cert: x509.Certificate,
     at_least: ValidationFindingSeverity = ValidationFindingSeverity.WARNING,
+    *,
+    as_type: CertificateType | None = None,
 ) -> tuple[CertificateType, list[Finding]]:
-    """`lint_cabf_serverauth_cert lint --detect`: the BR profile pkilint detects and the
-    findings of at least ``at_least`` (PKIX findings the BRs supersede filtered, as the
-    CLI does)."""
+    """`lint_cabf_serverauth_cert lint --detect` (or `--type`, given ``as_type``): the BR
+    profile linted and the findings of at least ``at_least`` (PKIX findings the BRs
+    supersede filtered, as the CLI does)."""
     document = loader.load_der_certificate(cert.public_bytes(Encoding.DER), "certificate")
-    kind = serverauth.determine_certificate_type(document)
+    kind = as_type or serverauth.determine_certificate_type(document)
     validator = certificate.create_pkix_certificate_validator_container(
         serverauth.create_decoding_validators(), serverauth.create_validators(kind)
     )

@@ -22,13 +22,16 @@ from pathlib import Path
 import httpx
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import ocsp
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from pkilint.cabf.serverauth.serverauth_constants import CertificateType
 
 from responder.protocol import MALFORMED_REQUEST, TRY_LATER, UNAUTHORIZED
 from responder.store import serial_key
-from signer.demo_ca import DemoCA, create_ca, write_pem_cert
+from signer.demo_ca import DemoCA, create_ca, random_serial, write_pem_cert
+from signer.issuers import IssuerConfigError, check_delegated_responder, issuer_from_certificate
 from signer.response_builder import ALLOWED_REASONS, REASON_CODES
 from tests.interop_clients import (
     build_go_checker,
@@ -456,3 +459,61 @@ def test_go_as_the_client_asks_and_accepts(
             files.name,
             view.output,
         )
+
+
+def _responder_variant(ca: DemoCA, change: str) -> x509.Certificate:
+    """The demo responder certificate with one BR 7.1.2.8 violation (``change``)."""
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(ca.responder_cert.subject)
+        .issuer_name(ca.ca_cert.subject)
+        .public_key(ca.responder_key.public_key())
+        .serial_number(random_serial())
+        .not_valid_before(ca.responder_cert.not_valid_before_utc)
+        .not_valid_after(ca.responder_cert.not_valid_after_utc)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), False)
+        .add_extension(x509.OCSPNoCheck(), critical=False)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca.responder_key.public_key()), False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.ca_key.public_key()), False
+        )
+        .add_extension(x509.BasicConstraints(ca=change == "ca", path_length=None), True)
+        .add_extension(
+            x509.KeyUsage(
+                True, False, False, False, False, change == "keyCertSign", False, False, False
+            ),
+            True,
+        )
+    )
+    if change == "policies":
+        any_policy = x509.PolicyInformation(x509.ObjectIdentifier("2.5.29.32.0"), None)
+        builder = builder.add_extension(x509.CertificatePolicies([any_policy]), False)
+    return builder.sign(ca.ca_key, hashes.SHA256())
+
+
+@pytest.mark.parametrize(
+    ("change", "pkilint_code", "problem"),
+    [
+        ("ca", "basic_constraints_ca_bit_set", "basicConstraints cA"),
+        ("keyCertSign", "prohibited_ku_present", "keyUsage must be digitalSignature only"),
+        ("policies", "certificate_policies_extension_present", "CertificatePolicies"),
+    ],
+)
+def test_loader_refuses_responder_certificates_pkilint_calls_misissued(
+    demo_ca: DemoCA, change: str, pkilint_code: str, problem: str
+) -> None:
+    """`serve` refused a responder certificate without OCSPSigning, nocheck, AKI or with a
+    SAN/CRLDP/nameConstraints, but took a CA certificate (cA TRUE: the 2020 "intermediate
+    with id-kp-OCSPSigning" incident), keyCertSign/cRLSign bits, or certificatePolicies,
+    all BR 7.1.2.8 ERRORs for pkilint. Now it names the problem and refuses."""
+    cert = _responder_variant(demo_ca, change)
+    _kind, findings = lint_certificate(cert, as_type=CertificateType.OCSP_RESPONDER)
+    errors = {f.code for f in findings if f.severity == "ERROR"}
+    assert f"cabf.serverauth.ocsp_responder.{pkilint_code}" in errors, errors
+    issuer = issuer_from_certificate("lint", demo_ca.ca_cert)
+    with pytest.raises(IssuerConfigError, match=r"BR 7\.1\.2\.8") as info:
+        check_delegated_responder(issuer, cert)
+    assert problem in str(info.value)
+    check_delegated_responder(issuer, demo_ca.responder_cert)  # the good one passes
