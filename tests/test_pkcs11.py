@@ -340,3 +340,38 @@ def test_token_p521_key_signs_with_sha512(token, workdir, monkeypatch):  # type:
     public = files.ca.responder_cert.public_key()
     assert isinstance(public, ec.EllipticCurvePublicKey)
     public.verify(signature, b"probe", ec.ECDSA(hashes.SHA512()))
+
+
+def test_token_signed_answers_pass_pkilint_gnutls_and_go(  # type: ignore[no-untyped-def]
+    hsm_responder, hsm_p256, hsm_rsa, tmp_path_factory
+):
+    """A token signature goes through hand-edited DER (signer/external_signature.py: the
+    stand-in's responderID and signature replaced): its answers (pre-signed, on demand
+    with a nonce, revoked) must pass the same judges as file-key ones
+    (tests/test_interop_lint.py)."""
+    from tests.interop_clients import build_go_checker, gnutls_verify, go_parse, lint_ocsp_response
+
+    go = build_go_checker(tmp_path_factory.mktemp("go"))
+    for files in (hsm_p256, hsm_rsa):
+        cert = files.ca.issue_leaf("hsm-judged.test")
+        assert hsm_responder.record(cert).status_code == 201
+        nonce = secrets.token_bytes(16)
+        good = httpx.get(get_url(hsm_responder.url, build_request(cert, files.ca.ca_cert)))
+        live = post(
+            hsm_responder.url + "/",
+            build_request(cert, files.ca.ca_cert, alg="sha256", nonce=nonce),
+        )
+        assert hsm_responder.revoke(files.name, cert.serial_number).status_code == 201
+        revoked = httpx.get(get_url(hsm_responder.url, build_request(cert, files.ca.ca_cert)))
+        for reply, status, sent in (
+            (good, "good", None),
+            (live, "good", nonce),
+            (revoked, "revoked", None),
+        ):
+            der = reply.content
+            assert lint_ocsp_response(der) == [], (files.name, status)
+            view = gnutls_verify(der, files.ca_pem, delegated=files.delegated)
+            assert view.verified, view.output
+            assert (view.cert_status, view.serial, view.nonce) == (status, cert.serial_number, sent)
+            parsed = go_parse(go, der, files.ca_pem)
+            assert parsed.accepted and parsed.fields["status"] == status, parsed.output
