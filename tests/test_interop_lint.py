@@ -6,9 +6,11 @@ good and revoked (every reason the admin API accepts), SHA-1/256/384/512 CertIDs
 echoes, GET and POST, and the unsigned unauthorized/malformedRequest/tryLater answers.
 Every answer must pass pkilint's OCSP response linter without a WARNING or worse, be
 verified by GnuTLS `ocsptool` and parsed by Go's x/crypto/ocsp with the right status,
-serial, CertID hash and reason. The delegated responder certificates our code makes must
-pass pkilint's BR 7.1.2.8 profile. docs/deploy.md ("Interoperability") lists the
-findings this found and the ones we keep on purpose.
+serial, CertID hash and reason. GnuTLS (`ocsptool --ask`) and Go also act as the whole
+client: their own request, their own HTTP. The delegated responder certificates our code
+makes must pass pkilint's BR 7.1.2.8 profile, and the loader must refuse the ones pkilint
+calls misissued. docs/deploy.md ("Interoperability") lists the findings this found and
+the ones we keep on purpose.
 """
 
 from __future__ import annotations
