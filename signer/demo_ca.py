@@ -32,6 +32,8 @@ def new_key(kind: str = "p256") -> SigningKey:
         return ec.generate_private_key(ec.SECP256R1())
     if kind == "p384":
         return ec.generate_private_key(ec.SECP384R1())
+    if kind == "p521":
+        return ec.generate_private_key(ec.SECP521R1())
     if kind == "rsa2048":
         return rsa.generate_private_key(public_exponent=65537, key_size=2048)
     raise ValueError(f"unknown key kind {kind!r}")
@@ -51,7 +53,10 @@ def _ski(key: SigningKey) -> x509.SubjectKeyIdentifier:
     return x509.SubjectKeyIdentifier.from_public_key(key.public_key())
 
 
-def _sign_hash(key: SigningKey) -> hashes.SHA256 | hashes.SHA384:
+def _sign_hash(key: SigningKey) -> hashes.SHA256 | hashes.SHA384 | hashes.SHA512:
+    """BR 7.1.3.2.2: an ECDSA key signs with the hash of its size (P-521: SHA-512)."""
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 384:
+        return hashes.SHA512()
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 256:
         return hashes.SHA384()
     return hashes.SHA256()
@@ -132,6 +137,11 @@ def create_ca(kind: str = "p256", name: str = "Demo") -> DemoCA:
             x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
         )
         .add_extension(_ski(root_key), critical=False)
+        # BR 7.1.2.1.2 recommends a root's AKI; 7.1.2.1.3: keyIdentifier = its own SKI
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()),
+            critical=False,
+        )
         .sign(root_key, _sign_hash(root_key))
     )
     ca = make_issuing_ca_certificate(root, root_key, ca_key, _name(f"{name} Issuing CA"))
@@ -193,6 +203,8 @@ def make_responder_certificate(
         )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), False)
         .add_extension(x509.OCSPNoCheck(), critical=False)
+        # BR 7.1.2.8.1: subjectKeyIdentifier SHOULD be present (pkilint warns without it)
+        .add_extension(_ski(responder_key), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from signer.der import DERError, spki_key_bits, tbs_fields
-from signer.keys import SigningKey
+from signer.keys import SigningKey, ecdsa_hash_for_curve
 from signer.pkcs11_key import Pkcs11Key
 
 #: A key in memory (PEM) or inside a PKCS#11 token.
@@ -43,13 +43,15 @@ class IssuerConfigError(Exception):
 
 
 def signature_hash_for(key: AnySigningKey) -> hashes.HashAlgorithm | None:
-    """The signature digest for a key: SHA-256, SHA-384 for P-384/P-521, none for Ed25519."""
+    """The signature digest for a key: SHA-256, none for Ed25519, and for ECDSA the hash
+    BR 7.1.3.2.2 pairs with the curve (P-384: SHA-384, P-521: SHA-512; anything else is
+    a misissued response)."""
     if isinstance(key, Pkcs11Key):
         return key.signature_hash()
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return None
-    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 256:
-        return hashes.SHA384()
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return ecdsa_hash_for_curve(key.curve.key_size)
     return hashes.SHA256()
 
 
@@ -193,8 +195,20 @@ def check_delegated_responder(issuer: Issuer, cert: x509.Certificate) -> None:
         ku = exts.get_extension_for_class(x509.KeyUsage)
         if not ku.value.digital_signature or not ku.critical:
             problems.append("keyUsage digitalSignature (critical) is required")
+        if _other_key_usages(ku.value):
+            problems.append(
+                "keyUsage must be digitalSignature only (7.1.2.8.7), not "
+                + ", ".join(_other_key_usages(ku.value))
+            )
     except x509.ExtensionNotFound:
         problems.append("keyUsage is missing")
+    try:
+        if exts.get_extension_for_class(x509.BasicConstraints).value.ca:
+            # a CA certificate with id-kp-OCSPSigning can answer for its issuer's other
+            # certificates (the 2020 delegated-responder incident)
+            problems.append("basicConstraints cA must be FALSE (7.1.2.8.4)")
+    except x509.ExtensionNotFound:
+        pass
     try:
         exts.get_extension_for_class(x509.AuthorityKeyIdentifier)
     except x509.ExtensionNotFound:
@@ -203,6 +217,7 @@ def check_delegated_responder(issuer: Issuer, cert: x509.Certificate) -> None:
         x509.CRLDistributionPoints,
         x509.SubjectAlternativeName,
         x509.NameConstraints,
+        x509.CertificatePolicies,
     ):
         try:
             exts.get_extension_for_class(forbidden)
@@ -214,6 +229,22 @@ def check_delegated_responder(issuer: Issuer, cert: x509.Certificate) -> None:
             f"issuer {issuer.name}: responder certificate {cert.subject.rfc4514_string()!r} "
             "does not meet the BR 7.1.2.8 profile: " + "; ".join(problems)
         )
+
+
+def _other_key_usages(usage: x509.KeyUsage) -> list[str]:
+    """The keyUsage bits besides digitalSignature that are set (RFC 5280 names)."""
+    names = {
+        "nonRepudiation": usage.content_commitment,
+        "keyEncipherment": usage.key_encipherment,
+        "dataEncipherment": usage.data_encipherment,
+        "keyAgreement": usage.key_agreement,
+        "keyCertSign": usage.key_cert_sign,
+        "cRLSign": usage.crl_sign,
+    }
+    if usage.key_agreement:  # only then may cryptography read the two below
+        names["encipherOnly"] = usage.encipher_only
+        names["decipherOnly"] = usage.decipher_only
+    return [name for name, present in names.items() if present]
 
 
 def make_responder(

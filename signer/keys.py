@@ -11,10 +11,19 @@ import os
 import stat
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+
+
+def ecdsa_hash_for_curve(key_size: int) -> hashes.HashAlgorithm:
+    """BR 7.1.3.2.2: P-256 signs with SHA-256, P-384 with SHA-384, P-521 with SHA-512."""
+    if key_size > 384:
+        return hashes.SHA512()
+    if key_size > 256:
+        return hashes.SHA384()
+    return hashes.SHA256()
 
 
 class KeyLoadError(Exception):

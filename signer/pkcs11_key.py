@@ -25,7 +25,7 @@ from urllib.parse import parse_qsl, unquote
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from signer.keys import KeyLoadError, check_key_file_mode
+from signer.keys import KeyLoadError, check_key_file_mode, ecdsa_hash_for_curve
 
 #: DER of the namedCurve OIDs (CKA_EC_PARAMS) -> key size.
 _CURVES = {
@@ -234,9 +234,9 @@ class Pkcs11Key:
             raise KeyLoadError(f"{spec.describe()}: unsupported key type {key_type!r}")
 
     def signature_hash(self) -> hashes.HashAlgorithm:
-        """SHA-256, or SHA-384 for P-384/P-521 (as for PEM keys)."""
-        if self.kind == "ec" and self.key_size > 256:
-            return hashes.SHA384()
+        """SHA-256 for RSA; for ECDSA the curve's hash (BR 7.1.3.2.2), as for PEM keys."""
+        if self.kind == "ec":
+            return ecdsa_hash_for_curve(self.key_size)
         return hashes.SHA256()
 
     def sign(self, data: bytes, algorithm: hashes.HashAlgorithm) -> bytes:

@@ -320,3 +320,58 @@ def test_token_signatures_run_off_the_event_loop(  # type: ignore[no-untyped-def
     check_response(
         revoked, issuer=hsm_p256, serial=cert.serial_number, alg="sha384", expect="revoked"
     )
+
+
+def test_token_p521_key_signs_with_sha512(token, workdir, monkeypatch):  # type: ignore[no-untyped-def]
+    """BR 7.1.3.2.2: a P-521 key signs with ecdsa-with-SHA512 (it used SHA-384, like
+    P-384), in a token as in a PEM file (tests/test_interop_lint.py serves a PEM one)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from signer.issuers import signature_hash_for
+
+    for name, value in token.env.items():
+        monkeypatch.setenv(name, value)
+    files = issuer_files("hsm-p521", create_ca("p521", "HSM P521"), workdir / "hsm")
+    token.import_key(files.directory / "responder.key", "p521-ocsp", "21")
+    key = Pkcs11Key(parse_pkcs11_uri(token.uri("p521-ocsp"), token.directory))
+    algorithm = signature_hash_for(key)
+    assert isinstance(algorithm, hashes.SHA512)
+    signature = key.sign(b"probe", algorithm)
+    public = files.ca.responder_cert.public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    public.verify(signature, b"probe", ec.ECDSA(hashes.SHA512()))
+
+
+def test_token_signed_answers_pass_pkilint_gnutls_and_go(  # type: ignore[no-untyped-def]
+    hsm_responder, hsm_p256, hsm_rsa, tmp_path_factory
+):
+    """A token signature goes through hand-edited DER (signer/external_signature.py: the
+    stand-in's responderID and signature replaced): its answers (pre-signed, on demand
+    with a nonce, revoked) must pass the same judges as file-key ones
+    (tests/test_interop_lint.py)."""
+    from tests.interop_clients import build_go_checker, gnutls_verify, go_parse, lint_ocsp_response
+
+    go = build_go_checker(tmp_path_factory.mktemp("go"))
+    for files in (hsm_p256, hsm_rsa):
+        cert = files.ca.issue_leaf("hsm-judged.test")
+        assert hsm_responder.record(cert).status_code == 201
+        nonce = secrets.token_bytes(16)
+        good = httpx.get(get_url(hsm_responder.url, build_request(cert, files.ca.ca_cert)))
+        live = post(
+            hsm_responder.url + "/",
+            build_request(cert, files.ca.ca_cert, alg="sha256", nonce=nonce),
+        )
+        assert hsm_responder.revoke(files.name, cert.serial_number).status_code == 201
+        revoked = httpx.get(get_url(hsm_responder.url, build_request(cert, files.ca.ca_cert)))
+        for reply, status, sent in (
+            (good, "good", None),
+            (live, "good", nonce),
+            (revoked, "revoked", None),
+        ):
+            der = reply.content
+            assert lint_ocsp_response(der) == [], (files.name, status)
+            view = gnutls_verify(der, files.ca_pem, delegated=files.delegated)
+            assert view.verified, view.output
+            assert (view.cert_status, view.serial, view.nonce) == (status, cert.serial_number, sent)
+            parsed = go_parse(go, der, files.ca_pem)
+            assert parsed.accepted and parsed.fields["status"] == status, parsed.output
