@@ -34,10 +34,32 @@ def find_bindir() -> Path:
     return Path(pgserver.__file__).parent / "pginstall" / "bin"
 
 
+#: every port ``free_port`` (or ``claim_port``) handed out in this process
+_handed_out: set[int] = set()
+
+
+def claim_port(port: int) -> bool:
+    """True (and remembered) if ``port`` was never handed out before in this process."""
+    if port in _handed_out:
+        return False
+    _handed_out.add(port)
+    return True
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port, never one handed out before in this process.
+
+    The probe socket is closed before the port's user binds it, and the kernel hands a
+    port just released to the next probe again about once in 20,000 calls: a responder's
+    OCSP and admin ports (two calls in a row) were then the same, and it failed to start.
+    """
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if claim_port(port):
+            return port
+    raise RuntimeError(f"no free loopback port left that was not handed out ({len(_handed_out)})")
 
 
 def _run_as_user() -> str | None:

@@ -153,7 +153,10 @@ def test_serve_stops_promptly_while_a_purge_drips(
         tmp_path,
         database,
         [p256_issuer],
-        extra=f'cdn_purge_timeout = "1s"\n[[cdn_purge]]\nurl = "http://127.0.0.1:{cdn.port}/{{serial}}"\n',
+        # 10 attempts of 1 s: the rounds outlast shutdown's grace (settle delay + one
+        # timeout, 2.5 s) however late SIGTERM comes; with 3 they could end within it
+        extra=f'cdn_purge_timeout = "1s"\ncdn_purge_attempts = 10\n'
+        f'[[cdn_purge]]\nurl = "http://127.0.0.1:{cdn.port}/{{serial}}"\n',
     ).start()
     try:
         cert = p256_issuer.ca.issue_leaf("drip.cdn.test")

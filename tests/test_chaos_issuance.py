@@ -58,7 +58,7 @@ from responder.store import serial_key
 from signer.demo_ca import DemoCA, LeafFactory, create_ca
 from signer.issuers import issuer_from_certificate
 from signer.recording import format_serial
-from tests.pgcluster import PgCluster
+from tests.pgcluster import PgCluster, claim_port
 from tests.support import (
     VENV_BIN,
     IssuerFiles,
@@ -83,6 +83,8 @@ def stable_port() -> int:
     rng = random.Random()
     for _ in range(200):
         port = rng.randrange(20000, 32000)
+        if not claim_port(port):  # the cluster's and the responders' ports: all different
+            continue
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))

@@ -150,7 +150,10 @@ def test_instances_agree(instances, p256_issuer):  # type: ignore[no-untyped-def
 def test_replica_down_falls_back_to_primary(instances, replica, p256_issuer):  # type: ignore[no-untyped-def]
     replica.stop()
     try:
-        wait_for(lambda: "replicas 0/1 healthy" in httpx.get(instances[0].url + "/readyz").text)
+        # each instance sees it down at its own next probe (every 0.2 s, at its own
+        # phase): the first one to say so is up to a probe ahead of the others
+        for proc in instances:
+            wait_for(lambda p=proc: "replicas 0/1 healthy" in httpx.get(p.url + "/readyz").text)
         cert = p256_issuer.ca.issue_leaf("down.test")
         assert instances[0].record(cert).status_code == 201
         for proc in instances:
