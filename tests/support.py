@@ -155,6 +155,18 @@ class ResponderProcess:
             time.sleep(0.1)
         raise TimeoutError(f"responder did not start:\n{self.log()}")
 
+    def ready(self, timeout: float = 10) -> httpx.Response:
+        """/readyz once it says ready, or its last answer after ``timeout``: ``start``
+        returns at /healthz, while the warm-up or the first LISTEN may still be under way
+        (not ready for a few milliseconds), so asking /readyz once right after start
+        raced with them. A test asserts on the returned answer."""
+        deadline = time.monotonic() + timeout
+        while True:
+            resp = httpx.get(self.url + "/readyz", timeout=10)
+            if resp.status_code == 200 or time.monotonic() > deadline:
+                return resp
+            time.sleep(0.05)
+
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
 

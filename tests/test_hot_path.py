@@ -86,7 +86,7 @@ def test_health_paths_with_empty_prefix(responder: ResponderProcess) -> None:
     """/healthz is not taken for a base64 OCSP request when the prefix is empty."""
     resp = httpx.get(responder.url + "/healthz")
     assert (resp.status_code, resp.text) == (200, "ok\n")
-    resp = httpx.get(responder.url + "/readyz")
+    resp = responder.ready()
     assert (resp.status_code, resp.text) == (200, "ready\n")
 
 
@@ -108,7 +108,7 @@ def test_warm_up_loads_recent_responses(
         assert "warm-up: 3 responses in memory" in second.log()
         frozen = re.search(r"\((\d+) objects frozen out of the cyclic GC\)", second.log())
         assert frozen is not None and int(frozen.group(1)) > 0
-        assert httpx.get(second.url + "/readyz").status_code == 200
+        assert second.ready().status_code == 200
         der = build_request(certs[0], p256_issuer.ca.ca_cert)
         assert httpx.get(get_url(second.url, der)).status_code == 200
     finally:

@@ -112,7 +112,7 @@ def test_serve_on_a_newer_schema_warns_or_refuses(pg_admin_dsn, p256_issuer, tmp
     )
     proc = write_config(tmp_path, dsn, [p256_issuer]).start()
     try:
-        assert httpx.get(proc.url + "/readyz", timeout=10).status_code == 200
+        assert proc.ready().status_code == 200
     finally:
         proc.stop()
     assert f"database schema is at version {future}, newer than this build knows" in proc.log()

@@ -261,7 +261,7 @@ def test_capped_responses_are_not_overdue(module_database, workdir):  # type: ig
         assert checked.response.next_update_utc == capped.ca.responder_cert.not_valid_after_utc
         proc.stop()
         proc.start()  # readiness counts at start
-        ready = httpx.get(proc.url + "/readyz", timeout=10)
+        ready = proc.ready()
         assert ready.status_code == 200, ready.text
         assert metric(proc, "ocsp_responses_overdue_refresh") == 0
     finally:
