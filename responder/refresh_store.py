@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from responder.schema import ct_index_has_not_after
+from responder.schema import ct_index_has_not_after, responses_has_this_update_index
 
 # A serial revoked without any certificate record has no known notAfter; its certificate
 # was issued before the revocation and lives at most 398 days (BR 6.3.2), so it has
@@ -96,6 +96,26 @@ _COLUMNS = "r.serial, r.status, r.this_update, r.next_update, v.revoked_at, v.re
 _WINDOW = ("issuer", "now", "margin", "spread", "validity", "retention", "lifetime")
 
 
+def _candidates(this_update_index: bool, *, ahead: str) -> str:
+    """The indexed superset of the rows whose BR deadline (or renewal point) may be within
+    ``ahead`` (a SQL interval) from now; the exact test follows it in each query.
+
+    By nextUpdate alone (responses_next_update) a row is reached ``refresh_margin`` before
+    nextUpdate. That covers every row signed under the configured validity or a shorter
+    one, but not one signed under a longer validity before the operator lowered it: its
+    BR deadline is 4 days after thisUpdate, days before nextUpdate - refresh_margin. With
+    migration 0007's index such rows are also found by thisUpdate: every BR deadline is
+    at most 4 days after thisUpdate, and otherwise at least nextUpdate - 8 hours (a
+    shorter margin, allowed below 16 h validity, is widened to that)."""
+    if not this_update_index:
+        return f"r.next_update <= :now::timestamptz + :margin::interval + {ahead}"
+    return (
+        "(r.next_update <= :now::timestamptz + greatest(:margin::interval, "
+        f"interval '8 hours') + {ahead} "
+        f"OR r.this_update <= :now::timestamptz - interval '4 days' + {ahead})"
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class _Statements:
     """The refresher's queries, for a schema with or without ``ct_index.not_after``
@@ -113,11 +133,12 @@ class _Statements:
     count_overdue: str
 
     @classmethod
-    def build(cls, ct_not_after: bool) -> _Statements:
+    def build(cls, ct_not_after: bool, this_update_index: bool = False) -> _Statements:
         joins, in_cycle = _joins(ct_not_after), _in_cycle(ct_not_after)
+        past = _candidates(this_update_index, ahead="interval '0'")
         due_where = f"""
     WHERE r.issuer_id = :issuer
-      AND r.next_update <= :now::timestamptz + :margin::interval + :spread::interval
+      AND {_candidates(this_update_index, ahead=":spread::interval")}
       AND {_RENEWAL_POINT} - {_JITTER} <= :now::timestamptz
       AND {in_cycle}"""
         #: :stale: fingerprints of this issuer's responders that are no longer the active
@@ -154,14 +175,13 @@ class _Statements:
             ),
             count_due=_numbered(f"SELECT count(*) {joins} {due_where}", _WINDOW),
             count_stale_signer=_numbered(f"SELECT count(*) {joins} {stale_where}", stale_names),
-            # BR 4.9.9 deadline passed. The candidate bound (the indexed range) holds for
-            # rows of the configured validity or shorter, whose deadline is never earlier
-            # than nextUpdate - refresh_margin (signer.response_builder.renewal_point); a
-            # row longer than refresh_margin + 4 days (signed before response_validity was
-            # lowered) is counted only once inside it, like claim_due (docs/deploy.md)
+            # BR 4.9.9 deadline passed. Without migration 0007's index the candidate bound
+            # holds for rows of the configured validity or shorter only (their deadline is
+            # never earlier than nextUpdate - refresh_margin); a row signed under a longer
+            # validity is then counted only once inside it, like claim_due (docs/deploy.md)
             count_past_deadline=_numbered(
                 f"SELECT count(*) {joins} "
-                "WHERE r.next_update <= :now::timestamptz + :margin::interval "
+                f"WHERE {past} "
                 f"AND {_BR_DEADLINE} < :now::timestamptz AND {in_cycle}",
                 ("now", "margin", "retention", "lifetime"),
             ),
@@ -185,7 +205,11 @@ class _Statements:
         )
 
 
-_STATEMENTS = {flag: _Statements.build(flag) for flag in (False, True)}
+_STATEMENTS = {
+    (ct_flag, index_flag): _Statements.build(ct_flag, index_flag)
+    for ct_flag in (False, True)
+    for index_flag in (False, True)
+}
 
 
 def overdue_query(ct_not_after: bool) -> str:
@@ -193,7 +217,7 @@ def overdue_query(ct_not_after: bool) -> str:
     are still in the cycle and when a response is due exactly as the refresher does: $1
     threshold (now + margin - slack), $2 now, $3 retention, $4 MAX_CERTIFICATE_LIFETIME,
     $5 refresh_margin, $6 response_validity, $7 refresh_deadline_slack."""
-    return _STATEMENTS[ct_not_after].count_overdue
+    return _STATEMENTS[(ct_not_after, False)].count_overdue
 
 
 _WRITE = """
@@ -294,9 +318,14 @@ class RefreshStore:
         self._statements: _Statements | None = None
 
     async def _sql(self) -> _Statements:
-        """The queries for this schema (looked up once: ``ct_index.not_after`` or not)."""
+        """The queries for this schema (looked up once: ``ct_index.not_after`` or not,
+        ``responses_this_update`` or not)."""
         if self._statements is None:
-            self._statements = _STATEMENTS[await ct_index_has_not_after(self.pool)]
+            flags = (
+                await ct_index_has_not_after(self.pool),
+                await responses_has_this_update_index(self.pool),
+            )
+            self._statements = _STATEMENTS[flags]
         return self._statements
 
     async def refresh_batch(

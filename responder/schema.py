@@ -109,6 +109,26 @@ async def has_column(executor: asyncpg.Pool | asyncpg.Connection, table: str, co
     )
 
 
+async def has_index(executor: asyncpg.Pool | asyncpg.Connection, name: str) -> bool:
+    """Whether the index ``name`` exists and is valid (a CONCURRENTLY build that was
+    interrupted leaves an invalid one, which the planner never uses)."""
+    return bool(
+        await executor.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.relname = $1 AND n.nspname = current_schema() AND i.indisvalid)",
+            name,
+        )
+    )
+
+
+async def responses_has_this_update_index(executor: asyncpg.Pool | asyncpg.Connection) -> bool:
+    """Whether migration 0007 (expand-only) has run: only then does the refresher also
+    look for responses by thisUpdate (a scan by it without the index would read the
+    whole table every pass); a process looks once, when its refresher starts."""
+    return await has_index(executor, "responses_this_update")
+
+
 async def ct_index_has_not_after(executor: asyncpg.Pool | asyncpg.Connection) -> bool:
     """Whether migration 0005 (expand-only) has run: ``ct_index.not_after`` is read and
     written only then; a process looks once, at its first use (restart after migrate)."""

@@ -8,16 +8,19 @@ Real rows signed "in the past" (tests/stored_rows.py), a real `serve` and `refre
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 from cryptography.x509 import ocsp
 
+from responder.refresh_store import RefreshStore, Window
 from signer.demo_ca import random_serial
 from signer.response_builder import ValidityPolicy
 from tests.stored_rows import issuer_with_responder, load_issuer, put_row, sign_at, stored
@@ -123,6 +126,50 @@ def test_refresher_renews_by_the_br_deadline(serving, lowered, module_database, 
     row = stored(module_database, issuer, cert.serial_number)
     assert row["der"] != old.der
     assert row["this_update"] > dt.datetime.now(dt.UTC).timestamp() - 2 * 3600
+
+
+def test_refresher_finds_a_row_its_next_update_range_does_not_reach(  # type: ignore[no-untyped-def]
+    serving, lowered, module_database, workdir
+):
+    """thisUpdate 4 days + 30 min ago under the 7-day policy: past its BR deadline, while
+    nextUpdate - refresh_margin (2 days) is still ~23 h away, beyond the refresher's
+    nextUpdate range (2 days + spread). It was left there until a client asked for it;
+    with migration 0007's index on thisUpdate the refresher finds it, and the
+    past-deadline metric counts it before."""
+    before = past_deadline(module_database)
+    cert, old = old_row(serving, lowered, module_database, dt.timedelta(days=4, minutes=30))
+    assert past_deadline(module_database) == before + 1
+    proc = write_config(
+        workdir / "lowered-far", module_database, [lowered], extra='refresher_spread = "60s"\n'
+    )
+    result = subprocess.run(
+        [str(VENV_BIN / "ocsp-responder"), "refresh", "--config", str(proc.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    issuer = load_issuer(proc.config_path, lowered.name, module_database)
+    row = stored(module_database, issuer, cert.serial_number)
+    assert row["der"] != old.der
+    assert row["this_update"] > dt.datetime.now(dt.UTC).timestamp() - 2 * 3600
+    assert past_deadline(module_database) == 0
+
+
+def past_deadline(dsn: str) -> int:
+    """ocsp_responses_past_refresh_deadline as the refresher's sampler counts it now."""
+
+    async def count() -> int:
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+        try:
+            window = Window(
+                dt.datetime.now(dt.UTC), ValidityPolicy(), dt.timedelta(0), dt.timedelta(days=7)
+            )
+            return (await RefreshStore(pool).freshness(window, {}, 10)).past_deadline
+        finally:
+            await pool.close()
+
+    return asyncio.run(count())
 
 
 def test_warm_up_does_not_cache_it_either(serving, lowered, module_database, workdir):  # type: ignore[no-untyped-def]
