@@ -113,6 +113,17 @@ def issuer_files(name: str, ca: DemoCA, base: Path, *, delegated: bool = True) -
     return IssuerFiles(name, ca, directory, delegated)
 
 
+def run_cli(config: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``ocsp-responder ARGS --config CONFIG``, output captured as text (the tests assert
+    on its exit status, stdout and stderr)."""
+    return subprocess.run(
+        [str(VENV_BIN / "ocsp-responder"), *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 @dataclass
 class ResponderProcess:
     """`ocsp-responder serve` in a subprocess, on free loopback ports."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,12 +40,12 @@ from tests.stored_rows import (
     stored,
 )
 from tests.support import (
-    VENV_BIN,
     IssuerFiles,
     ResponderProcess,
     build_request,
     check_response,
     get_url,
+    run_cli,
     sql_sync,
     write_config,
 )
@@ -245,12 +244,7 @@ def test_cli_refresh_runs_one_pass(recorder, seasoned_issuer, database):  # type
         cert.serial_number,
         sign_at(issuer, cert.serial_number, now - dt.timedelta(days=3)),
     )
-    result = subprocess.run(
-        [str(VENV_BIN / "ocsp-responder"), "refresh", "--config", str(recorder.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_cli(recorder.config_path, "refresh")
     assert result.returncode == 0, result.stderr
     assert "re-signed 1 (due: 1)" in result.stdout
     assert "past BR deadline: 0" in result.stdout

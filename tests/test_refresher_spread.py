@@ -9,13 +9,12 @@ batch of such rows never ended. Such a configuration is refused with one line.
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from responder.config import ConfigError, load_config
-from tests.support import VENV_BIN
+from tests.support import run_cli
 
 
 def test_spread_that_makes_fresh_responses_due_is_refused(tmp_path: Path) -> None:
@@ -23,12 +22,7 @@ def test_spread_that_makes_fresh_responses_due_is_refused(tmp_path: Path) -> Non
     config.write_text(
         'response_validity = "8h"\nrefresh_margin = "4h"\nrefresher_spread = "3h30m"\n'
     )
-    result = subprocess.run(
-        [str(VENV_BIN / "ocsp-responder"), "refresh", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_cli(config, "refresh")
     assert result.returncode == 1
     assert result.stderr.startswith("ocsp-responder: error: refresher_spread: must be at most")
     assert "3h / 2" in result.stderr and "Traceback" not in result.stderr

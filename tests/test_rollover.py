@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import subprocess
 from pathlib import Path
 
 import httpx
@@ -22,11 +21,11 @@ from signer.demo_ca import make_responder_certificate, new_key, write_pem_cert
 from signer.keys import write_pem_key
 from tests.stored_rows import issuer_with_responder, load_issuer, stored
 from tests.support import (
-    VENV_BIN,
     IssuerFiles,
     build_request,
     check_response,
     get_url,
+    run_cli,
     write_config,
 )
 
@@ -96,12 +95,7 @@ def test_rollover_new_responses_use_new_responder_and_refresher_resigns_old(  # 
             httpx.get(get_url(proc.url, der)).content, issuer=new_files, serial=after.serial_number
         )
         # step 3: one refresher pass re-signs what the old responder signed
-        result = subprocess.run(
-            [str(VENV_BIN / "ocsp-responder"), "refresh", "--config", str(proc.config_path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = run_cli(proc.config_path, "refresh")
         assert result.returncode == 0, result.stderr
         assert "rollover: 1" in result.stdout
         row = stored(database, issuer, before.serial_number)

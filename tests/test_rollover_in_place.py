@@ -12,29 +12,23 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import subprocess
 from pathlib import Path
 
 from signer.demo_ca import make_responder_certificate, new_key, write_pem_cert
 from signer.keys import write_pem_key
 from tests.stored_rows import issuer_with_responder, load_issuer, put_row, sign_at, stored
 from tests.support import (
-    VENV_BIN,
     IssuerFiles,
     build_request,
     check_response,
     get_url,
+    run_cli,
     write_config,
 )
 
 
 def refresh(config: Path) -> str:
-    result = subprocess.run(
-        [str(VENV_BIN / "ocsp-responder"), "refresh", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_cli(config, "refresh")
     assert result.returncode == 0, result.stderr
     return result.stdout
 

@@ -9,7 +9,6 @@ answer is ``tryLater`` (unsigned, no-cache): never the stale bytes.
 from __future__ import annotations
 
 import datetime as dt
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,12 +27,12 @@ from tests.stored_rows import (
     stored,
 )
 from tests.support import (
-    VENV_BIN,
     IssuerFiles,
     ResponderProcess,
     build_request,
     check_response,
     get_url,
+    run_cli,
     write_config,
 )
 
@@ -155,11 +154,6 @@ def test_refresh_exits_2_when_an_issuer_cannot_sign(  # type: ignore[no-untyped-
         issuer, cert.serial_number, dt.datetime.now(dt.UTC) - dt.timedelta(hours=6), policy=short
     )
     put_row(module_database, issuer, cert.serial_number, due)
-    result = subprocess.run(
-        [str(VENV_BIN / "ocsp-responder"), "refresh", "--config", str(stale_responder.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_cli(stale_responder.config_path, "refresh")
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"issuer {expiring_issuer.name}: FAILED" in result.stderr

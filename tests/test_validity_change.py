@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,12 +24,12 @@ from signer.demo_ca import random_serial
 from signer.response_builder import ValidityPolicy
 from tests.stored_rows import issuer_with_responder, load_issuer, put_row, sign_at, stored
 from tests.support import (
-    VENV_BIN,
     IssuerFiles,
     ResponderProcess,
     build_request,
     check_response,
     get_url,
+    run_cli,
     write_config,
 )
 
@@ -115,12 +114,7 @@ def test_refresher_renews_by_the_br_deadline(serving, lowered, module_database, 
     config = write_config(
         workdir / "lowered-refresh", module_database, [lowered], extra='refresher_spread = "60s"\n'
     ).config_path
-    result = subprocess.run(
-        [str(VENV_BIN / "ocsp-responder"), "refresh", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_cli(config, "refresh")
     assert result.returncode == 0, result.stderr
     issuer = load_issuer(config, lowered.name, module_database)
     row = stored(module_database, issuer, cert.serial_number)
@@ -142,12 +136,7 @@ def test_refresher_finds_a_row_its_next_update_range_does_not_reach(  # type: ig
     proc = write_config(
         workdir / "lowered-far", module_database, [lowered], extra='refresher_spread = "60s"\n'
     )
-    result = subprocess.run(
-        [str(VENV_BIN / "ocsp-responder"), "refresh", "--config", str(proc.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_cli(proc.config_path, "refresh")
     assert result.returncode == 0, result.stderr
     issuer = load_issuer(proc.config_path, lowered.name, module_database)
     row = stored(module_database, issuer, cert.serial_number)
