@@ -362,6 +362,20 @@ async def test_rollback_and_foreign_state_are_refused(
         LogFollower(LogConfig(**{**cfg.__dict__, "public_key": other.public_key_pem}), f.state)
 
 
+def forked(log: FakeLog, pki: Pki, *, kept: int, then: int) -> FakeLog:
+    """A split view of ``log``: its key, its first ``kept`` fixture leaves, then ``then``
+    other leaves, published."""
+    fork = FakeLog()
+    fork.key, fork.spki, fork.log_id = log.key, log.spki, log.log_id
+    fork.public_key_pem = log.public_key_pem
+    fork.add_fixture_tiles(tiles=(kept + 255) // 256)
+    fork.entries, fork.leaf_hashes = fork.entries[:kept], fork.leaf_hashes[:kept]
+    for s in range(then):
+        fork.add_x509(leaf(pki.other, s + 1).public_bytes(DER), [])
+    fork.publish()
+    return fork
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("start", [1, 600, 1024])
 async def test_start_index_jumps_to_a_verified_frontier(
@@ -436,15 +450,7 @@ async def test_start_index_jump_still_detects_a_forked_log(
     fixture_log.publish(300)
     _, f = await follow(config(fake_server, kind, staging()))
     assert f.state.next_index == 300
-    fork = FakeLog()  # same key, the same first 200 leaves, then other ones
-    fork.key, fork.spki, fork.log_id = fixture_log.key, fixture_log.spki, fixture_log.log_id
-    fork.public_key_pem = fixture_log.public_key_pem
-    fork.add_fixture_tiles(tiles=1)
-    fork.entries, fork.leaf_hashes = fork.entries[:200], fork.leaf_hashes[:200]
-    for s in range(600):
-        fork.add_x509(leaf(pki.other, s + 1).public_bytes(DER), [])
-    fork.publish()
-    fake_server.log = fork
+    fake_server.log = forked(fixture_log, pki, kept=200, then=600)
     with pytest.raises(VerificationError):
         await follow(config(fake_server, kind, staging(), start_index=700), f.state.to_json())
     # the same jump from a position the log does extend is taken
@@ -464,15 +470,7 @@ async def test_forked_log_is_detected(
     fixture_log.publish(600)
     _, f = await follow(cfg)
     # Same key, different entries after 500: a split view.
-    fork = FakeLog()
-    fork.key, fork.spki, fork.log_id = fixture_log.key, fixture_log.spki, fixture_log.log_id
-    fork.public_key_pem = fixture_log.public_key_pem
-    fork.add_fixture_tiles(tiles=2)
-    fork.entries, fork.leaf_hashes = fork.entries[:500], fork.leaf_hashes[:500]
-    for s in range(300):
-        fork.add_x509(leaf(pki.other, s + 1).public_bytes(DER), [])
-    fork.publish()
-    fake_server.log = fork
+    fake_server.log = forked(fixture_log, pki, kept=500, then=300)
     with pytest.raises(VerificationError):
         await follow(cfg, f.state.to_json())
 
