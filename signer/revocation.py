@@ -188,6 +188,13 @@ class Revoker:
             raise RevocationTimeError(
                 f"revocation time {when.isoformat()} is in the future (now {now.isoformat()})"
             )
+        if when is not None and when > now:
+            # within the clock-skew tolerance: the revocation takes effect now, so it is
+            # dated now. A later date would say the certificate was still valid after
+            # the response that calls it revoked (thisUpdate), and a relying party that
+            # compares revocationTime with a signing time would accept a signature made
+            # with a compromised key in the meantime.
+            when = now
         floor = earliest_revocation_time(issuer)
         if when is not None and when < floor:
             raise RevocationTimeError(

@@ -435,3 +435,35 @@ def test_revocation_time_is_rfc3339() -> None:
     ):
         with pytest.raises(RevocationTimeError):
             parse_revocation_time(text)
+
+
+def test_time_within_the_skew_tolerance_is_dated_now(responder, p256_issuer, module_database):  # type: ignore[no-untyped-def]
+    """A revoked_at up to 5 min ahead (CA clock skew) was stored and signed as it was:
+    a response whose revocationTime lies after its thisUpdate, saying the certificate
+    was still valid for minutes after the answer that calls it revoked (a signature made
+    with a compromised key meanwhile would pass a signing-time check). Dated now."""
+    cert = p256_issuer.ca.issue_leaf("skew.test")
+    assert responder.record(cert).status_code == 201
+    ahead = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=4)
+    resp = responder.revoke("p256", cert.serial_number, "keyCompromise", revoked_at=iso(ahead))
+    after = dt.datetime.now(dt.UTC)
+    assert resp.status_code == 201, resp.text
+    assert dt.datetime.fromisoformat(resp.json()["revoked_at"]) <= after
+    stored = stored_revocation(module_database, cert.serial_number)
+    assert stored is not None and stored[0] <= after
+    for alg in ("sha1", "sha256"):
+        answer = httpx.post(
+            responder.url,
+            content=build_request(cert, p256_issuer.ca.ca_cert, alg=alg),
+            headers={"Content-Type": "application/ocsp-request"},
+        )
+        checked = check_response(
+            answer.content,
+            issuer=p256_issuer,
+            serial=cert.serial_number,
+            alg=alg,
+            expect="revoked",
+            openssl=False,
+        )
+        assert checked.response.revocation_time_utc is not None
+        assert checked.response.revocation_time_utc <= checked.response.this_update_utc
