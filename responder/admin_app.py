@@ -382,17 +382,20 @@ def create_admin_app(
         except (StoreUnavailable, SigningError) as exc:
             return json_response(503, {"error": "not revoked: " + str(exc)}, {"Retry-After": "1"})
         cache.drop_serial(issuer.db_id, serial)
-        return json_response(
-            201 if outcome.created else 200,
-            {
-                "issuer": issuer.name,
-                "serial": format_serial(serial),
-                "revoked_at": outcome.revocation.revoked_at.isoformat(),
-                "reason": reason_name(outcome.revocation.reason),
-                "created": outcome.created,
-                "updated": outcome.updated,
-                "cdn_purge": outcome.cdn_purge,
-            },
-        )
+        answer: dict[str, object] = {
+            "issuer": issuer.name,
+            "serial": format_serial(serial),
+            "revoked_at": outcome.revocation.revoked_at.isoformat(),
+            "reason": reason_name(outcome.revocation.reason),
+            "created": outcome.created,
+            "updated": outcome.updated,
+            "cdn_purge": outcome.cdn_purge,
+            "known": outcome.known,
+        }
+        warning = outcome.warning(issuer.name)
+        if warning is not None:
+            answer["warning"] = warning
+            answer["known_under"] = list(outcome.known_under)
+        return json_response(201 if outcome.created else 200, answer)
 
     return app

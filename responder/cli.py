@@ -260,6 +260,9 @@ def cmd_revoke(args: argparse.Namespace) -> None:
             f"{outcome.revocation.revoked_at.isoformat()} "
             f"({reason_name(outcome.revocation.reason)})"
         )
+        warning = outcome.warning(args.issuer)
+        if warning is not None:
+            print(f"{format_serial(serial)} ({args.issuer}): warning: {warning}", file=sys.stderr)
 
     asyncio.run(run())
 

@@ -467,3 +467,47 @@ def test_time_within_the_skew_tolerance_is_dated_now(responder, p256_issuer, mod
         )
         assert checked.response.revocation_time_utc is not None
         assert checked.response.revocation_time_utc <= checked.response.this_update_utc
+
+
+def test_revoking_a_serial_the_issuer_does_not_know_says_so(  # type: ignore[no-untyped-def]
+    responder, p256_issuer, module_database
+):
+    """Revoking under the wrong issuer (or a mistyped serial) answered 201 exactly like a
+    real revocation, while the certificate meant stayed "good". Still revoked (a lost
+    recording must be revocable), but the answer says the serial was not known, and
+    under which configured issuer it is."""
+    cert = p256_issuer.ca.issue_leaf("wrong.issuer.test")
+    assert responder.record(cert).status_code == 201
+    wrong = responder.revoke("rsa", cert.serial_number, "keyCompromise")
+    assert wrong.status_code == 201, wrong.text
+    body = wrong.json()
+    assert body["known"] is False and body["known_under"] == ["p256"], body
+    assert "never recorded for issuer rsa" in body["warning"]
+    assert "known under issuer p256" in body["warning"]
+
+    lost = random_serial()
+    unknown = responder.revoke("p256", lost, "superseded").json()
+    assert unknown["known"] is False and unknown["known_under"] == [], unknown
+    assert "never recorded for issuer p256" in unknown["warning"]
+    stored = stored_revocation(module_database, lost)
+    assert stored is not None and stored[1] == 4  # revoked all the same
+
+    right = responder.revoke("p256", cert.serial_number, "keyCompromise").json()
+    assert right["known"] is True and "warning" not in right, right
+
+    # known only from CT (its recording was lost): known here, named from the other issuer
+    logged = random_serial()
+    sql_sync(
+        module_database,
+        "INSERT INTO ct_index (issuer_id, serial, log, leaf_index, entry_kind, logged_at) "
+        "SELECT id, $1, 1, 0, 1, now() FROM issuers WHERE name = 'p256'",
+        serial_key(logged),
+    )
+    elsewhere = responder.revoke("rsa", logged, "superseded").json()
+    assert elsewhere["known"] is False and elsewhere["known_under"] == ["p256"], elsewhere
+    in_ct = responder.revoke("p256", logged, "superseded").json()
+    assert in_ct["known"] is True and "warning" not in in_ct, in_ct
+
+    cli = cli_revoke(responder, random_serial())
+    assert cli.returncode == 0, cli.stderr
+    assert "warning: serial was never recorded for issuer p256" in cli.stderr
