@@ -219,8 +219,10 @@ class Revoker:
             # dated now. A later date would say the certificate was still valid after
             # the response that calls it revoked (thisUpdate), and a relying party that
             # compares revocationTime with a signing time would accept a signature made
-            # with a compromised key in the meantime.
-            when = now
+            # with a compromised key in the meantime. Read as "no time given", not as
+            # this instant: a retry of the same request then repeats what is stored
+            # (200) instead of naming another time (409).
+            when = None
         floor = earliest_revocation_time(issuer)
         if when is not None and when < floor:
             raise RevocationTimeError(
