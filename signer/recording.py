@@ -29,7 +29,7 @@ from responder.store import (
     SerialCollision,
     StoreUnavailable,
 )
-from signer.der import DERError, read_element, tbs_without_ct_extensions
+from signer.der import DERError, read_element, tbs_fields, tbs_without_ct_extensions
 from signer.issuers import IssuerRegistry
 from signer.presign import PresignedSigner
 from signer.response_builder import CertStatus, SignedResponse, SigningError, ValidityPolicy
@@ -369,7 +369,7 @@ class CertificateRecorder:
         if issuer is None:
             raise CertificateRejected(
                 f"issuer {describe_issuer(cert)} is not configured here "
-                "(or did not sign this certificate): add it to `issuers` first",
+                "(or did not sign this certificate)" + self._ca_hint(cert),
                 status=422,
             )
         precert = is_precertificate(cert)
@@ -383,6 +383,33 @@ class CertificateRecorder:
             tbs_sha256=fingerprint,
         )
         return PreparedRecord(record, signed, issuer.name)
+
+    def _ca_hint(self, cert: x509.Certificate) -> str:
+        """The end of the 422 message: "add the issuer" is the wrong advice for a CA
+        certificate sent by mistake (a chain file, an issuer's own certificate), which a
+        CA operator would otherwise be told to configure as an issuer."""
+        try:
+            tbs = cert.tbs_certificate_bytes
+            start, end = tbs_fields(tbs).spki
+            own = self.registry.for_spki_sha256(hashlib.sha256(tbs[start:end]).digest())
+        except DERError:
+            own = None
+        if own is not None:
+            return (
+                f": this is the certificate of issuer {own.name} itself, not one it issued; "
+                "send only subscriber certificates and precertificates (a chain file?)"
+            )
+        try:
+            constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+            is_ca = constraints.value.ca
+        except (x509.ExtensionNotFound, ValueError):
+            is_ca = False
+        if is_ca:
+            return (
+                ": this is a CA certificate (basicConstraints cA=TRUE); send only "
+                "subscriber certificates and precertificates (a chain file?)"
+            )
+        return ": add it to `issuers` first"
 
     async def prepare_all(
         self, certs: Sequence[x509.Certificate]

@@ -381,3 +381,34 @@ def test_cli_issue_refuses_lax_pem(  # type: ignore[no-untyped-def]
     revoked = subprocess.run([*cmd, str(good)], capture_output=True, text=True, timeout=60)
     assert revoked.returncode == 0, revoked.stderr
     assert "recorded, OCSP answers revoked" in revoked.stdout
+
+
+def test_a_ca_certificate_sent_by_mistake_is_named_as_such(  # type: ignore[no-untyped-def]
+    responder, p256_issuer, module_database
+):
+    """The issuer's own certificate (or a root, or a whole chain file) was refused with
+    "issuer ... is not configured here: add it to `issuers` first": advice to configure
+    the root as an issuer. The 422 now says what the body is, and still records nothing."""
+    ca = p256_issuer.ca
+    own = responder.record(ca.ca_cert)
+    assert own.status_code == 422, own.text
+    assert "certificate of issuer p256 itself" in own.json()["error"]
+    assert "add it to `issuers`" not in own.json()["error"]
+    root = responder.record(ca.root_cert)
+    assert root.status_code == 422, root.text
+    assert "CA certificate (basicConstraints cA=TRUE)" in root.json()["error"]
+    leaf = ca.issue_leaf("chain.file.test")
+    chain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (leaf, ca.ca_cert))
+    batch = responder.record_batch(chain)
+    assert batch.status_code == 422, batch.text
+    [rejected] = batch.json()["rejected"]
+    assert rejected["index"] == 1 and "issuer p256 itself" in rejected["error"]
+    rows = sql_sync(
+        module_database,
+        "SELECT count(*) AS n FROM certificates WHERE serial = $1",
+        serial_key(leaf.serial_number),
+    )
+    assert rows[0]["n"] == 0
+    # a subscriber certificate of an unconfigured issuer keeps the usual advice
+    other = create_ca("p256", "Other").issue_leaf("other.issuer.test")
+    assert "add it to `issuers` first" in responder.record(other).json()["error"]
