@@ -199,6 +199,7 @@ def create_admin_app(
             return await call_next(request)
         started = time.perf_counter()
         request_id = _request_id(request.headers.get("x-request-id"))
+        request.state.request_id = request_id  # for the handlers' own audit lines
         client = request.client.host if request.client else "?"
         if token_ok(request):
             response = await call_next(request)
@@ -379,6 +380,22 @@ def create_admin_app(
         except (StoreUnavailable, SigningError) as exc:
             return json_response(503, {"error": "not revoked: " + str(exc)}, {"Retry-After": "1"})
         cache.drop_serial(issuer.db_id, serial)
+        # the audit line of the revocation itself (BR 5.4.1): the request line above it
+        # says only "POST /v1/revocations -> 201"; the request id joins the two
+        log.info(
+            "revocation %s: issuer=%s serial=%s reason=%s revoked_at=%s known=%s",
+            "recorded" if outcome.created else "updated" if outcome.updated else "repeated",
+            issuer.name,
+            format_serial(serial),
+            reason_name(outcome.revocation.reason),
+            outcome.revocation.revoked_at.isoformat(),
+            outcome.known,
+            extra={
+                "request_id": getattr(request.state, "request_id", None),
+                "issuer": issuer.name,
+                "serial": format_serial(serial),
+            },
+        )
         answer: dict[str, object] = {
             "issuer": issuer.name,
             "serial": format_serial(serial),

@@ -17,6 +17,7 @@ from cryptography import x509
 
 from responder.store import serial_key
 from signer.demo_ca import random_serial
+from signer.recording import format_serial
 from tests.support import (
     VENV_BIN,
     IssuerFiles,
@@ -517,3 +518,17 @@ def test_revoking_a_serial_the_issuer_does_not_know_says_so(  # type: ignore[no-
     cli = cli_revoke(responder, random_serial())
     assert cli.returncode == 0, cli.stderr
     assert "warning: serial was never recorded for issuer p256" in cli.stderr
+
+
+def test_each_revocation_has_its_own_audit_line(responder, p256_issuer):  # type: ignore[no-untyped-def]
+    """The only log line of an API revocation was "admin POST /v1/revocations -> 201":
+    which certificate, for what reason and time, was in the database only (BR 5.4.1 asks
+    for revocation events in the audit log). Now one line per revocation says it."""
+    cert = p256_issuer.ca.issue_leaf("audit.line.test")
+    assert responder.record(cert).status_code == 201
+    serial = format_serial(cert.serial_number)
+    assert responder.revoke("p256", cert.serial_number, "superseded").status_code == 201
+    assert responder.revoke("p256", cert.serial_number, "keyCompromise").status_code == 200
+    log = responder.log()
+    assert f"revocation recorded: issuer=p256 serial={serial} reason=superseded" in log
+    assert f"revocation updated: issuer=p256 serial={serial} reason=keyCompromise" in log
