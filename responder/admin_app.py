@@ -345,6 +345,8 @@ def create_admin_app(
             return json_response(400, {"error": str(exc)})
         except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
             return json_response(400, {"error": f"body is not JSON: {exc}"})
+        except RecursionError:  # "[[[[..." within the 16 kB: the decoder recurses per level
+            return json_response(400, {"error": "body is not a revocation: JSON nested too deeply"})
         if not isinstance(payload, dict):
             return json_response(400, {"error": "body must be a JSON object"})
         try:

@@ -532,3 +532,17 @@ def test_each_revocation_has_its_own_audit_line(responder, p256_issuer):  # type
     log = responder.log()
     assert f"revocation recorded: issuer=p256 serial={serial} reason=superseded" in log
     assert f"revocation updated: issuer=p256 serial={serial} reason=keyCompromise" in log
+
+
+def test_deeply_nested_json_is_a_400(responder):  # type: ignore[no-untyped-def]
+    """A body of 16,000 "[" (under the 16 kB limit) made the JSON decoder raise
+    RecursionError: answered 500 "internal error". It is bad input: 400."""
+    for body in (b"[" * 16_000, b'{"issuer":' * 1600):
+        resp = httpx.post(
+            responder.admin_url + "/v1/revocations",
+            content=body,
+            headers={"Authorization": f"Bearer {responder.token}"},
+            timeout=30,
+        )
+        assert resp.status_code == 400, resp.text
+        assert "nested too deeply" in resp.json()["error"]
