@@ -20,6 +20,7 @@ from responder.config import MAX_WORKERS, Config, ConfigError, check_database_ur
 from responder.embedded_db import EmbeddedDatabaseError
 from responder.schema import SchemaError, migrate
 from responder.store import PresignedStore, StoreUnavailable
+from signer.response_builder import SigningError
 
 log = logging.getLogger("ocsp_responder")
 
@@ -131,7 +132,8 @@ def cmd_issue(args: argparse.Namespace) -> None:
                     print(f"{name}: refused: {exc}", file=sys.stderr)
                     failures += 1
                     continue
-                except StoreUnavailable as exc:
+                except (StoreUnavailable, SigningError) as exc:
+                    # an issuer that cannot sign fails like the database: not recorded
                     print(f"{name}: NOT recorded (do not publish): {exc}", file=sys.stderr)
                     for rest in args.files[position + 1 :]:
                         print(f"{rest}: NOT recorded (not attempted)", file=sys.stderr)
@@ -176,7 +178,7 @@ def cmd_import(args: argparse.Namespace) -> None:
             report = await importer.run(files, progress)
             if report.created:
                 await _refresh_statistics(service.store)
-        except StoreUnavailable as exc:
+        except (StoreUnavailable, SigningError) as exc:
             print(
                 f"ocsp-responder: import stopped, the rest is NOT recorded: {exc}; "
                 "run the same command again to resume",
@@ -260,6 +262,9 @@ def cmd_revoke(args: argparse.Namespace) -> None:
             f"{outcome.revocation.revoked_at.isoformat()} "
             f"({reason_name(outcome.revocation.reason)})"
         )
+        warning = outcome.warning(args.issuer)
+        if warning is not None:
+            print(f"{format_serial(serial)} ({args.issuer}): warning: {warning}", file=sys.stderr)
 
     asyncio.run(run())
 
@@ -479,6 +484,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(1) from None
     except StoreUnavailable as exc:
         print(f"ocsp-responder: error: {exc}", file=sys.stderr)
+        raise SystemExit(3) from None
+    except SigningError as exc:  # e.g. `revoke` while the issuer's responder cannot sign
+        print(f"ocsp-responder: error: cannot sign, nothing written: {exc}", file=sys.stderr)
         raise SystemExit(3) from None
     except (
         asyncpg.PostgresError,

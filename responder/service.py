@@ -108,7 +108,9 @@ class ResponderService:
             attempts=self.config.cdn_purge_attempts,
             timeout=self.config.cdn_purge_timeout.total_seconds(),
         )
-        self.revoker = Revoker(self.store, policy, cache=self.cache, purger=self.purger)
+        self.revoker = Revoker(
+            self.store, policy, cache=self.cache, purger=self.purger, registry=self.registry
+        )
         self.dsn = dsn
         if monitor:
             self.monitor = HealthMonitor(

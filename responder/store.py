@@ -664,6 +664,28 @@ class PresignedStore:
 
         return await with_retries(op, "revocation lookup")
 
+    async def issuers_knowing(self, serial: int, issuer_ids: Sequence[int]) -> list[int]:
+        """Which of ``issuer_ids`` recorded ``serial`` or saw it in CT: asked only when a
+        revocation names a serial its issuer does not know, so that the answer can say
+        which issuer does (a revocation under the wrong issuer leaves the real
+        certificate "good"). One probe of each primary key, no scan."""
+        if not issuer_ids:
+            return []
+
+        async def op() -> list[int]:
+            async with self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                rows = await conn.fetch(
+                    "SELECT issuer_id FROM certificates "
+                    "WHERE issuer_id = ANY($1::smallint[]) AND serial = $2 "
+                    "UNION SELECT issuer_id FROM ct_index "
+                    "WHERE issuer_id = ANY($1::smallint[]) AND serial = $2",
+                    list(issuer_ids),
+                    serial_key(serial),
+                )
+            return sorted(row["issuer_id"] for row in rows)
+
+        return await with_retries(op, "revocation issuer lookup")
+
     async def replace_revocation(
         self,
         issuer_id: int,

@@ -29,7 +29,7 @@ from responder.store import (
     SerialCollision,
     StoreUnavailable,
 )
-from signer.der import DERError, read_element, tbs_without_ct_extensions
+from signer.der import DERError, read_element, tbs_fields, tbs_without_ct_extensions
 from signer.issuers import IssuerRegistry
 from signer.presign import PresignedSigner
 from signer.response_builder import CertStatus, SignedResponse, SigningError, ValidityPolicy
@@ -148,9 +148,24 @@ def parse_serial(text: str) -> int:
     return check_serial(int(cleaned, 16))
 
 
-def load_certificates(data: bytes) -> list[x509.Certificate]:
-    """PEM bundle or DER (one, or several concatenated), strictly: see split_certificates."""
-    ders = split_certificates(data)
+class TooManyCertificates(CertificateRejected):
+    """A body holds more certificates (DER elements or PEM blocks) than the caller takes:
+    found while splitting, so a 16 MiB body of 2-byte SEQUENCEs (8 million elements) is
+    refused after ``limit`` of them, not split whole first (seconds of CPU in the event
+    loop that also answers OCSP, and hundreds of MB)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"more than {limit} certificates (DER elements or PEM blocks) in one body: "
+            f"at most {limit}",
+            status=413,
+        )
+
+
+def load_certificates(data: bytes, *, limit: int | None = None) -> list[x509.Certificate]:
+    """PEM bundle or DER (one, or several concatenated), strictly: see split_certificates.
+    More than ``limit`` certificates: TooManyCertificates (413)."""
+    ders = split_certificates(data, limit=limit)
     certs = []
     for index, der in enumerate(ders):
         try:
@@ -162,7 +177,7 @@ def load_certificates(data: bytes) -> list[x509.Certificate]:
     return certs
 
 
-def split_certificates(data: bytes) -> list[bytes]:
+def split_certificates(data: bytes, *, limit: int | None = None) -> list[bytes]:
     """The DER of each certificate of a PEM bundle or of concatenated DER, not yet parsed.
 
     The one reader of certificate files and bodies (API, ``issue``, ``import``). Strict,
@@ -172,15 +187,15 @@ def split_certificates(data: bytes) -> list[bytes]:
     if not data.strip():
         raise CertificateRejected("empty body: no certificate found")
     if data[:1] == b"\x30":
-        return split_der(data)
+        return split_der(data, limit=limit)
     if b"-----BEGIN" not in data:
         raise CertificateRejected(
             "not a PEM or DER certificate: no DER SEQUENCE and no PEM BEGIN line"
         )
-    return split_pem(data)
+    return split_pem(data, limit=limit)
 
 
-def split_der(data: bytes) -> list[bytes]:
+def split_der(data: bytes, *, limit: int | None = None) -> list[bytes]:
     """Concatenated DER SEQUENCEs, split by their lengths (no trailing bytes allowed)."""
     if not data:
         raise CertificateRejected("empty body: no certificate found")
@@ -193,6 +208,8 @@ def split_der(data: bytes) -> list[bytes]:
             raise CertificateRejected(f"not a PEM or DER certificate: {exc}") from exc
         if tlv.tag != 0x30:
             raise CertificateRejected("not a PEM or DER certificate: expected a SEQUENCE")
+        if limit is not None and len(parts) == limit:
+            raise TooManyCertificates(limit)
         parts.append(data[tlv.start : tlv.end])
         pos = tlv.end
     return parts
@@ -221,7 +238,7 @@ def _boundary_lines(data: bytes) -> Iterator[_Line]:
         at = data.find(b"-----", end)
 
 
-def split_pem(data: bytes) -> list[bytes]:
+def split_pem(data: bytes, *, limit: int | None = None) -> list[bytes]:
     """The DER of each block of a PEM bundle (RFC 7468), refusing what lax readers skip:
     a block labelled anything but CERTIFICATE (``X509 CERTIFICATE``, ``TRUSTED
     CERTIFICATE``...), a block without its END line, headers or bad base64 inside a
@@ -262,6 +279,8 @@ def split_pem(data: bytes) -> list[bytes]:
                     f"bad PEM: the block of line {line_of(begin_at)} has no END line "
                     f"(line {line_of(match.start)} begins another)"
                 )
+            if limit is not None and len(ders) == limit:
+                raise TooManyCertificates(limit)
             refuse_text_outside(pos, data[pos : match.start])
             begin_at = match.start
         else:
@@ -350,7 +369,7 @@ class CertificateRecorder:
         if issuer is None:
             raise CertificateRejected(
                 f"issuer {describe_issuer(cert)} is not configured here "
-                "(or did not sign this certificate): add it to `issuers` first",
+                "(or did not sign this certificate)" + self._ca_hint(cert),
                 status=422,
             )
         precert = is_precertificate(cert)
@@ -364,6 +383,33 @@ class CertificateRecorder:
             tbs_sha256=fingerprint,
         )
         return PreparedRecord(record, signed, issuer.name)
+
+    def _ca_hint(self, cert: x509.Certificate) -> str:
+        """The end of the 422 message: "add the issuer" is the wrong advice for a CA
+        certificate sent by mistake (a chain file, an issuer's own certificate), which a
+        CA operator would otherwise be told to configure as an issuer."""
+        try:
+            tbs = cert.tbs_certificate_bytes
+            start, end = tbs_fields(tbs).spki
+            own = self.registry.for_spki_sha256(hashlib.sha256(tbs[start:end]).digest())
+        except DERError:
+            own = None
+        if own is not None:
+            return (
+                f": this is the certificate of issuer {own.name} itself, not one it issued; "
+                "send only subscriber certificates and precertificates (a chain file?)"
+            )
+        try:
+            constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+            is_ca = constraints.value.ca
+        except (x509.ExtensionNotFound, ValueError):
+            is_ca = False
+        if is_ca:
+            return (
+                ": this is a CA certificate (basicConstraints cA=TRUE); send only "
+                "subscriber certificates and precertificates (a chain file?)"
+            )
+        return ": add it to `issuers` first"
 
     async def prepare_all(
         self, certs: Sequence[x509.Certificate]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import functools
 import logging
@@ -19,7 +20,7 @@ from responder.store import (
     StoreUnavailable,
     serial_key,
 )
-from signer.issuers import Issuer
+from signer.issuers import Issuer, IssuerRegistry
 from signer.recording import quote
 from signer.response_builder import (
     CertStatus,
@@ -127,6 +128,28 @@ class RevocationOutcome:
     #: an existing revocation was changed (reason raised to keyCompromise, or an earlier
     #: keyCompromise time): re-signed and invalidated like a first revocation
     updated: bool = False
+    #: the serial was recorded for this issuer or seen in CT under it; False is still a
+    #: revocation (a lost recording), but the CA must hear it: a wrong issuer or a typo
+    #: in the serial leaves the certificate it meant "good"
+    known: bool = True
+    #: names of the other configured issuers that did record or see this serial (only
+    #: looked up when ``known`` is False): the issuer the CA probably meant
+    known_under: tuple[str, ...] = ()
+
+    def warning(self, issuer: str) -> str | None:
+        """What the CA must check when the serial was not known, else None."""
+        if self.known:
+            return None
+        text = (
+            f"serial was never recorded for issuer {issuer} nor seen in CT under it: "
+            "revoked anyway (a lost recording), but check the issuer and serial"
+        )
+        if self.known_under:
+            text += (
+                f"; it IS known under issuer {', '.join(self.known_under)}, whose "
+                "certificate stays good unless revoked there"
+            )
+        return text
 
 
 def merge_revocation(
@@ -160,8 +183,11 @@ class Revoker:
         *,
         cache: ResponseCache | None = None,
         purger: CdnPurger | None = None,
+        registry: IssuerRegistry | None = None,
     ) -> None:
         self.store = store
+        #: to name the issuer that knows a serial revoked under another (see warning)
+        self.registry = registry
         self.policy = policy
         self.cache = cache
         self.purger = purger
@@ -188,6 +214,15 @@ class Revoker:
             raise RevocationTimeError(
                 f"revocation time {when.isoformat()} is in the future (now {now.isoformat()})"
             )
+        if when is not None and when > now:
+            # within the clock-skew tolerance: the revocation takes effect now, so it is
+            # dated now. A later date would say the certificate was still valid after
+            # the response that calls it revoked (thisUpdate), and a relying party that
+            # compares revocationTime with a signing time would accept a signature made
+            # with a compromised key in the meantime. Read as "no time given", not as
+            # this instant: a retry of the same request then repeats what is stored
+            # (200) instead of naming another time (409).
+            when = None
         floor = earliest_revocation_time(issuer)
         if when is not None and when < floor:
             raise RevocationTimeError(
@@ -245,13 +280,31 @@ class Revoker:
                 # CDN purge run again (a retry after a purge that failed the first time)
                 await self.store.record_revocation(issuer.db_id, serial, revocation, signed)
                 created = updated = False
-            return await self._invalidate(
+            outcome = await self._invalidate(
                 issuer, serial, revocation, signed, wait_for_cdn, created=created, updated=updated
+            )
+            if context.known:
+                return outcome
+            return dataclasses.replace(
+                outcome, known=False, known_under=await self._known_under(issuer, serial)
             )
         raise StoreUnavailable(
             f"revocation of serial {serial:x}: changed concurrently {DECIDE_ATTEMPTS} times, retry",
             reason="conflict",
         )
+
+    async def _known_under(self, issuer: Issuer, serial: int) -> tuple[str, ...]:
+        """The other configured issuers that know ``serial`` (after the commit: a failed
+        lookup must not undo the revocation, it only loses the hint)."""
+        if self.registry is None:
+            return ()
+        others = {i.db_id: i.name for i in self.registry.issuers if i.db_id != issuer.db_id}
+        try:
+            ids = await self.store.issuers_knowing(serial, list(others))
+        except StoreUnavailable as exc:
+            log.warning("cannot tell which issuer knows serial %x: %s", serial, exc)
+            return ()
+        return tuple(others[i] for i in ids if i in others)
 
     async def _invalidate(
         self,

@@ -247,3 +247,25 @@ def test_import_journal_after_a_torn_last_line(tmp_path: Path) -> None:
     journal.mark(key, 5, True)
     journal.close()
     assert ImportJournal(journal_path).done(key) == (5, True)
+
+
+def test_batch_of_many_tiny_elements_is_cut_short(
+    responder: ResponderProcess, p256_issuer: IssuerFiles, module_database: str
+) -> None:
+    """A 16 MiB batch of 2-byte DER SEQUENCEs was split whole (8 million elements) before
+    any was parsed or counted: about 14 s of CPU in the event loop that answers OCSP too,
+    and some 500 MB, for an answer of 400. The count limit now applies while splitting:
+    413 at element 10,001, for DER and PEM alike, and nothing is recorded."""
+    cert = p256_issuer.ca.issue_leaf("tiny.elements.test")
+    der = cert.public_bytes(serialization.Encoding.DER)
+    junk_der = der + b"\x30\x00" * ((16 * 1024 * 1024 - len(der)) // 2)
+    tiny_pem = b"-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n"
+    junk_pem = cert.public_bytes(serialization.Encoding.PEM) + tiny_pem * 10_000
+    for body in (junk_der, junk_pem):
+        resp = responder.record_batch(body)
+        assert resp.status_code == 413, resp.text[:300]
+        assert "more than 10000 certificates" in resp.json()["error"]
+    assert stored(module_database, [cert.serial_number]) == 0
+    # exactly at the limit is still read (and refused for what the elements are)
+    resp = responder.record_batch(tiny_pem * 10_000)
+    assert resp.status_code == 400 and "not a certificate" in resp.json()["error"], resp.text

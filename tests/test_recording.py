@@ -19,7 +19,15 @@ from signer.demo_ca import DemoCA, create_ca, final_certificate, write_pem_cert
 from signer.der import element_children, read_element
 from signer.presign import tlv
 from signer.recording import CertificateRejected, SerialError, parse_serial, split_certificates
-from tests.support import VENV_BIN, build_request, check_response, get_url, sql_sync
+from tests.stored_rows import issuer_with_responder
+from tests.support import (
+    VENV_BIN,
+    build_request,
+    check_response,
+    get_url,
+    sql_sync,
+    write_config,
+)
 
 
 def test_record_then_idempotent(responder, p256_issuer, module_database):  # type: ignore[no-untyped-def]
@@ -381,3 +389,70 @@ def test_cli_issue_refuses_lax_pem(  # type: ignore[no-untyped-def]
     revoked = subprocess.run([*cmd, str(good)], capture_output=True, text=True, timeout=60)
     assert revoked.returncode == 0, revoked.stderr
     assert "recorded, OCSP answers revoked" in revoked.stdout
+
+
+def test_a_ca_certificate_sent_by_mistake_is_named_as_such(  # type: ignore[no-untyped-def]
+    responder, p256_issuer, module_database
+):
+    """The issuer's own certificate (or a root, or a whole chain file) was refused with
+    "issuer ... is not configured here: add it to `issuers` first": advice to configure
+    the root as an issuer. The 422 now says what the body is, and still records nothing."""
+    ca = p256_issuer.ca
+    own = responder.record(ca.ca_cert)
+    assert own.status_code == 422, own.text
+    assert "certificate of issuer p256 itself" in own.json()["error"]
+    assert "add it to `issuers`" not in own.json()["error"]
+    root = responder.record(ca.root_cert)
+    assert root.status_code == 422, root.text
+    assert "CA certificate (basicConstraints cA=TRUE)" in root.json()["error"]
+    leaf = ca.issue_leaf("chain.file.test")
+    chain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (leaf, ca.ca_cert))
+    batch = responder.record_batch(chain)
+    assert batch.status_code == 422, batch.text
+    [rejected] = batch.json()["rejected"]
+    assert rejected["index"] == 1 and "issuer p256 itself" in rejected["error"]
+    rows = sql_sync(
+        module_database,
+        "SELECT count(*) AS n FROM certificates WHERE serial = $1",
+        serial_key(leaf.serial_number),
+    )
+    assert rows[0]["n"] == 0
+    # a subscriber certificate of an unconfigured issuer keeps the usual advice
+    other = create_ca("p256", "Other").issue_leaf("other.issuer.test")
+    assert "add it to `issuers` first" in responder.record(other).json()["error"]
+
+
+def test_cli_when_the_issuer_cannot_sign(module_database, tmp_path):  # type: ignore[no-untyped-def]
+    """An issuer whose responder certificate expires within 8 h cannot sign (the API says
+    503 "not recorded" / "not revoked"): `issue`, `import` and `revoke` printed a
+    Python traceback. Now the same verdict as a database failure: NOT recorded, exit 3,
+    one line, nothing written."""
+    soon = issuer_with_responder(
+        "soon", tmp_path, valid_from=dt.timedelta(days=1), valid_for=dt.timedelta(hours=28)
+    )
+    config = write_config(tmp_path, module_database, [soon]).config_path
+    cert = soon.ca.issue_leaf("cannot.sign.test")
+    pem = tmp_path / "cannot-sign.pem"
+    pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    serial = format(cert.serial_number, "x")
+    for command, words in [
+        (["issue", str(pem)], f"{pem}: NOT recorded (do not publish): issuer soon"),
+        (["import", "--no-journal", "--quiet", str(pem)], "the rest is NOT recorded"),
+        (["revoke", "--issuer", "soon", "--serial", serial], "cannot sign, nothing written"),
+    ]:
+        result = subprocess.run(
+            [str(VENV_BIN / "ocsp-responder"), command[0], "--config", str(config), *command[1:]],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 3, (command, result.stderr)
+        assert "Traceback" not in result.stderr and words in result.stderr, result.stderr
+        assert "too soon for a response valid 8h" in result.stderr
+    for table in ("certificates", "revocations"):
+        rows = sql_sync(
+            module_database,
+            f"SELECT count(*) AS n FROM {table} WHERE serial = $1",
+            serial_key(cert.serial_number),
+        )
+        assert rows[0]["n"] == 0, table

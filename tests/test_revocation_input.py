@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from cryptography import x509
 
 from responder.store import serial_key
 from signer.demo_ca import random_serial
+from signer.recording import format_serial
 from tests.support import (
     VENV_BIN,
     IssuerFiles,
@@ -435,3 +437,112 @@ def test_revocation_time_is_rfc3339() -> None:
     ):
         with pytest.raises(RevocationTimeError):
             parse_revocation_time(text)
+
+
+def test_time_within_the_skew_tolerance_is_dated_now(responder, p256_issuer, module_database):  # type: ignore[no-untyped-def]
+    """A revoked_at up to 5 min ahead (CA clock skew) was stored and signed as it was:
+    a response whose revocationTime lies after its thisUpdate, saying the certificate
+    was still valid for minutes after the answer that calls it revoked (a signature made
+    with a compromised key meanwhile would pass a signing-time check). Dated now."""
+    cert = p256_issuer.ca.issue_leaf("skew.test")
+    assert responder.record(cert).status_code == 201
+    ahead = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=4)
+    resp = responder.revoke("p256", cert.serial_number, "superseded", revoked_at=iso(ahead))
+    after = dt.datetime.now(dt.UTC)
+    assert resp.status_code == 201, resp.text
+    assert dt.datetime.fromisoformat(resp.json()["revoked_at"]) <= after
+    stored = stored_revocation(module_database, cert.serial_number)
+    assert stored is not None and stored[0] <= after
+    # a retry of the same request (its time now further from ours) is a repeat, not a change
+    time.sleep(1.1)
+    again = responder.revoke("p256", cert.serial_number, "superseded", revoked_at=iso(ahead))
+    assert again.status_code == 200 and again.json()["updated"] is False, again.text
+    assert stored_revocation(module_database, cert.serial_number) == stored
+    for alg in ("sha1", "sha256"):
+        answer = httpx.post(
+            responder.url,
+            content=build_request(cert, p256_issuer.ca.ca_cert, alg=alg),
+            headers={"Content-Type": "application/ocsp-request"},
+        )
+        checked = check_response(
+            answer.content,
+            issuer=p256_issuer,
+            serial=cert.serial_number,
+            alg=alg,
+            expect="revoked",
+            openssl=False,
+        )
+        assert checked.response.revocation_time_utc is not None
+        assert checked.response.revocation_time_utc <= checked.response.this_update_utc
+
+
+def test_revoking_a_serial_the_issuer_does_not_know_says_so(  # type: ignore[no-untyped-def]
+    responder, p256_issuer, module_database
+):
+    """Revoking under the wrong issuer (or a mistyped serial) answered 201 exactly like a
+    real revocation, while the certificate meant stayed "good". Still revoked (a lost
+    recording must be revocable), but the answer says the serial was not known, and
+    under which configured issuer it is."""
+    cert = p256_issuer.ca.issue_leaf("wrong.issuer.test")
+    assert responder.record(cert).status_code == 201
+    wrong = responder.revoke("rsa", cert.serial_number, "keyCompromise")
+    assert wrong.status_code == 201, wrong.text
+    body = wrong.json()
+    assert body["known"] is False and body["known_under"] == ["p256"], body
+    assert "never recorded for issuer rsa" in body["warning"]
+    assert "known under issuer p256" in body["warning"]
+
+    lost = random_serial()
+    unknown = responder.revoke("p256", lost, "superseded").json()
+    assert unknown["known"] is False and unknown["known_under"] == [], unknown
+    assert "never recorded for issuer p256" in unknown["warning"]
+    stored = stored_revocation(module_database, lost)
+    assert stored is not None and stored[1] == 4  # revoked all the same
+
+    right = responder.revoke("p256", cert.serial_number, "keyCompromise").json()
+    assert right["known"] is True and "warning" not in right, right
+
+    # known only from CT (its recording was lost): known here, named from the other issuer
+    logged = random_serial()
+    sql_sync(
+        module_database,
+        "INSERT INTO ct_index (issuer_id, serial, log, leaf_index, entry_kind, logged_at) "
+        "SELECT id, $1, 1, 0, 1, now() FROM issuers WHERE name = 'p256'",
+        serial_key(logged),
+    )
+    elsewhere = responder.revoke("rsa", logged, "superseded").json()
+    assert elsewhere["known"] is False and elsewhere["known_under"] == ["p256"], elsewhere
+    in_ct = responder.revoke("p256", logged, "superseded").json()
+    assert in_ct["known"] is True and "warning" not in in_ct, in_ct
+
+    cli = cli_revoke(responder, random_serial())
+    assert cli.returncode == 0, cli.stderr
+    assert "warning: serial was never recorded for issuer p256" in cli.stderr
+
+
+def test_each_revocation_has_its_own_audit_line(responder, p256_issuer):  # type: ignore[no-untyped-def]
+    """The only log line of an API revocation was "admin POST /v1/revocations -> 201":
+    which certificate, for what reason and time, was in the database only (BR 5.4.1 asks
+    for revocation events in the audit log). Now one line per revocation says it."""
+    cert = p256_issuer.ca.issue_leaf("audit.line.test")
+    assert responder.record(cert).status_code == 201
+    serial = format_serial(cert.serial_number)
+    assert responder.revoke("p256", cert.serial_number, "superseded").status_code == 201
+    assert responder.revoke("p256", cert.serial_number, "keyCompromise").status_code == 200
+    log = responder.log()
+    assert f"revocation recorded: issuer=p256 serial={serial} reason=superseded" in log
+    assert f"revocation updated: issuer=p256 serial={serial} reason=keyCompromise" in log
+
+
+def test_deeply_nested_json_is_a_400(responder):  # type: ignore[no-untyped-def]
+    """A body of 16,000 "[" (under the 16 kB limit) made the JSON decoder raise
+    RecursionError: answered 500 "internal error". It is bad input: 400."""
+    for body in (b"[" * 16_000, b'{"issuer":' * 1600):
+        resp = httpx.post(
+            responder.admin_url + "/v1/revocations",
+            content=body,
+            headers={"Authorization": f"Bearer {responder.token}"},
+            timeout=30,
+        )
+        assert resp.status_code == 400, resp.text
+        assert "nested too deeply" in resp.json()["error"]
