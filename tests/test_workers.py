@@ -139,3 +139,61 @@ def test_a_dead_worker_stops_the_set(two_workers):  # type: ignore[no-untyped-de
     os.kill(workers[1], signal.SIGKILL)
     assert two_workers.proc.wait(20) == 1
     assert not alive(workers[0])
+
+
+def metric_value(text: str, name: str) -> float:
+    """The value of an unlabelled sample in an exposition text."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_samples_a_killed_run_left_in_the_metrics_directory_are_dropped(
+    database: str, p256_issuer: IssuerFiles, tmp_path: Path
+) -> None:
+    """A PROMETHEUS_MULTIPROC_DIR that outlives the set (a Kubernetes emptyDir across a
+    container restart, a directory the operator made) kept the samples of a set that was
+    killed: the dead workers' ocsp_ready 0 held min(ocsp_ready) at 0 (a "not ready" page
+    for good), and their counters were added to the new ones. The supervisor now empties
+    the directory before it starts the workers."""
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    first = write_config(tmp_path, database, [p256_issuer], extra="workers = 2")
+    first.env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    first.start()
+    wait_for_workers(first, 2)
+    wait_for_admin(first)
+    for _ in range(5):  # counted by the first set, which then dies without a word
+        httpx.get(first.url + "/", headers={"Connection": "close"})
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if "ocsp_requests_total" in httpx.get(first.admin_url + "/metrics").text:
+            break
+        time.sleep(0.2)
+    assert first.proc is not None
+    for pid in [*worker_pids(first.proc.pid), first.proc.pid]:
+        os.kill(pid, signal.SIGKILL)
+    first.proc.wait()
+    assert any(name.startswith("gauge_livemin_") for name in os.listdir(metrics_dir))
+
+    second = write_config(
+        tmp_path, database, [p256_issuer], extra='workers = 2\nhealth_check_interval = "1s"'
+    )
+    second.env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    second.start()
+    try:
+        wait_for_workers(second, 2)
+        wait_for_admin(second)
+        deadline = time.monotonic() + 15
+        while True:  # each worker's monitor checks readiness every second
+            text = httpx.get(second.admin_url + "/metrics").text
+            if metric_value(text, "ocsp_ready") == 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert metric_value(text, "ocsp_ready") == 1, text
+        assert 'ocsp_requests_total{method="GET"' not in text  # the dead set's answers
+        # a sum over the workers: 10 pooled connections each, two workers, not four
+        assert 'ocsp_db_pool_connections{pool="main",state="max"} 20.0' in text, text
+    finally:
+        second.stop()
