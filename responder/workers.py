@@ -38,6 +38,8 @@ from responder.config import Config
 
 log = logging.getLogger(__name__)
 
+#: logged on SIGHUP, by the supervisor and each worker
+SIGHUP_IGNORED = "SIGHUP ignored: there is no reload; restart to apply a new configuration"
 #: how long workers get to finish after SIGTERM before they are killed
 STOP_TIMEOUT = 15.0
 
@@ -111,6 +113,9 @@ def run_workers(config: Config, workers: int) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # no reload: SIGHUP's default action killed the supervisor at once, its workers left
+    # orphaned for a second and its metrics directory behind (responder/server.py)
+    signal.signal(signal.SIGHUP, lambda signum, frame: log.warning(SIGHUP_IGNORED))
     base = [sys.executable, "-m", "responder.cli", "serve"]
     if config.source is not None:
         base += ["--config", str(config.source)]

@@ -197,3 +197,24 @@ def test_samples_a_killed_run_left_in_the_metrics_directory_are_dropped(
         assert 'ocsp_db_pool_connections{pool="main",state="max"} 20.0' in text, text
     finally:
         second.stop()
+
+
+def test_sighup_neither_kills_the_supervisor_nor_a_worker(two_workers):  # type: ignore[no-untyped-def]
+    """SIGHUP's default action killed at once: the supervisor left its workers orphaned
+    (they exited a second later, unsupervised) and a worker died mid-answer, restarting
+    the set. There is no reload: SIGHUP is logged and ignored, SIGTERM still stops."""
+    workers = wait_for_workers(two_workers, 2)
+    wait_for_admin(two_workers)
+    assert two_workers.proc is not None
+    two_workers.proc.send_signal(signal.SIGHUP)
+    os.kill(workers[1], signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while two_workers.log().count("SIGHUP ignored") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.5)  # an orphaned worker noticed its supervisor gone within a second
+    assert two_workers.log().count("SIGHUP ignored") == 2, two_workers.log()
+    assert two_workers.proc.poll() is None
+    assert all(alive(pid) for pid in workers)
+    assert httpx.get(two_workers.url + "/healthz", headers={"Connection": "close"}).is_success
+    two_workers.proc.send_signal(signal.SIGTERM)
+    assert two_workers.proc.wait(20) == 0
