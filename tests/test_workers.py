@@ -149,21 +149,22 @@ def metric_value(text: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
+@pytest.mark.parametrize("workers", [2, 1])
 def test_samples_a_killed_run_left_in_the_metrics_directory_are_dropped(
-    database: str, p256_issuer: IssuerFiles, tmp_path: Path
+    database: str, p256_issuer: IssuerFiles, tmp_path: Path, workers: int
 ) -> None:
     """A PROMETHEUS_MULTIPROC_DIR that outlives the set (a Kubernetes emptyDir across a
     container restart, a directory the operator made) kept the samples of a set that was
     killed: the dead workers' ocsp_ready 0 held min(ocsp_ready) at 0 (a "not ready" page
-    for good), and their counters were added to the new ones. The supervisor now empties
-    the directory before it starts the workers."""
+    for good), and their counters were added to the new ones. The supervisor (or `serve`
+    alone) now empties the directory before it starts the workers."""
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
     first = write_config(tmp_path, database, [p256_issuer], extra="workers = 2")
     first.env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     first.start()
     wait_for_workers(first, 2)
-    wait_for_admin(first)
+    wait_for_admin(first)  # a set of two, then one set of `workers`
     for _ in range(5):  # counted by the first set, which then dies without a word
         httpx.get(first.url + "/", headers={"Connection": "close"})
     deadline = time.monotonic() + 5
@@ -178,12 +179,17 @@ def test_samples_a_killed_run_left_in_the_metrics_directory_are_dropped(
     assert any(name.startswith("gauge_livemin_") for name in os.listdir(metrics_dir))
 
     second = write_config(
-        tmp_path, database, [p256_issuer], extra='workers = 2\nhealth_check_interval = "1s"'
+        tmp_path,
+        database,
+        [p256_issuer],
+        extra=f'workers = {workers}\nhealth_check_interval = "1s"',
     )
     second.env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     second.start()
     try:
-        wait_for_workers(second, 2)
+        assert second.proc is not None
+        if workers > 1:
+            wait_for_workers(second, workers)
         wait_for_admin(second)
         deadline = time.monotonic() + 15
         while True:  # each worker's monitor checks readiness every second
@@ -193,8 +199,9 @@ def test_samples_a_killed_run_left_in_the_metrics_directory_are_dropped(
             time.sleep(0.2)
         assert metric_value(text, "ocsp_ready") == 1, text
         assert 'ocsp_requests_total{method="GET"' not in text  # the dead set's answers
-        # a sum over the workers: 10 pooled connections each, two workers, not four
-        assert 'ocsp_db_pool_connections{pool="main",state="max"} 20.0' in text, text
+        # a sum over the workers: 10 pooled connections each, not the dead ones' too
+        max_pool = f'ocsp_db_pool_connections{{pool="main",state="max"}} {10.0 * workers}'
+        assert max_pool in text, text
     finally:
         second.stop()
 
