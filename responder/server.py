@@ -42,6 +42,11 @@ class _Server(uvicorn.Server):
         yield
 
 
+#: seconds uvicorn's listeners (the admin API) give requests in progress at shutdown:
+#: without a bound one client stalled mid-request (a body that never finishes) held
+#: SIGTERM for ever. Below the supervisor's 15 s (responder/workers.py), which then
+#: kills, and systemd's TimeoutStopSec (docs/deploy.md).
+UVICORN_SHUTDOWN_GRACE = 10
 #: seconds between flushes of the hot path's local counters into the prometheus metrics
 STATS_FLUSH_INTERVAL = 1.0
 
@@ -112,6 +117,7 @@ async def serve(
         "log_config": None,
         "http": "httptools",
         "loop": "uvloop",
+        "timeout_graceful_shutdown": UVICORN_SHUTDOWN_GRACE,
     }
     endpoint = build_ocsp_endpoint(service)
     # the OCSP port: the native HTTP/1.1 server, or uvicorn over the ASGI adapter

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -225,3 +226,27 @@ def test_sighup_neither_kills_the_supervisor_nor_a_worker(two_workers):  # type:
     assert httpx.get(two_workers.url + "/healthz", headers={"Connection": "close"}).is_success
     two_workers.proc.send_signal(signal.SIGTERM)
     assert two_workers.proc.wait(20) == 0
+
+
+def test_a_stalled_admin_request_does_not_hold_sigterm(
+    database: str, p256_issuer: IssuerFiles, tmp_path: Path
+) -> None:
+    """uvicorn waited without bound for the admin API's requests in progress: one client
+    stalled in the middle of its body kept `serve` from stopping on SIGTERM for ever
+    (systemd then SIGKILLed it; the supervisor of --workers killed worker 0 at 15 s)."""
+    proc = write_config(tmp_path, database, [p256_issuer]).start()
+    wait_for_admin(proc)
+    with socket.create_connection(("127.0.0.1", proc.admin_port)) as stalled:
+        stalled.sendall(
+            b"POST /v1/certificates HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer "
+            + proc.token.encode()
+            + b"\r\nContent-Length: 1000\r\n\r\n"
+            + b"x" * 10
+        )
+        time.sleep(0.3)  # received: a request in progress
+        assert proc.proc is not None
+        proc.proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.proc.wait(20) == 0  # was: still running
+        finally:
+            proc.stop(signal.SIGKILL)
