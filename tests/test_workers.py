@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from prometheus_client.mmap_dict import MmapedDict
 
 from tests.support import (
+    VENV_BIN,
     IssuerFiles,
     ResponderProcess,
     build_request,
@@ -250,3 +252,33 @@ def test_a_stalled_admin_request_does_not_hold_sigterm(
             assert proc.proc.wait(20) == 0  # was: still running
         finally:
             proc.stop(signal.SIGKILL)
+
+
+def test_an_unusable_metrics_directory_is_one_line_a_missing_one_is_created(
+    database: str, p256_issuer: IssuerFiles, tmp_path: Path
+) -> None:
+    """prometheus-client opens its files in PROMETHEUS_MULTIPROC_DIR at import: a missing
+    or unwritable directory ended `serve` in a traceback from inside the library."""
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    proc = write_config(tmp_path, database, [p256_issuer], extra="workers = 2")
+    failed = subprocess.run(
+        [str(VENV_BIN / "ocsp-responder"), "serve", "--config", str(proc.config_path)],
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(not_a_dir)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert failed.returncode == 1
+    assert failed.stderr.strip().splitlines() == [
+        f"ocsp-responder: error: PROMETHEUS_MULTIPROC_DIR {not_a_dir}: not a writable "
+        "directory (File exists)"
+    ]
+    missing = tmp_path / "run" / "metrics"
+    proc.env["PROMETHEUS_MULTIPROC_DIR"] = str(missing)
+    proc.start()
+    try:
+        wait_for_workers(proc, 2)
+        assert missing.is_dir()
+    finally:
+        proc.stop()
