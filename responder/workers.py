@@ -138,7 +138,9 @@ def run_workers(config: Config, workers: int) -> int:
                     dead[0].pid,
                     dead[0].returncode,
                 )
-                status = 1
+                # its own status when it failed (3: the database, as `serve` alone exits),
+                # else 1: a worker killed by a signal, or one that ended by itself
+                status = dead[0].returncode if dead[0].returncode > 0 else 1
                 break
             time.sleep(0.2)
     finally:

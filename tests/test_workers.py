@@ -282,3 +282,18 @@ def test_an_unusable_metrics_directory_is_one_line_a_missing_one_is_created(
         assert missing.is_dir()
     finally:
         proc.stop()
+
+
+def test_a_worker_failing_at_start_gives_its_exit_status(
+    p256_issuer: IssuerFiles, tmp_path: Path
+) -> None:
+    """`serve` alone exits 3 when the database cannot be reached; with workers the
+    supervisor said 1 for every failure, so a unit could not tell it from a bad config."""
+    proc = write_config(tmp_path, "postgresql://nobody@127.0.0.1:1/none", [p256_issuer])
+    command = [str(VENV_BIN / "ocsp-responder"), "serve", "--config", str(proc.config_path)]
+    alone = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    workers = subprocess.run(
+        [*command, "--workers", "2"], capture_output=True, text=True, timeout=60
+    )
+    assert alone.returncode == workers.returncode == 3, workers.stderr
+    assert "ocsp-responder: error: cannot connect to the database" in workers.stderr
