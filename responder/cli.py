@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -75,6 +76,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from responder.workers import run_workers
 
         raise SystemExit(run_workers(config, workers))
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # e.g. the systemd unit of docs/deploy.md
+        from responder.workers import remove_stale_samples
+
+        remove_stale_samples(Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]), os.getpid())
     from responder.server import serve
 
     _run_serving(serve(config))

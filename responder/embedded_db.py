@@ -15,12 +15,14 @@ refused" on every start until someone found the file).
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import socket
 import warnings
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +54,23 @@ def start_embedded_postgres(data_dir: Path) -> str:
         raise EmbeddedDatabaseError(
             f"embedded PostgreSQL failed to start in {pgdata}: {exc}"
         ) from exc
+    # after pgserver's own exit hook, so it runs first (atexit is last in, first out)
+    atexit.register(_forget_dead_users_at_exit, pgdata, PostgresServer._lock)
     uri: str = server.get_uri()
     log.info("embedded PostgreSQL running in %s", pgdata)
     return uri
+
+
+def _forget_dead_users_at_exit(pgdata: Path, lock: Any) -> None:
+    """Before pgserver's exit hook decides whether this is the last user of the cluster:
+    with ``serve --workers`` a killed worker's pid stayed in the list, so the worker that
+    exited last (cleanly, stopped by the supervisor) left the cluster running after the
+    whole set had stopped."""
+    try:
+        with lock:
+            forget_dead_users(pgdata)
+    except OSError as exc:  # the exit goes on; pgserver's hook then decides as before
+        log.warning("embedded PostgreSQL: cannot read its list of users: %s", exc)
 
 
 def _alive(pid: int) -> bool:

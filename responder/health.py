@@ -131,10 +131,18 @@ class HealthMonitor:
 
     async def _run(self) -> None:
         next_check = time.monotonic() + self.check_interval
+        ready_known = False
         while True:
             await asyncio.sleep(min(SAMPLE_INTERVAL, self.check_interval))
             try:
                 self.sample()
+                if not ready_known and time.monotonic() < next_check:
+                    # ocsp_ready starts at 0: unless a /readyz probe happened to reach
+                    # this worker it said "not ready" for a whole check_interval after
+                    # start (30 s by default, a page after a restart with a longer one).
+                    # Not in start(): the invalidation listener is wired only after it.
+                    await self.readiness()
+                ready_known = True
                 if time.monotonic() >= next_check:
                     if self.signer_expiry is not None:
                         self.signer_expiry.check()

@@ -8,6 +8,7 @@ worker processes, set PROMETHEUS_MULTIPROC_DIR (``serve --workers`` does) and
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable
 
 from prometheus_client import (
@@ -19,6 +20,29 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import multiprocess as _multiprocess
+
+
+def _prepare_multiprocess_dir() -> None:
+    """Create PROMETHEUS_MULTIPROC_DIR if missing, and fail in one line if unusable.
+
+    prometheus-client opens its sample files there as the metrics below are declared,
+    at import: a directory that did not exist (a typo, a container without it) or could
+    not be written ended every command in a 20-line traceback from inside the library."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise SystemExit(
+            f"ocsp-responder: error: PROMETHEUS_MULTIPROC_DIR {path}: not a writable directory "
+            f"({exc.strerror or exc})"
+        ) from None
+
+
+_prepare_multiprocess_dir()
 
 #: OCSP answers by method (GET/POST/HEAD), result (good, revoked, unauthorized,
 #: malformed, try_later, internal_error, not_modified) and source (cache, store, live, none).

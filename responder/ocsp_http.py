@@ -148,6 +148,10 @@ class _Close(Exception):
         self.reply = reply
 
 
+#: seconds between looks at the connections still busy while close() drains them
+DRAIN_POLL_INTERVAL = 0.02
+
+
 class _Stopped(Exception):
     """Raised from a parser callback: the connection takes no more requests."""
 
@@ -363,6 +367,8 @@ class OCSPHttpProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
+        if self.server.draining and not self.queue:
+            keep_alive = False  # shutting down: tell the client, rather than drop it idle
         transport.write(encode_reply(reply, keep_alive, http10))
         self.last_active = monotonic()
         if not keep_alive:
@@ -455,6 +461,8 @@ class OCSPHttpServer:
         self._unlogged: dict[int, int] = {}
         self._refusal_logged_at = -float(REFUSAL_LOG_INTERVAL)
         self._latest_refused_peer = "unknown"
+        #: set by close(): each answer from then on ends its connection
+        self.draining = False
 
     def refused(self, status: int, transport: asyncio.BaseTransport | None) -> None:
         """Count an HTTP-level refusal; log refusals at most once per
@@ -502,14 +510,24 @@ class OCSPHttpServer:
             self.log_refusals(now)  # counts held back during the last interval
 
     async def close(self, grace: float = 5.0) -> None:
-        """Stop accepting; let answers in progress finish (at most ``grace`` s); close."""
+        """Stop accepting; let requests in progress be received and answered (at most
+        ``grace`` s), each answer saying ``Connection: close``; close the idle ones.
+
+        Only answers already being computed were waited for: a request whose body (or
+        head) was still arriving at SIGTERM had its connection closed under it."""
         if self._server is None:
             return
         self._server.close()
-        for connection in list(self.connections):
-            connection.close_if_idle()
-        if self.tasks:
-            await asyncio.wait(list(self.tasks), timeout=grace)
+        self.draining = True
+        deadline = monotonic() + grace
+        while True:
+            for connection in list(self.connections):
+                connection.close_if_idle()
+            if not self.tasks and all(c.closing for c in self.connections):
+                break
+            if monotonic() >= deadline:
+                break
+            await asyncio.sleep(DRAIN_POLL_INTERVAL)
         for connection in list(self.connections):
             connection.closing = True
             if connection.transport is not None:

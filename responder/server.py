@@ -29,6 +29,7 @@ from responder.ocsp_app import OCSPApp
 from responder.ocsp_endpoint import OCSPEndpoint
 from responder.ocsp_http import OCSPHttpServer
 from responder.service import ResponderService
+from responder.workers import SIGHUP_IGNORED
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,11 @@ class _Server(uvicorn.Server):
         yield
 
 
+#: seconds uvicorn's listeners (the admin API) give requests in progress at shutdown:
+#: without a bound one client stalled mid-request (a body that never finishes) held
+#: SIGTERM for ever. Below the supervisor's 15 s (responder/workers.py), which then
+#: kills, and systemd's TimeoutStopSec (docs/deploy.md).
+UVICORN_SHUTDOWN_GRACE = 10
 #: seconds between flushes of the hot path's local counters into the prometheus metrics
 STATS_FLUSH_INTERVAL = 1.0
 
@@ -111,6 +117,7 @@ async def serve(
         "log_config": None,
         "http": "httptools",
         "loop": "uvloop",
+        "timeout_graceful_shutdown": UVICORN_SHUTDOWN_GRACE,
     }
     endpoint = build_ocsp_endpoint(service)
     # the OCSP port: the native HTTP/1.1 server, or uvicorn over the ASGI adapter
@@ -157,6 +164,7 @@ async def serve(
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
+    loop.add_signal_handler(signal.SIGHUP, ignore_sighup)
     tasks: list[asyncio.Task[None]] = []
     try:
         if follower is not None:
@@ -218,6 +226,14 @@ async def serve(
         if follower is not None:
             await follower.stop()
         await service.close()
+
+
+def ignore_sighup() -> None:
+    """SIGHUP is no reload here, and its default action killed the process at once:
+    a worker mid-answer (the whole set then restarted), or a supervisor whose workers
+    were left orphaned, its metrics directory behind. A `kill -HUP` meant as a reload
+    would stop the service (systemd counts death by SIGHUP as clean: no restart)."""
+    log.warning(SIGHUP_IGNORED)
 
 
 async def _serve_listener(server: _Server, sockets: list[socket.socket] | None) -> None:

@@ -14,7 +14,8 @@ SIGTERM/SIGINT to the supervisor stops every worker (each finishes its open requ
 If a worker dies, the supervisor stops the others and exits non-zero, so that the
 service manager restarts the whole set (a half-running set, e.g. without worker 0's
 admin API, would be worse). Metrics: PROMETHEUS_MULTIPROC_DIR is set for the workers
-(a fresh directory unless already set) so /metrics aggregates all of them.
+(a fresh directory unless already set; a given one is emptied of earlier processes'
+files) so /metrics aggregates all of them.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from types import FrameType
 
 from prometheus_client import multiprocess
@@ -36,6 +38,8 @@ from responder.config import Config
 
 log = logging.getLogger(__name__)
 
+#: logged on SIGHUP, by the supervisor and each worker
+SIGHUP_IGNORED = "SIGHUP ignored: there is no reload; restart to apply a new configuration"
 #: how long workers get to finish after SIGTERM before they are killed
 STOP_TIMEOUT = 15.0
 
@@ -60,6 +64,30 @@ def bind_listeners(host: str, port: int, count: int) -> list[socket.socket]:
     return socks
 
 
+def remove_stale_samples(metrics_dir: Path, own_pid: int) -> list[str]:
+    """Delete the sample files of earlier processes from the metrics directory; returns
+    their names.
+
+    A directory that outlives the set (a Kubernetes emptyDir across a container restart,
+    one the operator created; systemd's RuntimeDirectory is emptied for us) still holds
+    the files of a set that was killed: prometheus-client aggregates every file, so a dead
+    worker's ocsp_ready 0 held ``min(ocsp_ready)`` at 0 for good and its pool gauges and
+    counters were added to the live ones. In a new container the new workers may even get
+    the old pids and reopen the old files. Only this process's own file stays: nothing
+    else in the directory can belong to this set, which has not started yet."""
+    removed = []
+    for path in metrics_dir.glob("*.db"):
+        if path.stem.rsplit("_", 1)[-1] == str(own_pid):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path.name)
+    if removed:
+        log.warning(
+            "removed %d metrics files of earlier processes from %s", len(removed), metrics_dir
+        )
+    return removed
+
+
 def run_workers(config: Config, workers: int) -> int:
     """Supervise ``workers`` worker processes until a signal or a worker's death."""
     host, port = config.listen
@@ -76,6 +104,7 @@ def run_workers(config: Config, workers: int) -> int:
         # process wrote its own samples there at import: its ocsp_ready, 0 since it checks
         # nothing, held the workers' minimum at 0 for good
         multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+        remove_stale_samples(Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]), os.getpid())
     stopping = False
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -84,6 +113,9 @@ def run_workers(config: Config, workers: int) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # no reload: SIGHUP's default action killed the supervisor at once, its workers left
+    # orphaned for a second and its metrics directory behind (responder/server.py)
+    signal.signal(signal.SIGHUP, lambda signum, frame: log.warning(SIGHUP_IGNORED))
     base = [sys.executable, "-m", "responder.cli", "serve"]
     if config.source is not None:
         base += ["--config", str(config.source)]
@@ -106,7 +138,9 @@ def run_workers(config: Config, workers: int) -> int:
                     dead[0].pid,
                     dead[0].returncode,
                 )
-                status = 1
+                # its own status when it failed (3: the database, as `serve` alone exits),
+                # else 1: a worker killed by a signal, or one that ended by itself
+                status = dead[0].returncode if dead[0].returncode > 0 else 1
                 break
             time.sleep(0.2)
     finally:

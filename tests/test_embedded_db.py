@@ -33,6 +33,8 @@ asyncio.run(probe())
 print(dsn, flush=True)
 if sys.argv[2] == "kill":
     os.kill(os.getpid(), signal.SIGKILL)
+if sys.argv[2] == "wait":
+    sys.stdin.readline()
 """
 
 
@@ -87,6 +89,37 @@ def test_a_killed_user_does_not_keep_the_cluster_running_forever(data_dir: Path)
         time.sleep(0.1)
     assert not running(server)
     assert json.loads((pgdata / ".handle_pids.json").read_text()) == []
+
+
+def test_the_last_user_stops_the_cluster_though_another_was_killed(data_dir: Path) -> None:
+    """``serve --workers 2`` on the embedded cluster: worker 1 is killed, the supervisor
+    stops worker 0, which exits cleanly as the last live user. Its pgserver cleanup still
+    saw the killed worker's pid in the list and left the cluster running after the whole
+    set had stopped (until some later start). The exit now forgets dead users first."""
+    pgdata = data_dir / "postgres"
+    survivor = subprocess.Popen(
+        [sys.executable, "-c", USER, str(data_dir), "wait"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert survivor.stdout is not None and survivor.stdout.readline()  # connected
+        killed = use_cluster(data_dir, "kill")
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        server = postmaster_pid(pgdata)
+        assert running(server)
+        _, err = survivor.communicate("exit\n", timeout=60)
+        assert survivor.returncode == 0, err
+    finally:
+        if survivor.poll() is None:
+            survivor.kill()
+            survivor.wait()
+    deadline = time.monotonic() + 10
+    while running(server) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not running(server)
 
 
 def test_a_pid_file_naming_another_process_is_cleared(data_dir: Path) -> None:

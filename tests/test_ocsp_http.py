@@ -674,3 +674,38 @@ def test_fuzzed_byte_streams_get_well_formed_answers_or_a_close(
     assert not transport.written_after_close
     for code, _headers in split_answers(bytes(transport.data)):
         assert code < 500, code
+
+
+def test_close_answers_a_request_still_arriving_and_ends_idle_connections(wire: Wire) -> None:
+    """At SIGTERM close() waited only for answers being computed: a POST whose body was
+    still arriving had its connection closed under it (the client saw it reset, mid-
+    request). Now it is received and answered, with ``Connection: close``; an idle
+    keep-alive connection is closed at once."""
+    server = OCSPHttpServer(wire.server.endpoint, keep_alive_timeout=30.0, request_timeout=30.0)
+
+    async def go() -> None:
+        await server.start("127.0.0.1", 0)
+        assert server._server is not None
+        port = server._server.sockets[0].getsockname()[1]
+        idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
+        idle_writer.write(post(wire.good))
+        assert (await read_answer(idle_reader)).status == 200  # kept alive, now idle
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        request = post(wire.good)
+        writer.write(request[:-20])  # the head and part of the body
+        await asyncio.sleep(0.1)
+        closing = asyncio.create_task(server.close(grace=5.0))
+        assert await closed_by_server(idle_reader)
+        writer.write(request[-20:])
+        answer = await read_answer(reader)
+        assert answer.status == 200 and answer.cert_status().certificate_status.name == "GOOD"
+        assert answer.headers[b"connection"] == b"close"
+        assert await closed_by_server(reader)
+        await asyncio.wait_for(closing, 5)
+        for w in (writer, idle_writer):
+            w.close()
+
+    try:
+        run(wire, go())
+    finally:
+        run(wire, server.close())

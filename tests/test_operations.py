@@ -367,6 +367,33 @@ def test_ready_gauge_is_current_without_probes(
         proc.stop()
 
 
+def test_ready_gauge_is_known_soon_after_start(
+    database: str, p256_issuer: IssuerFiles, tmp_path: Path
+) -> None:
+    """Right after start ``ocsp_ready`` said 0 until the first ``health_check_interval``
+    had passed (30 s by default, an hour here) unless a /readyz probe reached every
+    worker: a restart paged "not ready" (deploy.md's alert waits 2 minutes) while each
+    worker was ready. The monitor now checks readiness at its first sample (5 s)."""
+    proc = write_config(
+        tmp_path, database, [p256_issuer], extra='workers = 2\nhealth_check_interval = "1h"'
+    )
+    proc.env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "metrics")
+    (tmp_path / "metrics").mkdir()
+    proc.start()
+
+    def ready_gauge() -> float | None:
+        try:
+            text = httpx.get(proc.admin_url + "/metrics", timeout=2).text
+        except httpx.HTTPError:  # worker 0's admin listener may not be up yet
+            return None
+        return metric(text, "ocsp_ready")
+
+    try:
+        wait_for(lambda: ready_gauge() == 1)  # nothing probes /readyz
+    finally:
+        proc.stop()
+
+
 def test_alerted_counters_are_exported_at_zero(ops_responder) -> None:  # type: ignore[no-untyped-def]
     """The counters deploy.md's alerts take ``increase()`` of exist before their first
     event: a series born at 1 has no earlier sample, so the first serial collision (a

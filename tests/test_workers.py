@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 from prometheus_client.mmap_dict import MmapedDict
 
 from tests.support import (
+    VENV_BIN,
     IssuerFiles,
     ResponderProcess,
     build_request,
@@ -139,3 +142,158 @@ def test_a_dead_worker_stops_the_set(two_workers):  # type: ignore[no-untyped-de
     os.kill(workers[1], signal.SIGKILL)
     assert two_workers.proc.wait(20) == 1
     assert not alive(workers[0])
+
+
+def metric_value(text: str, name: str) -> float:
+    """The value of an unlabelled sample in an exposition text."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+@pytest.mark.parametrize("workers", [2, 1])
+def test_samples_a_killed_run_left_in_the_metrics_directory_are_dropped(
+    database: str, p256_issuer: IssuerFiles, tmp_path: Path, workers: int
+) -> None:
+    """A PROMETHEUS_MULTIPROC_DIR that outlives the set (a Kubernetes emptyDir across a
+    container restart, a directory the operator made) kept the samples of a set that was
+    killed: the dead workers' ocsp_ready 0 held min(ocsp_ready) at 0 (a "not ready" page
+    for good), and their counters were added to the new ones. The supervisor (or `serve`
+    alone) now empties the directory before it starts the workers."""
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    first = write_config(tmp_path, database, [p256_issuer], extra="workers = 2")
+    first.env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    first.start()
+    wait_for_workers(first, 2)
+    wait_for_admin(first)  # a set of two, then one set of `workers`
+    for _ in range(5):  # counted by the first set, which then dies without a word
+        httpx.get(first.url + "/", headers={"Connection": "close"})
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if "ocsp_requests_total" in httpx.get(first.admin_url + "/metrics").text:
+            break
+        time.sleep(0.2)
+    assert first.proc is not None
+    for pid in [*worker_pids(first.proc.pid), first.proc.pid]:
+        os.kill(pid, signal.SIGKILL)
+    first.proc.wait()
+    assert any(name.startswith("gauge_livemin_") for name in os.listdir(metrics_dir))
+
+    second = write_config(
+        tmp_path,
+        database,
+        [p256_issuer],
+        extra=f'workers = {workers}\nhealth_check_interval = "1s"',
+    )
+    second.env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    second.start()
+    try:
+        assert second.proc is not None
+        if workers > 1:
+            wait_for_workers(second, workers)
+        wait_for_admin(second)
+        deadline = time.monotonic() + 15
+        while True:  # each worker's monitor checks readiness every second
+            text = httpx.get(second.admin_url + "/metrics").text
+            if metric_value(text, "ocsp_ready") == 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert metric_value(text, "ocsp_ready") == 1, text
+        assert 'ocsp_requests_total{method="GET"' not in text  # the dead set's answers
+        # a sum over the workers: 10 pooled connections each, not the dead ones' too
+        max_pool = f'ocsp_db_pool_connections{{pool="main",state="max"}} {10.0 * workers}'
+        assert max_pool in text, text
+    finally:
+        second.stop()
+
+
+def test_sighup_neither_kills_the_supervisor_nor_a_worker(two_workers):  # type: ignore[no-untyped-def]
+    """SIGHUP's default action killed at once: the supervisor left its workers orphaned
+    (they exited a second later, unsupervised) and a worker died mid-answer, restarting
+    the set. There is no reload: SIGHUP is logged and ignored, SIGTERM still stops."""
+    workers = wait_for_workers(two_workers, 2)
+    wait_for_admin(two_workers)
+    assert two_workers.proc is not None
+    two_workers.proc.send_signal(signal.SIGHUP)
+    os.kill(workers[1], signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while two_workers.log().count("SIGHUP ignored") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.5)  # an orphaned worker noticed its supervisor gone within a second
+    assert two_workers.log().count("SIGHUP ignored") == 2, two_workers.log()
+    assert two_workers.proc.poll() is None
+    assert all(alive(pid) for pid in workers)
+    assert httpx.get(two_workers.url + "/healthz", headers={"Connection": "close"}).is_success
+    two_workers.proc.send_signal(signal.SIGTERM)
+    assert two_workers.proc.wait(20) == 0
+
+
+def test_a_stalled_admin_request_does_not_hold_sigterm(
+    database: str, p256_issuer: IssuerFiles, tmp_path: Path
+) -> None:
+    """uvicorn waited without bound for the admin API's requests in progress: one client
+    stalled in the middle of its body kept `serve` from stopping on SIGTERM for ever
+    (systemd then SIGKILLed it; the supervisor of --workers killed worker 0 at 15 s)."""
+    proc = write_config(tmp_path, database, [p256_issuer]).start()
+    wait_for_admin(proc)
+    with socket.create_connection(("127.0.0.1", proc.admin_port)) as stalled:
+        stalled.sendall(
+            b"POST /v1/certificates HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer "
+            + proc.token.encode()
+            + b"\r\nContent-Length: 1000\r\n\r\n"
+            + b"x" * 10
+        )
+        time.sleep(0.3)  # received: a request in progress
+        assert proc.proc is not None
+        proc.proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.proc.wait(20) == 0  # was: still running
+        finally:
+            proc.stop(signal.SIGKILL)
+
+
+def test_an_unusable_metrics_directory_is_one_line_a_missing_one_is_created(
+    database: str, p256_issuer: IssuerFiles, tmp_path: Path
+) -> None:
+    """prometheus-client opens its files in PROMETHEUS_MULTIPROC_DIR at import: a missing
+    or unwritable directory ended `serve` in a traceback from inside the library."""
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    proc = write_config(tmp_path, database, [p256_issuer], extra="workers = 2")
+    failed = subprocess.run(
+        [str(VENV_BIN / "ocsp-responder"), "serve", "--config", str(proc.config_path)],
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(not_a_dir)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert failed.returncode == 1
+    assert failed.stderr.strip().splitlines() == [
+        f"ocsp-responder: error: PROMETHEUS_MULTIPROC_DIR {not_a_dir}: not a writable "
+        "directory (File exists)"
+    ]
+    missing = tmp_path / "run" / "metrics"
+    proc.env["PROMETHEUS_MULTIPROC_DIR"] = str(missing)
+    proc.start()
+    try:
+        wait_for_workers(proc, 2)
+        assert missing.is_dir()
+    finally:
+        proc.stop()
+
+
+def test_a_worker_failing_at_start_gives_its_exit_status(
+    p256_issuer: IssuerFiles, tmp_path: Path
+) -> None:
+    """`serve` alone exits 3 when the database cannot be reached; with workers the
+    supervisor said 1 for every failure, so a unit could not tell it from a bad config."""
+    proc = write_config(tmp_path, "postgresql://nobody@127.0.0.1:1/none", [p256_issuer])
+    command = [str(VENV_BIN / "ocsp-responder"), "serve", "--config", str(proc.config_path)]
+    alone = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    workers = subprocess.run(
+        [*command, "--workers", "2"], capture_output=True, text=True, timeout=60
+    )
+    assert alone.returncode == workers.returncode == 3, workers.stderr
+    assert "ocsp-responder: error: cannot connect to the database" in workers.stderr
