@@ -176,7 +176,7 @@ class HealthMonitor:
             count = await asyncio.wait_for(
                 # certificates not yet expired: the refresher's reckoning with no retention
                 self.store.pool.fetchval(
-                    overdue_query(self.store.ct_not_after),
+                    overdue_query(self.store.ct_not_after, self.store.this_update_index),
                     threshold,
                     now,
                     dt.timedelta(0),

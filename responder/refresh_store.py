@@ -136,6 +136,16 @@ class _Statements:
     def build(cls, ct_not_after: bool, this_update_index: bool = False) -> _Statements:
         joins, in_cycle = _joins(ct_not_after), _in_cycle(ct_not_after)
         past = _candidates(this_update_index, ahead="interval '0'")
+        # readiness: :threshold is now + refresh_margin - slack; with the index, as for the
+        # claim, also the rows a renewal point of nextUpdate - 8 h or thisUpdate + 4 days
+        # makes overdue
+        overdue_candidates = (
+            "(r.next_update < :threshold::timestamptz "
+            "OR r.next_update < :now::timestamptz + interval '8 hours' - :slack::interval "
+            "OR r.this_update < :now::timestamptz - interval '4 days' - :slack::interval)"
+            if this_update_index
+            else "r.next_update < :threshold::timestamptz"
+        )
         due_where = f"""
     WHERE r.issuer_id = :issuer
       AND {_candidates(this_update_index, ahead=":spread::interval")}
@@ -198,7 +208,7 @@ class _Statements:
             # a response capped by an expiring signer renews at its own BR deadline, later
             # than nextUpdate - margin: it is not overdue before then
             count_overdue=_numbered(
-                f"SELECT count(*) {joins} WHERE r.next_update < :threshold::timestamptz "
+                f"SELECT count(*) {joins} WHERE {overdue_candidates} "
                 f"AND {_RENEWAL_POINT} + :slack::interval < :now::timestamptz AND {in_cycle}",
                 ("threshold", "now", "retention", "lifetime", "margin", "validity", "slack"),
             ),
@@ -212,12 +222,12 @@ _STATEMENTS = {
 }
 
 
-def overdue_query(ct_not_after: bool) -> str:
+def overdue_query(ct_not_after: bool, this_update_index: bool = False) -> str:
     """Readiness's count of responses overdue for refresh, reckoning which certificates
     are still in the cycle and when a response is due exactly as the refresher does: $1
     threshold (now + margin - slack), $2 now, $3 retention, $4 MAX_CERTIFICATE_LIFETIME,
     $5 refresh_margin, $6 response_validity, $7 refresh_deadline_slack."""
-    return _STATEMENTS[(ct_not_after, False)].count_overdue
+    return _STATEMENTS[(ct_not_after, this_update_index)].count_overdue
 
 
 _WRITE = """

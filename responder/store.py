@@ -26,7 +26,11 @@ from typing import TypeVar
 import asyncpg
 
 from responder.replicas import ReplicaSet
-from responder.schema import certificates_has_tbs_sha256, ct_index_has_not_after
+from responder.schema import (
+    certificates_has_tbs_sha256,
+    ct_index_has_not_after,
+    responses_has_this_update_index,
+)
 from signer.issuers import Issuer
 from signer.response_builder import (
     REASON_CODES,
@@ -363,6 +367,9 @@ class PresignedStore:
         #: the schema has certificates.tbs_sha256 (migration 0006, expand-only):
         #: ``connect`` looks once; recording then refuses serial collisions
         self.tbs_fingerprints = False
+        #: the schema has the responses_this_update index (migration 0007, expand-only):
+        #: ``connect`` looks once; readiness's overdue count then reads by thisUpdate too
+        self.this_update_index = False
 
     async def _read(
         self, query: str, issuer_id: int, key: bytes, found: Callable[[asyncpg.Record], bool]
@@ -401,6 +408,7 @@ class PresignedStore:
         try:
             store.ct_not_after = await ct_index_has_not_after(pool)
             store.tbs_fingerprints = await certificates_has_tbs_sha256(pool)
+            store.this_update_index = await responses_has_this_update_index(pool)
         except BaseException:
             await pool.close()
             raise

@@ -19,7 +19,9 @@ import httpx
 import pytest
 from cryptography.x509 import ocsp
 
-from responder.refresh_store import RefreshStore, Window
+from responder.config import Config
+from responder.refresh_store import MAX_CERTIFICATE_LIFETIME, RefreshStore, Window, overdue_query
+from responder.schema import ct_index_has_not_after, responses_has_this_update_index
 from signer.demo_ca import random_serial
 from signer.response_builder import ValidityPolicy
 from tests.stored_rows import issuer_with_responder, load_issuer, put_row, sign_at, stored
@@ -125,14 +127,18 @@ def test_refresher_renews_by_the_br_deadline(serving, lowered, module_database, 
 def test_refresher_finds_a_row_its_next_update_range_does_not_reach(  # type: ignore[no-untyped-def]
     serving, lowered, module_database, workdir
 ):
-    """thisUpdate 4 days + 30 min ago under the 7-day policy: past its BR deadline, while
-    nextUpdate - refresh_margin (2 days) is still ~23 h away, beyond the refresher's
+    """thisUpdate 4 days 6.5 h ago under the 7-day policy: past its BR deadline, while
+    nextUpdate - refresh_margin (2 days) is still ~17 h away, beyond the refresher's
     nextUpdate range (2 days + spread). It was left there until a client asked for it;
     with migration 0007's index on thisUpdate the refresher finds it, and the
-    past-deadline metric counts it before."""
-    before = past_deadline(module_database)
-    cert, old = old_row(serving, lowered, module_database, dt.timedelta(days=4, minutes=30))
+    past-deadline metric and readiness's overdue count count it before."""
+    before, overdue_before = past_deadline(module_database), overdue(module_database)
+    # 4 days + 6 h 30 min: past the BR deadline by more than readiness's default 6 h slack
+    cert, old = old_row(
+        serving, lowered, module_database, dt.timedelta(days=4, hours=6, minutes=30)
+    )
     assert past_deadline(module_database) == before + 1
+    assert overdue(module_database) == overdue_before + 1
     proc = write_config(
         workdir / "lowered-far", module_database, [lowered], extra='refresher_spread = "60s"\n'
     )
@@ -142,7 +148,35 @@ def test_refresher_finds_a_row_its_next_update_range_does_not_reach(  # type: ig
     row = stored(module_database, issuer, cert.serial_number)
     assert row["der"] != old.der
     assert row["this_update"] > dt.datetime.now(dt.UTC).timestamp() - 2 * 3600
-    assert past_deadline(module_database) == 0
+    assert past_deadline(module_database) == 0 and overdue(module_database) == 0
+
+
+def overdue(dsn: str) -> int:
+    """Readiness's count of responses overdue for refresh (responder/health.py), with the
+    default policy and slack, on the schema as migrated."""
+
+    async def count() -> int:
+        conn = await asyncpg.connect(dsn)
+        try:
+            now = dt.datetime.now(dt.UTC)
+            policy, slack = ValidityPolicy(), Config().refresh_deadline_slack
+            flags = await ct_index_has_not_after(conn), await responses_has_this_update_index(conn)
+            return int(
+                await conn.fetchval(
+                    overdue_query(*flags),
+                    now + policy.refresh_margin - slack,
+                    now,
+                    dt.timedelta(0),
+                    MAX_CERTIFICATE_LIFETIME,
+                    policy.refresh_margin,
+                    policy.validity,
+                    slack,
+                )
+            )
+        finally:
+            await conn.close()
+
+    return asyncio.run(count())
 
 
 def past_deadline(dsn: str) -> int:
