@@ -210,8 +210,9 @@ def response_window(
     revocation: Revocation | None = None,
 ) -> tuple[ResponderIdentity, dt.datetime, dt.datetime]:
     """The signer and thisUpdate/nextUpdate for a response made at ``moment`` (whole
-    seconds): backdated, never before a revocation, never past the signer's notAfter nor
-    the issuer certificate's (a chain that has expired validates nothing).
+    seconds): backdated (never before the signer's notBefore), never before a revocation,
+    never past the signer's notAfter nor the issuer certificate's (a chain that has
+    expired validates nothing).
 
     No usable signer is a ``SigningError`` like any other refusal, so that every caller
     (recording, revocation, refresher, on-demand) reports it as one clear line."""
@@ -219,7 +220,10 @@ def response_window(
         responder = issuer.active_responder(moment)
     except IssuerConfigError as exc:
         raise SigningError(str(exc)) from exc
-    this_update = moment - policy.backdate
+    # backdated for client clock skew, but never before the signer's own notBefore: in
+    # the first hour of a new responder certificate a response said it was known correct
+    # at a time its signer did not exist yet (clients accept it; nothing needs it)
+    this_update = max(moment - policy.backdate, whole_seconds(responder.not_before))
     if revocation is not None:
         # never claim to have known of a revocation before it happened
         this_update = max(this_update, min(whole_seconds(revocation.revoked_at), moment))

@@ -268,6 +268,27 @@ def test_capped_responses_are_not_overdue(module_database, workdir):  # type: ig
         proc.stop()
 
 
+def test_this_update_is_never_before_the_signer_existed(module_database, workdir):  # type: ignore[no-untyped-def]
+    """A responder certificate 10 minutes old: thisUpdate is backdated 1 h for client clock
+    skew, but not to before its signer's notBefore (it said the status was known correct
+    by a signer that did not exist yet), by the pre-signed path and on demand alike."""
+    young = issuer_with_responder(
+        "young", workdir, valid_from=dt.timedelta(minutes=10), valid_for=dt.timedelta(days=30)
+    )
+    proc = write_config(workdir / "young", module_database, [young]).start()
+    try:
+        cert = young.ca.issue_leaf("young.test")
+        assert proc.record(cert).status_code == 201
+        born = young.ca.responder_cert.not_valid_before_utc
+        for alg in ("sha1", "sha256"):  # stored at recording; signed on demand
+            der = build_request(cert, young.ca.ca_cert, alg=alg)
+            answer = httpx.post(proc.url, content=der).content
+            checked = check_response(answer, issuer=young, serial=cert.serial_number, alg=alg)
+            assert checked.response.this_update_utc == born
+    finally:
+        proc.stop()
+
+
 def test_capped_responses_are_warmed_up(database, workdir):  # type: ignore[no-untyped-def]
     """Warm-up reckons a row's renewal point as the serving path does: a response capped by
     a responder certificate ending in 30 h is due at its BR deadline, not at nextUpdate -
