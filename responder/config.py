@@ -693,14 +693,15 @@ def _ct_log(item: dict[str, Any], index: int) -> CTLogConfig:
         poll_interval=poll,
         origin=_str(item["origin"], f"{where}.origin") if "origin" in item else None,
         batch_size=_positive(item.get("batch_size", 4096), f"{where}.batch_size"),
-        start_index=_non_negative(item.get("start_index", 0), f"{where}.start_index"),
+        start_index=_leaf_index(item.get("start_index", 0), f"{where}.start_index"),
     )
 
 
-def _non_negative(v: object, key: str) -> int:
+def _leaf_index(v: object, key: str) -> int:
+    """A CT leaf index: what ct_logs.next_index (bigint) can hold."""
     n = _int(v, key)
-    if n < 0:
-        raise ConfigError(f"{key}: must be 0 or more, got {n}")
+    if not 0 <= n < 2**63:
+        raise ConfigError(f"{key}: must be between 0 and 2^63 - 1, got {n}")
     return n
 
 

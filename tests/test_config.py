@@ -89,7 +89,12 @@ def one_ct_log(tmp_path: Path, line: str) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("value", "message"), [("-1", "must be 0 or more"), ("true", "expected an integer")]
+    ("value", "message"),
+    [
+        ("-1", "must be between 0 and 2\\^63 - 1"),
+        (str(2**63), "must be between 0 and 2\\^63 - 1"),
+        ("true", "expected an integer"),
+    ],
 )
 def test_ct_start_index_is_a_leaf_index(tmp_path: Path, value: str, message: str) -> None:
     path = one_ct_log(tmp_path, f"start_index = {value}")
