@@ -65,9 +65,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
         from responder.server import serve
 
-        fd, index, supervisor = (int(part) for part in args.worker_of.split(":"))
+        fd, index, supervisor, heartbeat_fd = (int(part) for part in args.worker_of.split(":"))
         sock = socket.socket(fileno=fd)
-        _run_serving(serve(config, listen_socket=sock, worker_index=index, supervisor=supervisor))
+        _run_serving(
+            serve(
+                config,
+                listen_socket=sock,
+                worker_index=index,
+                supervisor=supervisor,
+                heartbeat_fd=heartbeat_fd,
+            )
+        )
         return
     workers = args.workers if args.workers is not None else config.workers
     if not 1 <= workers <= MAX_WORKERS:  # the bound of the workers key (config.py)

@@ -179,6 +179,9 @@ class Config:
     replica_urls: list[str] = field(default_factory=list)
     replica_max_lag: dt.timedelta = dt.timedelta(seconds=30)
     workers: int = 1
+    #: a serve process (or worker) whose event loop has not run for this long is ended
+    #: (responder/loop_watchdog.py); 0 turns the watchdog off
+    worker_hang_timeout: dt.timedelta = dt.timedelta(seconds=30)
     warmup_responses: int = 100_000
     source: Path | None = None
     # operations (docs/operations.md)
@@ -321,6 +324,7 @@ KNOWN_KEYS: dict[str, Callable[[object, str], object]] = {
     "replica_urls": _str_list,
     "replica_max_lag": parse_duration,
     "workers": _int,
+    "worker_hang_timeout": parse_duration,
     "warmup_responses": _int,
 }
 
@@ -582,6 +586,13 @@ def _operations(cfg: Config, v: dict[str, Any], base: Path) -> None:
         raise ConfigError("admin_tls_cert and admin_tls_key go together")
     if cfg.admin_client_ca is not None and cfg.admin_tls_cert is None:
         raise ConfigError("admin_client_ca needs admin_tls_cert and admin_tls_key (mTLS is TLS)")
+    if "worker_hang_timeout" in v:
+        timeout = v["worker_hang_timeout"]
+        # below 5 s a GC pause or a slow disk could look like a hang; beyond 10 min a
+        # hung process hoards connections for too long to be of use
+        if timeout and not dt.timedelta(seconds=5) <= timeout <= dt.timedelta(minutes=10):
+            raise ConfigError("worker_hang_timeout: must be 0 (off) or between 5s and 10m")
+        cfg.worker_hang_timeout = timeout
     if "health_check_interval" in v:
         if v["health_check_interval"] < dt.timedelta(seconds=1):
             raise ConfigError("health_check_interval: must be at least 1s")

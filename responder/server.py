@@ -25,6 +25,7 @@ from responder.background import BackgroundTasks
 from responder.config import Config, ConfigError
 from responder.ct_coverage import CTCoverageMonitor
 from responder.ct_indexer import BackgroundFollower, CTIndexer
+from responder.loop_watchdog import LoopHeartbeat
 from responder.ocsp_app import OCSPApp
 from responder.ocsp_endpoint import OCSPEndpoint
 from responder.ocsp_http import OCSPHttpServer
@@ -88,6 +89,7 @@ async def serve(
     listen_socket: socket.socket | None = None,
     worker_index: int = 0,
     supervisor: int | None = None,
+    heartbeat_fd: int | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM (on ``listen_socket`` when a supervisor bound it)."""
     primary = worker_index == 0
@@ -98,10 +100,15 @@ async def serve(
         )
     service = ResponderService(config, primary=primary)
     await service.start()
+    # watched from here on, once keys are loaded and the database connected: the warm-up
+    # and the listeners run in the loop, which yields between batches and requests
+    heartbeat = LoopHeartbeat(config.worker_hang_timeout.total_seconds(), pipe_fd=heartbeat_fd)
+    heartbeat.start(asyncio.get_running_loop())
     try:
         # once per deployment, not per worker: worker 0 follows CT
         follower = _ct_follower(config, service) if primary else None
     except ConfigError:
+        heartbeat.stop()
         await service.close()
         raise
     background = BackgroundTasks(service)
@@ -226,6 +233,7 @@ async def serve(
         if follower is not None:
             await follower.stop()
         await service.close()
+        heartbeat.stop()
 
 
 def ignore_sighup() -> None:

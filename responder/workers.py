@@ -13,7 +13,9 @@ itself holds no database connection and no keys.
 SIGTERM/SIGINT to the supervisor stops every worker (each finishes its open requests).
 If a worker dies, the supervisor stops the others and exits non-zero, so that the
 service manager restarts the whole set (a half-running set, e.g. without worker 0's
-admin API, would be worse). Metrics: PROMETHEUS_MULTIPROC_DIR is set for the workers
+admin API, would be worse). A worker whose event loop is blocked is made to die: its own
+watchdog thread ends it, and the supervisor SIGKILLs one whose beats on its heartbeat
+pipe stop for ``worker_hang_timeout`` (+ a margin) (responder/loop_watchdog.py). Metrics: PROMETHEUS_MULTIPROC_DIR is set for the workers
 (a fresh directory unless already set; a given one is emptied of earlier processes'
 files) so /metrics aggregates all of them.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -35,6 +38,7 @@ from types import FrameType
 from prometheus_client import multiprocess
 
 from responder.config import Config
+from responder.loop_watchdog import HUNG_EXIT_STATUS, SUPERVISOR_MARGIN
 
 log = logging.getLogger(__name__)
 
@@ -120,16 +124,23 @@ def run_workers(config: Config, workers: int) -> int:
     if config.source is not None:
         base += ["--config", str(config.source)]
     procs: list[subprocess.Popen[bytes]] = []
+    heartbeats = HeartbeatWatch(config.worker_hang_timeout.total_seconds())
     status = 0
     try:
         for index in range(workers):
-            procs.append(
-                subprocess.Popen(
-                    [*base, "--worker-of", f"{socks[index].fileno()}:{index}:{os.getpid()}"],
-                    pass_fds=(socks[index].fileno(),),
+            beat_fd = heartbeats.add()
+            worker_of = f"{socks[index].fileno()}:{index}:{os.getpid()}:{beat_fd}"
+            try:
+                procs.append(
+                    subprocess.Popen(
+                        [*base, "--worker-of", worker_of],
+                        pass_fds=(socks[index].fileno(), beat_fd),
+                    )
                 )
-            )
+            finally:
+                os.close(beat_fd)  # the worker holds the write end: EOF when it dies
         log.info("supervisor %d: %d workers on %s:%d", os.getpid(), workers, host, port)
+        killed_hung: set[int] = set()
         while not stopping:
             dead = [p for p in procs if p.poll() is not None]
             if dead:
@@ -138,12 +149,28 @@ def run_workers(config: Config, workers: int) -> int:
                     dead[0].pid,
                     dead[0].returncode,
                 )
-                # its own status when it failed (3: the database, as `serve` alone exits),
-                # else 1: a worker killed by a signal, or one that ended by itself
+                # its own status when it failed (3: the database, as `serve` alone exits;
+                # 4: its loop hung), else 1: a worker killed by a signal, or one that
+                # ended by itself
                 status = dead[0].returncode if dead[0].returncode > 0 else 1
+                if dead[0].pid in killed_hung:
+                    status = HUNG_EXIT_STATUS
                 break
-            time.sleep(0.2)
+            for index, silent in heartbeats.wait(0.2):
+                hung = procs[index]
+                log.error(
+                    "worker %d (pid %d): event loop silent for %.1fs (worker_hang_timeout "
+                    "%.0fs): killing it (SIGKILL)",
+                    index,
+                    hung.pid,
+                    silent,
+                    heartbeats.timeout,
+                )
+                hung.kill()
+                hung.wait()
+                killed_hung.add(hung.pid)
     finally:
+        heartbeats.close()
         for sock in socks:
             sock.close()
         for p in procs:
@@ -159,3 +186,60 @@ def run_workers(config: Config, workers: int) -> int:
         if own_metrics_dir is not None:
             shutil.rmtree(own_metrics_dir, ignore_errors=True)
     return status
+
+
+class HeartbeatWatch:
+    """The read ends of the workers' heartbeat pipes, and when each last beat.
+
+    A worker is watched from its first beat on (its loop starts beating once its keys
+    are loaded and its database connected): a slow start is not a hang."""
+
+    def __init__(self, timeout: float) -> None:
+        #: seconds of silence that count as hung (0: never)
+        self.timeout = timeout
+        self._reads: list[int] = []
+        self._last: list[float | None] = []
+
+    def add(self) -> int:
+        """A pipe for the next worker; returns the write end to hand it."""
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        self._reads.append(read_fd)
+        self._last.append(None)
+        return write_fd
+
+    def wait(self, seconds: float) -> list[tuple[int, float]]:
+        """Read beats for up to ``seconds``; the (index, silence) of each hung worker."""
+        open_fds = [fd for fd in self._reads if fd >= 0]
+        readable: list[int] = []
+        if open_fds:
+            readable = select.select(open_fds, [], [], seconds)[0]
+        else:  # every worker gone: the caller's poll() ends the loop
+            time.sleep(seconds)
+        now = time.monotonic()
+        for fd in readable:
+            index = self._reads.index(fd)
+            try:
+                data = os.read(fd, 4096)
+            except BlockingIOError:
+                continue
+            if data:
+                self._last[index] = now
+            else:  # EOF: the worker is gone, and the caller's poll() sees it
+                os.close(fd)
+                self._reads[index] = -1
+        if self.timeout <= 0:
+            return []
+        limit = self.timeout + SUPERVISOR_MARGIN
+        hung = []
+        for index, last in enumerate(self._last):
+            if last is not None and self._reads[index] >= 0 and now - last > limit:
+                hung.append((index, now - last))
+                self._last[index] = None  # reported once
+        return hung
+
+    def close(self) -> None:
+        for fd in self._reads:
+            if fd >= 0:
+                os.close(fd)
+        self._reads = [-1] * len(self._reads)

@@ -417,3 +417,19 @@ def test_ct_log_table_refuses_unknown_keys(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"^ct_logs\[0\]: unknown keys pol_interval$"):
         load_config(path, {})
+
+
+def test_worker_hang_timeout(tmp_path: Path) -> None:
+    """The loop watchdog's timeout (responder/loop_watchdog.py): 30 s by default, 0 turns
+    it off, anything else between 5 s (a GC pause must not look like a hang) and 10 min."""
+    assert load_config(None, {}).worker_hang_timeout == dt.timedelta(seconds=30)
+    path = tmp_path / "c.toml"
+    path.write_text('worker_hang_timeout = "2m"\n')
+    assert load_config(path, {}).worker_hang_timeout == dt.timedelta(minutes=2)
+    env = {"OCSP_RESPONDER_WORKER_HANG_TIMEOUT": "0"}
+    assert load_config(path, env).worker_hang_timeout == dt.timedelta(0)
+    for value in ('"4s"', '"11m"', "1"):
+        path.write_text(f"worker_hang_timeout = {value}\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(path, {})
+        assert str(info.value) == "worker_hang_timeout: must be 0 (off) or between 5s and 10m"
