@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -58,6 +59,9 @@ async def _with_service(config: Config):  # type: ignore[no-untyped-def]
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    # SIGHUP is no reload (responder/server.py ignores it once its loop runs); until then
+    # its default action killed a process still starting: ignore it from the first line
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     config = _config(args)
     _setup_logging(config.log_level, config.log_format, config.log_success_sample_every)
     if args.worker_of:  # a worker started by the supervisor (responder/workers.py)

@@ -118,8 +118,11 @@ def run_workers(config: Config, workers: int) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     # no reload: SIGHUP's default action killed the supervisor at once, its workers left
-    # orphaned for a second and its metrics directory behind (responder/server.py)
-    signal.signal(signal.SIGHUP, lambda signum, frame: log.warning(SIGHUP_IGNORED))
+    # orphaned for a second and its metrics directory behind (responder/server.py). While
+    # the workers are spawned it stays SIG_IGN, a disposition they inherit across exec (a
+    # handler is reset to the default), so one sent during their start-up, before their
+    # loop's own handler, does not kill them either; logged once they are all started.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     base = [sys.executable, "-m", "responder.cli", "serve"]
     if config.source is not None:
         base += ["--config", str(config.source)]
@@ -140,6 +143,7 @@ def run_workers(config: Config, workers: int) -> int:
             finally:
                 os.close(beat_fd)  # the worker holds the write end: EOF when it dies
         log.info("supervisor %d: %d workers on %s:%d", os.getpid(), workers, host, port)
+        signal.signal(signal.SIGHUP, lambda signum, frame: log.warning(SIGHUP_IGNORED))
         killed_hung: set[int] = set()
         while not stopping:
             dead = [p for p in procs if p.poll() is not None]

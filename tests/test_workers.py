@@ -215,19 +215,63 @@ def test_sighup_neither_kills_the_supervisor_nor_a_worker(two_workers):  # type:
     the set. There is no reload: SIGHUP is logged and ignored, SIGTERM still stops."""
     workers = wait_for_workers(two_workers, 2)
     wait_for_admin(two_workers)
+    deadline = time.monotonic() + 20  # both loops run (start-up: the test below)
+    while "worker 1 serving" not in two_workers.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    before = two_workers.log().count("SIGHUP ignored")
     assert two_workers.proc is not None
     two_workers.proc.send_signal(signal.SIGHUP)
     os.kill(workers[1], signal.SIGHUP)
     deadline = time.monotonic() + 10
-    while two_workers.log().count("SIGHUP ignored") < 2 and time.monotonic() < deadline:
+    while two_workers.log().count("SIGHUP ignored") < before + 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(1.5)  # an orphaned worker noticed its supervisor gone within a second
-    assert two_workers.log().count("SIGHUP ignored") == 2, two_workers.log()
+    assert two_workers.log().count("SIGHUP ignored") == before + 2, two_workers.log()
     assert two_workers.proc.poll() is None
     assert all(alive(pid) for pid in workers)
     assert httpx.get(two_workers.url + "/healthz", headers={"Connection": "close"}).is_success
     two_workers.proc.send_signal(signal.SIGTERM)
     assert two_workers.proc.wait(20) == 0
+
+
+def test_sighup_during_start_up_kills_nothing(
+    database: str, p256_issuer: IssuerFiles, tmp_path: Path
+) -> None:
+    """A SIGHUP that reached a process before its event loop's handler took its default
+    action: a worker still importing died, and the supervisor stopped the set (a
+    supervisor still spawning died too). Each worker is sent one as soon as it exists,
+    the supervisor when its first worker does."""
+    proc = write_config(tmp_path, database, [p256_issuer], extra="workers = 2")
+    env = {**os.environ, **proc.env, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}
+    log = open(tmp_path / "start.log", "wb")
+    supervisor = subprocess.Popen(
+        [str(VENV_BIN / "ocsp-responder"), "serve", "--config", str(proc.config_path)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    try:
+        hupped: set[int] = set()
+        deadline = time.monotonic() + 20
+        while len(hupped) < 2 and time.monotonic() < deadline and supervisor.poll() is None:
+            for pid in set(worker_pids(supervisor.pid)) - hupped:
+                os.kill(pid, signal.SIGHUP)  # within milliseconds of its exec
+                if not hupped:  # and the supervisor, while it spawns
+                    supervisor.send_signal(signal.SIGHUP)
+                hupped.add(pid)
+            time.sleep(0.005)
+        assert len(hupped) == 2, (tmp_path / "start.log").read_text()
+        deadline = time.monotonic() + 20
+        while (tmp_path / "start.log").read_text().count(" serving OCSP on ") < 2:
+            assert supervisor.poll() is None, (tmp_path / "start.log").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "start.log").read_text()
+            time.sleep(0.05)
+        assert all(alive(pid) for pid in hupped) and supervisor.poll() is None
+        assert httpx.get(proc.url + "/healthz", headers={"Connection": "close"}).is_success
+    finally:
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(20) == 0
+        log.close()
 
 
 def test_a_stalled_admin_request_does_not_hold_sigterm(
