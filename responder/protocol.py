@@ -49,7 +49,8 @@ class CertIdRequest:
     nonce: bytes | None
 
 
-_SUPPORTED = frozenset({"sha1", "sha256", "sha384", "sha512"})
+#: the CertID hashes we answer for, and their digest sizes (issuerNameHash, issuerKeyHash)
+_DIGEST_SIZES = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}
 
 
 def parse_request(der: bytes) -> CertIdRequest:
@@ -71,8 +72,13 @@ def parse_request(der: bytes) -> CertIdRequest:
         alg = req.hash_algorithm.name
     except UnsupportedAlgorithm as exc:
         raise UnsupportedHashAlgorithm(str(exc)) from exc
-    if alg not in _SUPPORTED:
+    size = _DIGEST_SIZES.get(alg)
+    if size is None:
         raise UnsupportedHashAlgorithm(alg)
+    if len(req.issuer_name_hash) != size or len(req.issuer_key_hash) != size:
+        # not a hash of this algorithm: a malformed CertID, not an issuer we do not know
+        # (it was answered ``unauthorized``, as if it could name someone else's issuer)
+        raise MalformedRequest(f"CertID hashes are not {size}-octet {alg} digests")
     nonce: bytes | None = None
     try:
         extensions = req.extensions
@@ -93,8 +99,9 @@ def parse_request(der: bytes) -> CertIdRequest:
             nonce = ext.value.nonce
             if not 1 <= len(nonce) <= MAX_NONCE_LENGTH:
                 raise MalformedRequest(f"nonce of {len(nonce)} octets (RFC 9654: 1 to 128)")
-    if _critical_single_request_extension(der):
-        raise MalformedRequest("critical singleRequestExtension (none is supported)")
+    problem = _single_request_extension_problem(der)
+    if problem is not None:
+        raise MalformedRequest(problem)
     return CertIdRequest(
         hash_algorithm=alg,
         issuer_name_hash=req.issuer_name_hash,
@@ -117,9 +124,10 @@ def _understood(extension: x509.Extension[x509.ExtensionType]) -> bool:
     return isinstance(value, x509.OCSPAcceptableResponses) and _OCSP_BASIC in list(value)
 
 
-def _critical_single_request_extension(der: bytes) -> bool:
-    """Whether the one Request carries a critical singleRequestExtension (cryptography
-    does not expose them; none is supported, so a critical one must not be ignored).
+def _single_request_extension_problem(der: bytes) -> str | None:
+    """Why the one Request's singleRequestExtensions make it malformed, or None: a
+    critical one (none is supported, so it must not be ignored) or one extnID twice (RFC
+    5280 4.2, refused in requestExtensions too). cryptography does not expose them.
 
     ``der`` has already been parsed strictly by cryptography: the walk only locates
     ``OCSPRequest.tbsRequest.requestList[0].singleRequestExtensions``."""
@@ -130,8 +138,9 @@ def _critical_single_request_extension(der: bytes) -> bool:
         [(_, _, r0, r1)] = children(der, request_list[2], request_list[3])  # Request
         parts = children(der, r0, r1)
         if len(parts) < 2 or parts[1][0] != 0xA0:  # [0] EXPLICIT Extensions
-            return False
+            return None
         e0, e1 = expect(der, parts[1][2], parts[1][3], TAG_SEQUENCE)
+        seen: set[bytes] = set()
         for _, _, x0, x1 in children(der, e0, e1):  # Extension
             fields = children(der, x0, x1)
             # extnID, critical BOOLEAN DEFAULT FALSE (present only when TRUE in DER)
@@ -140,10 +149,14 @@ def _critical_single_request_extension(der: bytes) -> bool:
                 and fields[1][0] == 0x01
                 and der[fields[1][2] : fields[1][3]] != b"\x00"
             ):
-                return True
+                return "critical singleRequestExtension (none is supported)"
+            extn_id = der[fields[0][2] : fields[0][3]]
+            if extn_id in seen:
+                return "singleRequestExtension repeated (RFC 5280 4.2)"
+            seen.add(extn_id)
     except (DERError, StopIteration, ValueError):
-        return False  # cryptography accepted the structure: nothing else to find
-    return False
+        return None  # cryptography accepted the structure: nothing else to find
+    return None
 
 
 _URL_SAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")

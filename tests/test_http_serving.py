@@ -20,6 +20,7 @@ from tests.support import (
     IssuerFiles,
     ResponderProcess,
     build_request,
+    cert_id_request,
     check_response,
     critical_extension_request,
     get_url,
@@ -131,6 +132,41 @@ def test_certid_hash_is_echoed(responder, p256_issuer, good_cert, alg):  # type:
         check_response(resp.content, issuer=p256_issuer, serial=good_cert.serial_number, alg=alg)
 
 
+SHA1_OID, SHA256_OID = "1.3.14.3.2.26", "2.16.840.1.101.3.4.2.1"
+
+
+def test_hash_parameters_absent_are_answered_like_null(responder, p256_issuer, good_cert):  # type: ignore[no-untyped-def]
+    """Clients send the hash AlgorithmIdentifier with NULL parameters or none (RFC 5754
+    2): both get the answer, with the request's hash algorithm in its CertID."""
+    from signer.issuers import issuer_from_certificate
+
+    hashes_of = issuer_from_certificate("x", p256_issuer.ca.ca_cert).cert_id_hashes
+    for alg, oid in (("sha1", SHA1_OID), ("sha256", SHA256_OID)):
+        der = cert_id_request(oid, *hashes_of[alg], good_cert.serial_number, null_params=False)
+        for resp in (httpx.get(get_url(responder.url, der)), post(responder.url, der)):
+            check_response(
+                resp.content, issuer=p256_issuer, serial=good_cert.serial_number, alg=alg
+            )
+
+
+def test_cert_id_hashes_of_the_wrong_length_are_malformed(responder, p256_issuer, good_cert):  # type: ignore[no-untyped-def]
+    """An issued serial under hashes that are no digest of the named algorithm (SHA-1
+    hashes labelled SHA-256, a truncated one) was answered ``unauthorized``, as if our
+    issuer were unknown: it is a malformed CertID."""
+    from signer.issuers import issuer_from_certificate
+
+    name_hash, key_hash = issuer_from_certificate("x", p256_issuer.ca.ca_cert).cert_id_hashes[
+        "sha1"
+    ]
+    serial = good_cert.serial_number
+    for der in (
+        cert_id_request(SHA256_OID, name_hash, key_hash, serial),
+        cert_id_request(SHA1_OID, name_hash[:-1], key_hash, serial),
+    ):
+        _assert_error(post(responder.url, der), MALFORMED_REQUEST)
+        _assert_error(httpx.get(get_url(responder.url, der)), MALFORMED_REQUEST)
+
+
 def test_rsa_issuer_signing_itself(responder, rsa_issuer):  # type: ignore[no-untyped-def]
     cert = rsa_issuer.ca.issue_leaf("rsa.test")
     assert responder.record(cert, der=True).status_code == 201
@@ -220,6 +256,8 @@ def test_critical_extensions_not_understood_are_malformed(responder, p256_issuer
     refused = [
         critical_extension_request(good_cert, ca, unknown),
         with_single_request_extension(build_request(good_cert, ca), critical=True),
+        # RFC 5280 4.2: an extension appears once (it was accepted here)
+        with_single_request_extension(build_request(good_cert, ca), critical=False, times=2),
     ]
     for der in refused:
         _assert_error(post(responder.url, der), MALFORMED_REQUEST)

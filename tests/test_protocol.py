@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from responder.protocol import MalformedRequest, decode_get_path, parse_request
 from tests.support import (
     build_request,
+    cert_id_request,
     critical_extension_request,
     duplicated_nonce_request,
     with_single_request_extension,
@@ -112,6 +113,53 @@ def test_critical_request_extensions_we_do_not_understand_are_refused(demo_ca) -
         parse_request(critical)
     lenient = with_single_request_extension(plain, critical=False)
     assert parse_request(lenient).serial == cert.serial_number
+
+
+def test_duplicated_single_request_extension_is_malformed(demo_ca) -> None:  # type: ignore[no-untyped-def]
+    """RFC 5280 4.2, as in requestExtensions: the same non-critical extnID twice in the
+    Request's singleRequestExtensions was accepted."""
+    twice = with_single_request_extension(
+        build_request(None, demo_ca.ca_cert, serial=5), critical=False, times=2
+    )
+    with pytest.raises(MalformedRequest, match="singleRequestExtension repeated"):
+        parse_request(twice)
+
+
+SHA1, SHA256 = "1.3.14.3.2.26", "2.16.840.1.101.3.4.2.1"
+
+
+@pytest.mark.parametrize(
+    ("alg", "name_hash", "key_hash"),
+    [
+        (SHA1, b"n" * 19, b"k" * 20),  # truncated
+        (SHA1, b"n" * 20, b"k" * 32),  # a SHA-256 key hash under SHA-1
+        (SHA256, b"n" * 20, b"k" * 20),  # SHA-1 hashes labelled SHA-256
+        (SHA1, b"", b""),
+    ],
+)
+def test_cert_id_hashes_of_the_wrong_length_are_malformed(
+    alg: str, name_hash: bytes, key_hash: bytes
+) -> None:
+    """They were taken for an unknown issuer and answered ``unauthorized``."""
+    with pytest.raises(MalformedRequest, match="digests"):
+        parse_request(cert_id_request(alg, name_hash, key_hash, 5))
+
+
+@pytest.mark.parametrize("null_params", [True, False])
+@pytest.mark.parametrize(("alg", "size"), [(SHA1, 20), (SHA256, 32)])
+def test_hash_parameters_absent_or_null_both_read(alg: str, size: int, null_params: bool) -> None:
+    """Both forms of the hash AlgorithmIdentifier occur in the field (RFC 5754 2)."""
+    parsed = parse_request(
+        cert_id_request(alg, b"n" * size, b"k" * size, 5, null_params=null_params)
+    )
+    assert (parsed.serial, len(parsed.issuer_key_hash)) == (5, size)
+
+
+@pytest.mark.parametrize("content", [b"\x00\x05", b"\xff\xfb", b""])
+def test_non_minimal_serial_encodings_are_refused(content: bytes) -> None:
+    """Never read as another serial: 00 05 (5 spelled long) and ff fb (-5 spelled long)."""
+    with pytest.raises(MalformedRequest):
+        parse_request(cert_id_request(SHA1, b"n" * 20, b"k" * 20, 5, serial_content=content))
 
 
 @settings(max_examples=300, deadline=None)
