@@ -17,6 +17,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.x509 import ocsp
 
 from signer.der import TAG_SEQUENCE, DERError, children, expect
+from signer.issuers import CERT_ID_HASHES
 
 # Unsigned OCSPResponse { responseStatus } for each non-successful status (RFC 6960 4.2.1).
 MALFORMED_REQUEST = b"\x30\x03\x0a\x01\x01"
@@ -50,7 +51,7 @@ class CertIdRequest:
 
 
 #: the CertID hashes we answer for, and their digest sizes (issuerNameHash, issuerKeyHash)
-_DIGEST_SIZES = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}
+_DIGEST_SIZES = {name: algorithm().digest_size for name, algorithm in CERT_ID_HASHES.items()}
 
 
 def parse_request(der: bytes) -> CertIdRequest:
