@@ -168,25 +168,26 @@ def decode_get_path(encoded: bytes) -> bytes:
 
     Clients send the base64 URL-encoded or not, so ``+`` arrives as ``+``, ``%2B`` or a
     space, and ``/`` as ``/`` or ``%2F``. Leading slashes are dropped (an AIA URL ending in
-    ``/`` makes ``//``): base64 of a DER SEQUENCE starts with ``M``, never ``/``. Missing
-    ``=`` padding is restored only where it is unambiguous. The URL-safe alphabet (RFC 4648
-    section 5: ``-`` and ``_`` for ``+`` and ``/``), which some clients send since it needs
-    no escaping, is read too, unless mixed with the standard one; other alphabets are
-    refused.
+    ``/`` makes ``//``): base64 of a DER SEQUENCE starts with ``M``, never ``/``. ``=``
+    padding is optional: none, partial or extra is read as the full one. The URL-safe
+    alphabet (RFC 4648 section 5: ``-`` and ``_`` for ``+`` and ``/``), which some clients
+    send since it needs no escaping, is read too, unless mixed with the standard one;
+    other alphabets are refused.
     """
     stripped = encoded.lstrip(b"/")
     if not stripped:
         raise MalformedRequest("empty GET request")
-    text = unquote_to_bytes(stripped).replace(b" ", b"+")
+    # padding carries no data: clients send all of it, none, or (rarely) some or extra;
+    # its amount was checked only sometimes ("QUJD==" read, "QUI==" and "QQ=" refused)
+    text = unquote_to_bytes(stripped).replace(b" ", b"+").rstrip(b"=")
     if b"-" in text or b"_" in text:
         if b"+" in text or b"/" in text:
             raise MalformedRequest("GET path mixes the standard and URL-safe base64 alphabets")
         text = text.translate(_URL_SAFE_TO_STANDARD)
     missing = -len(text) % 4
-    if missing and b"=" not in text:
-        if missing == 3:
-            raise MalformedRequest("base64 length is impossible")
-        text += b"=" * missing
+    if missing == 3:
+        raise MalformedRequest("base64 length is impossible")
+    text += b"=" * missing
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:

@@ -67,7 +67,18 @@ def test_a_request_needing_both_url_safe_characters_decodes(demo_ca) -> None:  #
         decode_get_path(mixed)
 
 
-@pytest.mark.parametrize("bad", [b"", b"=", b"A", b"!!!!", b"%ZZ", b"M" * 5])
+def test_any_amount_of_padding_reads_the_same(demo_ca) -> None:  # type: ignore[no-untyped-def]
+    """Padding carries no data. Extra or partial ``=`` was refused for some request
+    lengths and read for others (``QUJD==`` read, ``QUI==`` and ``QQ=`` refused)."""
+    for serial in (1, 300, 70000):  # DER lengths giving each base64 padding (0, 1, 2)
+        der = build_request(None, demo_ca.ca_cert, serial=serial)
+        bare = base64.b64encode(der).rstrip(b"=")
+        for padding in (b"", b"=", b"==", b"==="):
+            assert decode_get_path(bare + padding) == der, (serial, padding)
+            assert decode_get_path(bare + padding.replace(b"=", b"%3D")) == der
+
+
+@pytest.mark.parametrize("bad", [b"", b"=", b"A", b"!!!!", b"%ZZ", b"M" * 5, b"QQ=A", b"A==="])
 def test_bad_paths(bad: bytes) -> None:
     with pytest.raises(MalformedRequest):
         parse_request(decode_get_path(bad))
