@@ -336,8 +336,22 @@ def test_post_body_limit(responder):  # type: ignore[no-untyped-def]
 
 def test_post_wrong_content_type(responder, p256_issuer, good_cert):  # type: ignore[no-untyped-def]
     der = build_request(good_cert, p256_issuer.ca.ca_cert)
-    resp = httpx.post(responder.url, content=der, headers={"Content-Type": "text/plain"})
-    assert resp.status_code == 415
+    for other in ("text/plain", "application/x-www-form-urlencoded", "application/octet-stream"):
+        resp = httpx.post(responder.url, content=der, headers={"Content-Type": other})
+        assert resp.status_code == 415, other
+        assert resp.headers["cache-control"] == "no-cache"
+
+
+def test_post_content_type_absent_or_with_parameters_is_read(responder, p256_issuer, good_cert):  # type: ignore[no-untyped-def]
+    """README: no Content-Type reads as application/ocsp-request, matched without case
+    or parameters; the same DER by GET gets the same bytes."""
+    der = build_request(good_cert, p256_issuer.ca.ca_cert)
+    by_get = httpx.get(get_url(responder.url, der)).content
+    for headers in ({}, {"Content-Type": "Application/OCSP-Request; charset=binary"}):
+        resp = httpx.post(responder.url, content=der, headers=headers)
+        assert resp.status_code == 200, headers
+        assert resp.content == by_get
+    check_response(by_get, issuer=p256_issuer, serial=good_cert.serial_number)
 
 
 def test_revoked_answer(responder, p256_issuer):  # type: ignore[no-untyped-def]
