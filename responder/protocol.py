@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.x509 import ocsp
 
-from signer.der import TAG_SEQUENCE, DERError, children, expect
+from signer.der import TAG_SEQUENCE, DERError, children, encode_tlv, expect
 from signer.issuers import CERT_ID_HASHES
 
 # Unsigned OCSPResponse { responseStatus } for each non-successful status (RFC 6960 4.2.1).
@@ -24,6 +24,7 @@ MALFORMED_REQUEST = b"\x30\x03\x0a\x01\x01"
 INTERNAL_ERROR = b"\x30\x03\x0a\x01\x02"
 TRY_LATER = b"\x30\x03\x0a\x01\x03"
 UNAUTHORIZED = b"\x30\x03\x0a\x01\x06"
+TAG_OCTET_STRING = 0x04
 
 #: RFC 9654: a nonce is 1 to 128 octets; a responder rejects others as malformed.
 MAX_NONCE_LENGTH = 128
@@ -48,6 +49,9 @@ class CertIdRequest:
     issuer_key_hash: bytes
     serial: int
     nonce: bytes | None
+    #: the nonce's extnValue is the OCTET STRING holding it (RFC 8954/9654), not the raw
+    #: nonce (the RFC 2560 reading, e.g. BouncyCastle clients): the echo copies the form
+    nonce_wrapped: bool = True
 
 
 #: the CertID hashes we answer for, and their digest sizes (issuerNameHash, issuerKeyHash)
@@ -81,6 +85,7 @@ def parse_request(der: bytes) -> CertIdRequest:
         # (it was answered ``unauthorized``, as if it could name someone else's issuer)
         raise MalformedRequest(f"CertID hashes are not {size}-octet {alg} digests")
     nonce: bytes | None = None
+    nonce_wrapped = True
     try:
         extensions = req.extensions
     except (ValueError, x509.DuplicateExtension) as exc:
@@ -100,6 +105,9 @@ def parse_request(der: bytes) -> CertIdRequest:
             nonce = ext.value.nonce
             if not 1 <= len(nonce) <= MAX_NONCE_LENGTH:
                 raise MalformedRequest(f"nonce of {len(nonce)} octets (RFC 9654: 1 to 128)")
+            # cryptography unwraps the OCTET STRING, or gives the extnValue as it is when
+            # it holds none: only the wrapped form has this nested OCTET STRING in it
+            nonce_wrapped = encode_tlv(TAG_OCTET_STRING, encode_tlv(TAG_OCTET_STRING, nonce)) in der
     problem = _single_request_extension_problem(der)
     if problem is not None:
         raise MalformedRequest(problem)
@@ -109,6 +117,7 @@ def parse_request(der: bytes) -> CertIdRequest:
         issuer_key_hash=req.issuer_key_hash,
         serial=req.serial_number,
         nonce=nonce,
+        nonce_wrapped=nonce_wrapped,
     )
 
 

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import secrets
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from email.utils import parsedate_to_datetime
@@ -13,6 +14,7 @@ from email.utils import parsedate_to_datetime
 import httpx
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
 from responder.protocol import MALFORMED_REQUEST, UNAUTHORIZED
@@ -316,6 +318,50 @@ def test_nonce_rules(responder, p256_issuer, good_cert):  # type: ignore[no-unty
     for bad in (b"", secrets.token_bytes(129)):
         der = build_request(good_cert, p256_issuer.ca.ca_cert, nonce=bad)
         _assert_error(post(responder.url, der), MALFORMED_REQUEST)
+
+
+def test_unwrapped_nonce_is_echoed_as_sent(responder, p256_issuer, tmp_path):  # type: ignore[no-untyped-def]
+    """A nonce sent as the bare extnValue (the RFC 2560 reading RFC 8954 discusses; what
+    BouncyCastle's ``new Extension(id_pkix_ocsp_nonce, false, new DEROctetString(n))``
+    sends) was echoed wrapped in a second OCTET STRING: such a client, and ``openssl
+    ocsp``, compare extnValues and saw a nonce mismatch."""
+    from signer.der import encode_tlv
+
+    cert = p256_issuer.ca.issue_leaf("bare-nonce.test")
+    assert responder.record(cert).status_code == 201
+    raw = secrets.token_bytes(15) + b"\x00"  # never a complete OCTET STRING TLV
+    request = (
+        ocsp.OCSPRequestBuilder()
+        .add_certificate(cert, p256_issuer.ca.ca_cert, hashes.SHA512())  # signed live
+        .add_extension(x509.UnrecognizedExtension(x509.oid.OCSPExtensionOID.NONCE, raw), False)
+        .build()
+        .public_bytes(serialization.Encoding.DER)
+    )
+    resp = post(responder.url, request)
+    assert resp.status_code == 200
+    nonce_oid = encode_tlv(0x06, bytes.fromhex("2b0601050507300102"))
+    assert nonce_oid + encode_tlv(0x04, raw) in resp.content
+    (tmp_path / "req.der").write_bytes(request)
+    (tmp_path / "resp.der").write_bytes(resp.content)
+    result = subprocess.run(
+        [
+            "openssl",
+            "ocsp",
+            "-reqin",
+            str(tmp_path / "req.der"),
+            "-respin",
+            str(tmp_path / "resp.der"),
+            "-issuer",
+            str(p256_issuer.ca_pem),
+            "-CAfile",
+            str(p256_issuer.chain_pem),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "Response verify OK" in result.stdout + result.stderr, result.stderr
+    assert "nonce" not in (result.stdout + result.stderr).lower(), result.stderr
 
 
 def test_post_body_limit(responder):  # type: ignore[no-untyped-def]

@@ -92,6 +92,17 @@ def test_nonce_length_limits(demo_ca) -> None:  # type: ignore[no-untyped-def]
             parse_request(build_request(cert, demo_ca.ca_cert, nonce=bad))
 
 
+def test_nonce_form_is_noted_for_the_echo(demo_ca) -> None:  # type: ignore[no-untyped-def]
+    """RFC 8954 wrapped form vs the bare extnValue (RFC 2560 reading): same nonce, and
+    the echo must copy the form the client used."""
+    cert, ca = demo_ca.issue_leaf("form.test"), demo_ca.ca_cert
+    wrapped = parse_request(critical_extension_request(cert, ca, x509.OCSPNonce(b"n" * 16)))
+    bare = x509.UnrecognizedExtension(x509.oid.OCSPExtensionOID.NONCE, b"n" * 16)
+    unwrapped = parse_request(critical_extension_request(cert, ca, bare, critical=False))
+    assert (wrapped.nonce, wrapped.nonce_wrapped) == (b"n" * 16, True)
+    assert (unwrapped.nonce, unwrapped.nonce_wrapped) == (b"n" * 16, False)
+
+
 def test_duplicated_extension_is_malformed(demo_ca) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(MalformedRequest, match="bad request extensions"):
         parse_request(duplicated_nonce_request(demo_ca.ca_cert, 5))
