@@ -169,6 +169,21 @@ def test_cert_id_hashes_of_the_wrong_length_are_malformed(responder, p256_issuer
         _assert_error(httpx.get(get_url(responder.url, der)), MALFORMED_REQUEST)
 
 
+def test_serials_near_an_issued_one_are_never_answered_for_it(responder, p256_issuer, good_cert):  # type: ignore[no-untyped-def]
+    """Zero, the negated serial, one 2^160 above (21+ octets, same low bits) and a
+    non-minimal spelling are other serials or not DER: never the issued one's answer."""
+    from signer.issuers import issuer_from_certificate
+
+    hashes_of = issuer_from_certificate("x", p256_issuer.ca.ca_cert).cert_id_hashes["sha1"]
+    serial = good_cert.serial_number
+    for other in (0, -serial, serial + 2**160):
+        der = cert_id_request(SHA1_OID, *hashes_of, other)
+        _assert_error(httpx.get(get_url(responder.url, der)), UNAUTHORIZED)
+    minimal = serial.to_bytes(serial.bit_length() // 8 + 1, "big")
+    der = cert_id_request(SHA1_OID, *hashes_of, serial, serial_content=b"\x00" + minimal)
+    _assert_error(post(responder.url, der), MALFORMED_REQUEST)
+
+
 def test_rsa_issuer_signing_itself(responder, rsa_issuer):  # type: ignore[no-untyped-def]
     cert = rsa_issuer.ca.issue_leaf("rsa.test")
     assert responder.record(cert, der=True).status_code == 201
