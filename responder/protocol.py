@@ -16,13 +16,15 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.x509 import ocsp
 
-from signer.der import TAG_SEQUENCE, DERError, children, expect
+from signer.der import TAG_SEQUENCE, DERError, children, encode_tlv, expect
+from signer.issuers import CERT_ID_HASHES
 
 # Unsigned OCSPResponse { responseStatus } for each non-successful status (RFC 6960 4.2.1).
 MALFORMED_REQUEST = b"\x30\x03\x0a\x01\x01"
 INTERNAL_ERROR = b"\x30\x03\x0a\x01\x02"
 TRY_LATER = b"\x30\x03\x0a\x01\x03"
 UNAUTHORIZED = b"\x30\x03\x0a\x01\x06"
+TAG_OCTET_STRING = 0x04
 
 #: RFC 9654: a nonce is 1 to 128 octets; a responder rejects others as malformed.
 MAX_NONCE_LENGTH = 128
@@ -47,9 +49,13 @@ class CertIdRequest:
     issuer_key_hash: bytes
     serial: int
     nonce: bytes | None
+    #: the nonce's extnValue is the OCTET STRING holding it (RFC 8954/9654), not the raw
+    #: nonce (the RFC 2560 reading, e.g. BouncyCastle clients): the echo copies the form
+    nonce_wrapped: bool = True
 
 
-_SUPPORTED = frozenset({"sha1", "sha256", "sha384", "sha512"})
+#: the CertID hashes we answer for, and their digest sizes (issuerNameHash, issuerKeyHash)
+_DIGEST_SIZES = {name: algorithm().digest_size for name, algorithm in CERT_ID_HASHES.items()}
 
 
 def parse_request(der: bytes) -> CertIdRequest:
@@ -71,9 +77,15 @@ def parse_request(der: bytes) -> CertIdRequest:
         alg = req.hash_algorithm.name
     except UnsupportedAlgorithm as exc:
         raise UnsupportedHashAlgorithm(str(exc)) from exc
-    if alg not in _SUPPORTED:
+    size = _DIGEST_SIZES.get(alg)
+    if size is None:
         raise UnsupportedHashAlgorithm(alg)
+    if len(req.issuer_name_hash) != size or len(req.issuer_key_hash) != size:
+        # not a hash of this algorithm: a malformed CertID, not an issuer we do not know
+        # (it was answered ``unauthorized``, as if it could name someone else's issuer)
+        raise MalformedRequest(f"CertID hashes are not {size}-octet {alg} digests")
     nonce: bytes | None = None
+    nonce_wrapped = True
     try:
         extensions = req.extensions
     except (ValueError, x509.DuplicateExtension) as exc:
@@ -93,14 +105,19 @@ def parse_request(der: bytes) -> CertIdRequest:
             nonce = ext.value.nonce
             if not 1 <= len(nonce) <= MAX_NONCE_LENGTH:
                 raise MalformedRequest(f"nonce of {len(nonce)} octets (RFC 9654: 1 to 128)")
-    if _critical_single_request_extension(der):
-        raise MalformedRequest("critical singleRequestExtension (none is supported)")
+            # cryptography unwraps the OCTET STRING, or gives the extnValue as it is when
+            # it holds none: only the wrapped form has this nested OCTET STRING in it
+            nonce_wrapped = encode_tlv(TAG_OCTET_STRING, encode_tlv(TAG_OCTET_STRING, nonce)) in der
+    problem = _single_request_extension_problem(der)
+    if problem is not None:
+        raise MalformedRequest(problem)
     return CertIdRequest(
         hash_algorithm=alg,
         issuer_name_hash=req.issuer_name_hash,
         issuer_key_hash=req.issuer_key_hash,
         serial=req.serial_number,
         nonce=nonce,
+        nonce_wrapped=nonce_wrapped,
     )
 
 
@@ -117,9 +134,10 @@ def _understood(extension: x509.Extension[x509.ExtensionType]) -> bool:
     return isinstance(value, x509.OCSPAcceptableResponses) and _OCSP_BASIC in list(value)
 
 
-def _critical_single_request_extension(der: bytes) -> bool:
-    """Whether the one Request carries a critical singleRequestExtension (cryptography
-    does not expose them; none is supported, so a critical one must not be ignored).
+def _single_request_extension_problem(der: bytes) -> str | None:
+    """Why the one Request's singleRequestExtensions make it malformed, or None: a
+    critical one (none is supported, so it must not be ignored) or one extnID twice (RFC
+    5280 4.2, refused in requestExtensions too). cryptography does not expose them.
 
     ``der`` has already been parsed strictly by cryptography: the walk only locates
     ``OCSPRequest.tbsRequest.requestList[0].singleRequestExtensions``."""
@@ -130,8 +148,9 @@ def _critical_single_request_extension(der: bytes) -> bool:
         [(_, _, r0, r1)] = children(der, request_list[2], request_list[3])  # Request
         parts = children(der, r0, r1)
         if len(parts) < 2 or parts[1][0] != 0xA0:  # [0] EXPLICIT Extensions
-            return False
+            return None
         e0, e1 = expect(der, parts[1][2], parts[1][3], TAG_SEQUENCE)
+        seen: set[bytes] = set()
         for _, _, x0, x1 in children(der, e0, e1):  # Extension
             fields = children(der, x0, x1)
             # extnID, critical BOOLEAN DEFAULT FALSE (present only when TRUE in DER)
@@ -140,10 +159,14 @@ def _critical_single_request_extension(der: bytes) -> bool:
                 and fields[1][0] == 0x01
                 and der[fields[1][2] : fields[1][3]] != b"\x00"
             ):
-                return True
+                return "critical singleRequestExtension (none is supported)"
+            extn_id = der[fields[0][2] : fields[0][3]]
+            if extn_id in seen:
+                return "singleRequestExtension repeated (RFC 5280 4.2)"
+            seen.add(extn_id)
     except (DERError, StopIteration, ValueError):
-        return False  # cryptography accepted the structure: nothing else to find
-    return False
+        return None  # cryptography accepted the structure: nothing else to find
+    return None
 
 
 _URL_SAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
@@ -154,25 +177,26 @@ def decode_get_path(encoded: bytes) -> bytes:
 
     Clients send the base64 URL-encoded or not, so ``+`` arrives as ``+``, ``%2B`` or a
     space, and ``/`` as ``/`` or ``%2F``. Leading slashes are dropped (an AIA URL ending in
-    ``/`` makes ``//``): base64 of a DER SEQUENCE starts with ``M``, never ``/``. Missing
-    ``=`` padding is restored only where it is unambiguous. The URL-safe alphabet (RFC 4648
-    section 5: ``-`` and ``_`` for ``+`` and ``/``), which some clients send since it needs
-    no escaping, is read too, unless mixed with the standard one; other alphabets are
-    refused.
+    ``/`` makes ``//``): base64 of a DER SEQUENCE starts with ``M``, never ``/``. ``=``
+    padding is optional: none, partial or extra is read as the full one. The URL-safe
+    alphabet (RFC 4648 section 5: ``-`` and ``_`` for ``+`` and ``/``), which some clients
+    send since it needs no escaping, is read too, unless mixed with the standard one;
+    other alphabets are refused.
     """
     stripped = encoded.lstrip(b"/")
     if not stripped:
         raise MalformedRequest("empty GET request")
-    text = unquote_to_bytes(stripped).replace(b" ", b"+")
+    # padding carries no data: clients send all of it, none, or (rarely) some or extra;
+    # its amount was checked only sometimes ("QUJD==" read, "QUI==" and "QQ=" refused)
+    text = unquote_to_bytes(stripped).replace(b" ", b"+").rstrip(b"=")
     if b"-" in text or b"_" in text:
         if b"+" in text or b"/" in text:
             raise MalformedRequest("GET path mixes the standard and URL-safe base64 alphabets")
         text = text.translate(_URL_SAFE_TO_STANDARD)
     missing = -len(text) % 4
-    if missing and b"=" not in text:
-        if missing == 3:
-            raise MalformedRequest("base64 length is impossible")
-        text += b"=" * missing
+    if missing == 3:
+        raise MalformedRequest("base64 length is impossible")
+    text += b"=" * missing
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:

@@ -344,7 +344,11 @@ class LiveSigningSource:
         else:
             signed = sign()
         # the stored/cached form has no nonce; the echo goes to this client only
-        echo = sign(nonce=req.nonce) if req.nonce is not None else None
+        echo = (
+            sign(nonce=req.nonce, nonce_wrapped=req.nonce_wrapped)
+            if req.nonce is not None
+            else None
+        )
         return signed, echo
 
     async def _run_signing(self, issuer: Issuer, signing: Callable[[], T]) -> T:

@@ -250,9 +250,13 @@ def sign_response(
     revocation: Revocation | None = None,
     hash_algorithm: str = "sha1",
     nonce: bytes | None = None,
+    nonce_wrapped: bool = True,
     now: dt.datetime | None = None,
 ) -> SignedResponse:
-    """Sign one response for ``serial`` with the issuer's active responder identity."""
+    """Sign one response for ``serial`` with the issuer's active responder identity.
+
+    ``nonce_wrapped=False``: the client sent the nonce as the bare extnValue (RFC 2560
+    reading); it is echoed the same way, since such a client compares extnValues."""
     moment = whole_seconds(now or dt.datetime.now(dt.UTC))
     responder, this_update, next_update = response_window(issuer, policy, moment, revocation)
     name_hash, key_hash = issuer.cert_id_hashes[hash_algorithm]
@@ -282,7 +286,12 @@ def sign_response(
     if responder.delegated:
         builder = builder.certificates([responder.certificate])
     if nonce is not None:
-        builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
+        builder = builder.add_extension(
+            x509.OCSPNonce(nonce)
+            if nonce_wrapped
+            else x509.UnrecognizedExtension(x509.oid.OCSPExtensionOID.NONCE, nonce),
+            critical=False,
+        )
     algorithm: hashes.HashAlgorithm | None = signature_hash_for(responder.key)
     started = time.perf_counter()
     if isinstance(responder.key, Pkcs11Key):

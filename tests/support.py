@@ -318,9 +318,10 @@ def critical_extension_request(
     )
 
 
-def with_single_request_extension(request: bytes, *, critical: bool) -> bytes:
+def with_single_request_extension(request: bytes, *, critical: bool, times: int = 1) -> bytes:
     """``request`` (one CertID, as build_request makes it) with a singleRequestExtension
-    (OID 1.2.3.4, value NULL) in its Request; cryptography's builder cannot make one."""
+    (OID 1.2.3.4, value NULL; ``times`` copies of it) in its Request; cryptography's
+    builder cannot make one."""
     from signer.der import children, encode_tlv, expect
 
     c0, c1 = expect(request, 0, len(request), 0x30)
@@ -334,10 +335,57 @@ def with_single_request_extension(request: bytes, *, critical: bool) -> bytes:
         + (b"\x01\x01\xff" if critical else b"")
         + encode_tlv(0x04, b"\x05\x00"),
     )
-    single = encode_tlv(0xA0, encode_tlv(0x30, extension))
+    single = encode_tlv(0xA0, encode_tlv(0x30, extension * times))
     new_list = encode_tlv(0x30, encode_tlv(0x30, request[r0:r1] + single))
     tbs = request[t0:list_start] + new_list + request[l1:t1]
     return encode_tlv(0x30, encode_tlv(0x30, tbs) + request[t1:c1])
+
+
+def cert_id_request(
+    alg_oid: str,
+    name_hash: bytes,
+    key_hash: bytes,
+    serial: int,
+    *,
+    null_params: bool = True,
+    serial_content: bytes | None = None,
+) -> bytes:
+    """A one-CertID DER OCSPRequest from raw parts: cryptography's builder refuses hashes
+    of the wrong length, always writes the NULL parameters and the minimal serial
+    (``serial_content``: the INTEGER's content octets as given)."""
+    from signer.der import encode_tlv
+
+    algorithm = encode_tlv(
+        0x30,
+        encode_tlv(0x06, _oid(alg_oid)) + (b"\x05\x00" if null_params else b""),
+    )
+    content = (
+        serial.to_bytes(serial.bit_length() // 8 + 1, "big", signed=True)
+        if serial_content is None
+        else serial_content
+    )
+    cert_id = encode_tlv(
+        0x30,
+        algorithm
+        + encode_tlv(0x04, name_hash)
+        + encode_tlv(0x04, key_hash)
+        + encode_tlv(0x02, content),
+    )
+    return encode_tlv(0x30, encode_tlv(0x30, encode_tlv(0x30, encode_tlv(0x30, cert_id))))
+
+
+def _oid(dotted: str) -> bytes:
+    """The DER content octets of an OBJECT IDENTIFIER."""
+    arcs = [int(a) for a in dotted.split(".")]
+    out = bytearray([arcs[0] * 40 + arcs[1]])
+    for arc in arcs[2:]:
+        chunk = [arc & 0x7F]
+        arc >>= 7
+        while arc:
+            chunk.append(0x80 | (arc & 0x7F))
+            arc >>= 7
+        out += bytes(reversed(chunk))
+    return bytes(out)
 
 
 def get_url(base: str, der: bytes, *, prefix: str = "", style: str = "quoted") -> str:

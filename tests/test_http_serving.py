@@ -6,6 +6,7 @@ import base64
 import hashlib
 import secrets
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from email.utils import parsedate_to_datetime
@@ -13,6 +14,7 @@ from email.utils import parsedate_to_datetime
 import httpx
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
 from responder.protocol import MALFORMED_REQUEST, UNAUTHORIZED
@@ -20,6 +22,7 @@ from tests.support import (
     IssuerFiles,
     ResponderProcess,
     build_request,
+    cert_id_request,
     check_response,
     critical_extension_request,
     get_url,
@@ -131,6 +134,56 @@ def test_certid_hash_is_echoed(responder, p256_issuer, good_cert, alg):  # type:
         check_response(resp.content, issuer=p256_issuer, serial=good_cert.serial_number, alg=alg)
 
 
+SHA1_OID, SHA256_OID = "1.3.14.3.2.26", "2.16.840.1.101.3.4.2.1"
+
+
+def test_hash_parameters_absent_are_answered_like_null(responder, p256_issuer, good_cert):  # type: ignore[no-untyped-def]
+    """Clients send the hash AlgorithmIdentifier with NULL parameters or none (RFC 5754
+    2): both get the answer, with the request's hash algorithm in its CertID."""
+    from signer.issuers import issuer_from_certificate
+
+    hashes_of = issuer_from_certificate("x", p256_issuer.ca.ca_cert).cert_id_hashes
+    for alg, oid in (("sha1", SHA1_OID), ("sha256", SHA256_OID)):
+        der = cert_id_request(oid, *hashes_of[alg], good_cert.serial_number, null_params=False)
+        for resp in (httpx.get(get_url(responder.url, der)), post(responder.url, der)):
+            check_response(
+                resp.content, issuer=p256_issuer, serial=good_cert.serial_number, alg=alg
+            )
+
+
+def test_cert_id_hashes_of_the_wrong_length_are_malformed(responder, p256_issuer, good_cert):  # type: ignore[no-untyped-def]
+    """An issued serial under hashes that are no digest of the named algorithm (SHA-1
+    hashes labelled SHA-256, a truncated one) was answered ``unauthorized``, as if our
+    issuer were unknown: it is a malformed CertID."""
+    from signer.issuers import issuer_from_certificate
+
+    name_hash, key_hash = issuer_from_certificate("x", p256_issuer.ca.ca_cert).cert_id_hashes[
+        "sha1"
+    ]
+    serial = good_cert.serial_number
+    for der in (
+        cert_id_request(SHA256_OID, name_hash, key_hash, serial),
+        cert_id_request(SHA1_OID, name_hash[:-1], key_hash, serial),
+    ):
+        _assert_error(post(responder.url, der), MALFORMED_REQUEST)
+        _assert_error(httpx.get(get_url(responder.url, der)), MALFORMED_REQUEST)
+
+
+def test_serials_near_an_issued_one_are_never_answered_for_it(responder, p256_issuer, good_cert):  # type: ignore[no-untyped-def]
+    """Zero, the negated serial, one 2^160 above (21+ octets, same low bits) and a
+    non-minimal spelling are other serials or not DER: never the issued one's answer."""
+    from signer.issuers import issuer_from_certificate
+
+    hashes_of = issuer_from_certificate("x", p256_issuer.ca.ca_cert).cert_id_hashes["sha1"]
+    serial = good_cert.serial_number
+    for other in (0, -serial, serial + 2**160):
+        der = cert_id_request(SHA1_OID, *hashes_of, other)
+        _assert_error(httpx.get(get_url(responder.url, der)), UNAUTHORIZED)
+    minimal = serial.to_bytes(serial.bit_length() // 8 + 1, "big")
+    der = cert_id_request(SHA1_OID, *hashes_of, serial, serial_content=b"\x00" + minimal)
+    _assert_error(post(responder.url, der), MALFORMED_REQUEST)
+
+
 def test_rsa_issuer_signing_itself(responder, rsa_issuer):  # type: ignore[no-untyped-def]
     cert = rsa_issuer.ca.issue_leaf("rsa.test")
     assert responder.record(cert, der=True).status_code == 201
@@ -220,6 +273,8 @@ def test_critical_extensions_not_understood_are_malformed(responder, p256_issuer
     refused = [
         critical_extension_request(good_cert, ca, unknown),
         with_single_request_extension(build_request(good_cert, ca), critical=True),
+        # RFC 5280 4.2: an extension appears once (it was accepted here)
+        with_single_request_extension(build_request(good_cert, ca), critical=False, times=2),
     ]
     for der in refused:
         _assert_error(post(responder.url, der), MALFORMED_REQUEST)
@@ -280,6 +335,50 @@ def test_nonce_rules(responder, p256_issuer, good_cert):  # type: ignore[no-unty
         _assert_error(post(responder.url, der), MALFORMED_REQUEST)
 
 
+def test_unwrapped_nonce_is_echoed_as_sent(responder, p256_issuer, tmp_path):  # type: ignore[no-untyped-def]
+    """A nonce sent as the bare extnValue (the RFC 2560 reading RFC 8954 discusses; what
+    BouncyCastle's ``new Extension(id_pkix_ocsp_nonce, false, new DEROctetString(n))``
+    sends) was echoed wrapped in a second OCTET STRING: such a client, and ``openssl
+    ocsp``, compare extnValues and saw a nonce mismatch."""
+    from signer.der import encode_tlv
+
+    cert = p256_issuer.ca.issue_leaf("bare-nonce.test")
+    assert responder.record(cert).status_code == 201
+    raw = secrets.token_bytes(15) + b"\x00"  # never a complete OCTET STRING TLV
+    request = (
+        ocsp.OCSPRequestBuilder()
+        .add_certificate(cert, p256_issuer.ca.ca_cert, hashes.SHA512())  # signed live
+        .add_extension(x509.UnrecognizedExtension(x509.oid.OCSPExtensionOID.NONCE, raw), False)
+        .build()
+        .public_bytes(serialization.Encoding.DER)
+    )
+    resp = post(responder.url, request)
+    assert resp.status_code == 200
+    nonce_oid = encode_tlv(0x06, bytes.fromhex("2b0601050507300102"))
+    assert nonce_oid + encode_tlv(0x04, raw) in resp.content
+    (tmp_path / "req.der").write_bytes(request)
+    (tmp_path / "resp.der").write_bytes(resp.content)
+    result = subprocess.run(
+        [
+            "openssl",
+            "ocsp",
+            "-reqin",
+            str(tmp_path / "req.der"),
+            "-respin",
+            str(tmp_path / "resp.der"),
+            "-issuer",
+            str(p256_issuer.ca_pem),
+            "-CAfile",
+            str(p256_issuer.chain_pem),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "Response verify OK" in result.stdout + result.stderr, result.stderr
+    assert "nonce" not in (result.stdout + result.stderr).lower(), result.stderr
+
+
 def test_post_body_limit(responder):  # type: ignore[no-untyped-def]
     resp = httpx.post(
         responder.url, content=b"0" * 20_000, headers={"Content-Type": "application/ocsp-request"}
@@ -298,8 +397,22 @@ def test_post_body_limit(responder):  # type: ignore[no-untyped-def]
 
 def test_post_wrong_content_type(responder, p256_issuer, good_cert):  # type: ignore[no-untyped-def]
     der = build_request(good_cert, p256_issuer.ca.ca_cert)
-    resp = httpx.post(responder.url, content=der, headers={"Content-Type": "text/plain"})
-    assert resp.status_code == 415
+    for other in ("text/plain", "application/x-www-form-urlencoded", "application/octet-stream"):
+        resp = httpx.post(responder.url, content=der, headers={"Content-Type": other})
+        assert resp.status_code == 415, other
+        assert resp.headers["cache-control"] == "no-cache"
+
+
+def test_post_content_type_absent_or_with_parameters_is_read(responder, p256_issuer, good_cert):  # type: ignore[no-untyped-def]
+    """README: no Content-Type reads as application/ocsp-request, matched without case
+    or parameters; the same DER by GET gets the same bytes."""
+    der = build_request(good_cert, p256_issuer.ca.ca_cert)
+    by_get = httpx.get(get_url(responder.url, der)).content
+    for headers in ({}, {"Content-Type": "Application/OCSP-Request; charset=binary"}):
+        resp = httpx.post(responder.url, content=der, headers=headers)
+        assert resp.status_code == 200, headers
+        assert resp.content == by_get
+    check_response(by_get, issuer=p256_issuer, serial=good_cert.serial_number)
 
 
 def test_revoked_answer(responder, p256_issuer):  # type: ignore[no-untyped-def]
