@@ -109,17 +109,21 @@ async def has_column(executor: asyncpg.Pool | asyncpg.Connection, table: str, co
     )
 
 
-async def has_index(executor: asyncpg.Pool | asyncpg.Connection, name: str) -> bool:
-    """Whether the index ``name`` exists and is valid (a CONCURRENTLY build that was
-    interrupted leaves an invalid one, which the planner never uses)."""
-    return bool(
-        await executor.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-            "JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE c.relname = $1 AND n.nspname = current_schema() AND i.indisvalid)",
-            name,
-        )
+async def index_valid(executor: asyncpg.Pool | asyncpg.Connection, name: str) -> bool | None:
+    """Whether the index ``name`` (on the search path) is valid; None when there is none.
+    A CONCURRENTLY build that was interrupted leaves an invalid one: the planner never
+    uses it, and ``migrate`` drops it to build it again."""
+    valid: bool | None = await executor.fetchval(
+        "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+        "WHERE c.relname = $1 AND pg_table_is_visible(c.oid)",
+        name,
     )
+    return valid
+
+
+async def has_index(executor: asyncpg.Pool | asyncpg.Connection, name: str) -> bool:
+    """Whether the index ``name`` exists and is valid (usable by the planner)."""
+    return await index_valid(executor, name) is True
 
 
 async def responses_has_this_update_index(executor: asyncpg.Pool | asyncpg.Connection) -> bool:
@@ -358,12 +362,7 @@ async def _drop_invalid_indexes(conn: asyncpg.Connection, migration: Migration) 
     """An interrupted CREATE INDEX CONCURRENTLY leaves an INVALID index that IF NOT EXISTS
     would then keep forever: drop those (concurrently) so the retry builds them again."""
     for name in _CONCURRENT_INDEX.findall(migration.sql):
-        invalid = await conn.fetchval(
-            "SELECT NOT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-            "WHERE c.relname = $1 AND pg_table_is_visible(c.oid)",
-            name,
-        )
-        if invalid:
+        if await index_valid(conn, name) is False:
             log.warning("dropping invalid index %s left by an interrupted migration", name)
             await conn.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{name}"')
 
