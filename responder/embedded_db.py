@@ -73,7 +73,7 @@ def _forget_dead_users_at_exit(pgdata: Path, lock: Any) -> None:
         log.warning("embedded PostgreSQL: cannot read its list of users: %s", exc)
 
 
-def _alive(pid: int) -> bool:
+def process_exists(pid: int) -> bool:
     """Whether a process with this pid exists (zombies included: not yet reaped)."""
     try:
         os.kill(pid, 0)
@@ -98,7 +98,7 @@ def forget_dead_users(pgdata: Path) -> list[int]:
     except ValueError:
         log.warning("embedded PostgreSQL: %s is unreadable; starting it afresh", path)
         pids = []
-    dead = [pid for pid in pids if not _alive(pid)]
+    dead = [pid for pid in pids if not process_exists(pid)]
     if dead or not pids:
         path.write_text(json.dumps([pid for pid in pids if pid not in dead]))
     if dead:
@@ -162,7 +162,7 @@ def clear_stale_pid_file(pgdata: Path) -> bool:
     if not lines or not lines[0].strip().isdigit():
         return False
     pid = int(lines[0])
-    if not _alive(pid):
+    if not process_exists(pid):
         return False
     name = _process_name(pid)
     if name is None or name in ("postgres", "postmaster"):

@@ -19,6 +19,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from responder.embedded_db import process_exists
+
 #: start the embedded cluster under argv[1], connect once, then exit (or SIGKILL itself)
 USER = """
 import asyncio, os, signal, sys
@@ -55,13 +57,7 @@ def postmaster_pid(pgdata: Path) -> int | None:
 
 
 def running(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    return pid is not None and process_exists(pid)
 
 
 @pytest.fixture

@@ -17,8 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from responder.embedded_db import process_exists as alive
 from tests.support import IssuerFiles, ResponderProcess, build_request, get_url, write_config
-from tests.test_workers import alive, wait_for_admin, wait_for_workers, worker_pids
+from tests.test_workers import wait_for_admin, wait_for_workers, worker_pids
 
 HOOK_DIR = Path(__file__).parent / "loop_block_hook"
 #: the smallest worker_hang_timeout the configuration allows

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from prometheus_client.mmap_dict import MmapedDict
 
+from responder.embedded_db import process_exists as alive
 from tests.support import (
     VENV_BIN,
     IssuerFiles,
@@ -28,14 +29,6 @@ from tests.support import (
 def worker_pids(supervisor: int) -> list[int]:
     children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
     return [int(pid) for pid in children]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.fixture
