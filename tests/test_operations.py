@@ -332,28 +332,32 @@ def test_log_names_the_admin_port_it_really_got(
         proc.stop()
 
 
+def two_workers(tmp_path: Path, database: str, issuer: IssuerFiles, extra: str) -> ResponderProcess:
+    """A started `serve` with two workers sharing a metrics directory."""
+    proc = write_config(tmp_path, database, [issuer], extra=f"workers = 2\n{extra}")
+    proc.env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "metrics")
+    (tmp_path / "metrics").mkdir()
+    return proc.start()
+
+
+def ready_gauge(proc: ResponderProcess) -> float | None:
+    """``ocsp_ready`` as worker 0's /metrics aggregates it (None before it listens)."""
+    try:
+        text = httpx.get(proc.admin_url + "/metrics", timeout=2).text
+    except httpx.HTTPError:  # worker 0's admin listener may not be up yet
+        return None
+    return metric(text, "ocsp_ready")
+
+
 def test_ready_gauge_is_current_without_probes(
     database: str, p256_issuer: IssuerFiles, tmp_path: Path
 ) -> None:
     """``ocsp_ready`` (the "not ready" alert of docs/deploy.md) follows the health monitor,
     not /readyz probes: with two workers and nothing probing, it stayed 0 for good (a
     false page), and it never turned 0 when a check started failing."""
-    proc = write_config(
-        tmp_path, database, [p256_issuer], extra='workers = 2\nhealth_check_interval = "1s"'
-    )
-    proc.env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "metrics")
-    (tmp_path / "metrics").mkdir()
-    proc.start()
-
-    def ready_gauge() -> float | None:
-        try:
-            text = httpx.get(proc.admin_url + "/metrics", timeout=2).text
-        except httpx.HTTPError:  # worker 0's admin listener may not be up yet
-            return None
-        return metric(text, "ocsp_ready")
-
+    proc = two_workers(tmp_path, database, p256_issuer, 'health_check_interval = "1s"')
     try:
-        wait_for(lambda: ready_gauge() == 1)  # min over both workers, no /readyz call
+        wait_for(lambda: ready_gauge(proc) == 1)  # min over both workers, no /readyz call
         cert = p256_issuer.ca.issue_leaf("gauge.test")
         assert proc.record(cert).status_code == 201
         sql_sync(
@@ -362,7 +366,7 @@ def test_ready_gauge_is_current_without_probes(
             "this_update = now() - interval '3 days 23 hours' WHERE serial = $1",
             serial_key(cert.serial_number),
         )
-        wait_for(lambda: ready_gauge() == 0)
+        wait_for(lambda: ready_gauge(proc) == 0)
     finally:
         proc.stop()
 
@@ -374,22 +378,9 @@ def test_ready_gauge_is_known_soon_after_start(
     had passed (30 s by default, an hour here) unless a /readyz probe reached every
     worker: a restart paged "not ready" (deploy.md's alert waits 2 minutes) while each
     worker was ready. The monitor now checks readiness at its first sample (5 s)."""
-    proc = write_config(
-        tmp_path, database, [p256_issuer], extra='workers = 2\nhealth_check_interval = "1h"'
-    )
-    proc.env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "metrics")
-    (tmp_path / "metrics").mkdir()
-    proc.start()
-
-    def ready_gauge() -> float | None:
-        try:
-            text = httpx.get(proc.admin_url + "/metrics", timeout=2).text
-        except httpx.HTTPError:  # worker 0's admin listener may not be up yet
-            return None
-        return metric(text, "ocsp_ready")
-
+    proc = two_workers(tmp_path, database, p256_issuer, 'health_check_interval = "1h"')
     try:
-        wait_for(lambda: ready_gauge() == 1)  # nothing probes /readyz
+        wait_for(lambda: ready_gauge(proc) == 1)  # nothing probes /readyz
     finally:
         proc.stop()
 
