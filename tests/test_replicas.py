@@ -12,8 +12,10 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from cryptography import x509
 
 from responder.schema import migrate
+from responder.store import serial_key
 from tests.pgcluster import PgCluster
 from tests.support import (
     IssuerFiles,
@@ -81,12 +83,9 @@ def wait_for(predicate, timeout: float = 10.0) -> float:  # type: ignore[no-unty
     raise AssertionError("condition not met in time")
 
 
-def test_replica_is_used_and_streaming(instances, replica, p256_issuer):  # type: ignore[no-untyped-def]
-    cert = p256_issuer.ca.issue_leaf("stream.test")
-    assert instances[0].record(cert).status_code == 201
-    # the replica replays the recording (it really is a streaming standby)
-    from responder.store import serial_key
-
+def wait_replayed(replica: PgCluster, cert: x509.Certificate) -> None:
+    """Until the replica has replayed the stored response of ``cert`` (recorded on the
+    primary): it really is a streaming standby, and holds that row from now on."""
     hexkey = serial_key(cert.serial_number).hex()
     wait_for(
         lambda: (
@@ -96,6 +95,13 @@ def test_replica_is_used_and_streaming(instances, replica, p256_issuer):  # type
             == "1"
         )
     )
+
+
+def test_replica_is_used_and_streaming(instances, replica, p256_issuer):  # type: ignore[no-untyped-def]
+    cert = p256_issuer.ca.issue_leaf("stream.test")
+    assert instances[0].record(cert).status_code == 201
+    # the replica replays the recording (it really is a streaming standby)
+    wait_replayed(replica, cert)
     assert replica.psql("SELECT pg_is_in_recovery()", database="ocsp").strip() == "t"
     for proc in instances:
         assert status_of(proc, p256_issuer, cert) == "good"
@@ -178,17 +184,7 @@ def test_instance_started_after_a_revocation_never_reads_the_lagging_replica_goo
     the primary and would hide what the lookups read.)"""
     cert = p256_issuer.ca.issue_leaf("late-start.test")
     assert instances[0].record(cert).status_code == 201
-    from responder.store import serial_key
-
-    hexkey = serial_key(cert.serial_number).hex()
-    wait_for(
-        lambda: (
-            replica.psql(
-                f"SELECT count(*) FROM responses WHERE serial = '\\x{hexkey}'", database="ocsp"
-            ).strip()
-            == "1"
-        )
-    )
+    wait_replayed(replica, cert)
     replica.pause_replay()  # the replica keeps the "good" row
     late = None
     try:
@@ -230,17 +226,8 @@ def test_revocation_while_the_listener_is_away_is_not_read_from_a_lagging_replic
     cert = p256_issuer.ca.issue_leaf("away.replica.test")
     assert instances[0].record(cert).status_code == 201
     from responder.invalidation import APPLICATION_NAME
-    from responder.store import serial_key
 
-    hexkey = serial_key(cert.serial_number).hex()
-    wait_for(
-        lambda: (
-            replica.psql(
-                f"SELECT count(*) FROM responses WHERE serial = '\\x{hexkey}'", database="ocsp"
-            ).strip()
-            == "1"
-        )
-    )
+    wait_replayed(replica, cert)
     assert status_of(instances[1], p256_issuer, cert) == "good"
     replica.pause_replay()  # keeps the "good" row (and, paused, not the ALTER below)
     primary.psql("ALTER DATABASE ocsp WITH ALLOW_CONNECTIONS false")  # no reconnection
