@@ -26,7 +26,12 @@ def build_refresher(service: ResponderService) -> Refresher:
         spread=config.refresher_spread,
         retention=config.expired_retention,
     )
-    return Refresher(service.registry, RefreshStore(service.store.pool), config.policy, settings)
+    return Refresher(
+        service.registry,
+        RefreshStore(service.store.pool, schema=service.store),
+        config.policy,
+        settings,
+    )
 
 
 class BackgroundTasks:

@@ -32,6 +32,7 @@ from responder.schema import ct_index_has_not_after, responses_has_this_update_i
 # certainly expired MAX_CERTIFICATE_LIFETIME after the revocation time.
 from responder.store import (
     MAX_CERTIFICATE_LIFETIME,
+    PresignedStore,
     response_arrays,
     serial_from_key,
     serial_key,
@@ -323,9 +324,16 @@ BatchSigner = Callable[[list[DueResponse]], Awaitable[list[SignedResponse | None
 
 
 class RefreshStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, schema: PresignedStore | None = None) -> None:
+        """``schema``: the store whose schema flags (looked up when it connected) decide
+        the statements, so that the refresher and readiness read the same schema the same
+        way; without it they are looked up here, at first use."""
         self.pool = pool
-        self._statements: _Statements | None = None
+        self._statements: _Statements | None = (
+            _STATEMENTS[(schema.ct_not_after, schema.this_update_index)]
+            if schema is not None
+            else None
+        )
 
     async def _sql(self) -> _Statements:
         """The queries for this schema (looked up once: ``ct_index.not_after`` or not,
